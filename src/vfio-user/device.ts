@@ -1,0 +1,89 @@
+// The seam between the protocol and whatever device sits behind it. The session speaks vfio-user
+// and calls these methods; the PCI layer implements them. Tests plug fakes in on either side.
+
+import { Errno } from './protocol.js';
+
+/** A failure that becomes a vfio-user error reply carrying `errno`. */
+export class VfioError extends Error {
+  constructor(
+    readonly errno: number,
+    message: string,
+  ) {
+    super(message);
+    this.name = 'VfioError';
+  }
+}
+
+export const invalid = (message: string): VfioError => new VfioError(Errno.EINVAL, message);
+
+export interface DeviceInfo {
+  flags: number;
+  numRegions: number;
+  numIrqs: number;
+}
+
+export interface MmapArea {
+  offset: number;
+  size: number;
+}
+
+export interface RegionInfo {
+  size: number;
+  /** RegionFlags READ/WRITE; MMAP is added by the session when `mmap` is present. */
+  flags: number;
+  /** Shared memory behind (parts of) the region: QEMU maps `areas` of `fd` starting at `fileOffset`. */
+  mmap?: { fd: number; fileOffset: number; areas: MmapArea[] };
+}
+
+export interface IrqInfo {
+  count: number;
+  flags: number;
+}
+
+/** Guest memory as the device sees it: bounds-checked, by guest-physical address. */
+export interface DmaSpace {
+  /** A zero-copy view when [addr, addr+length) lies in one fd-backed mapping, else null. */
+  view(addr: number, length: number, forWrite: boolean): Uint8Array | null;
+  read(addr: number, length: number): Promise<Uint8Array>;
+  write(addr: number, data: Uint8Array): Promise<void>;
+}
+
+export class DmaError extends Error {
+  constructor(
+    readonly addr: number,
+    readonly length: number,
+    readonly reason: string,
+  ) {
+    super(`DMA ${reason} at 0x${addr.toString(16)}+${length}`);
+    this.name = 'DmaError';
+  }
+}
+
+/** Where the device raises interrupts; the session owns the eventfds behind it. */
+export interface IrqSink {
+  /** Signals vector `vector` of IRQ index `index`; false when no eventfd is wired there. */
+  trigger(index: number, vector: number): boolean;
+  isWired(index: number, vector: number): boolean;
+}
+
+export interface DeviceContext {
+  dma: DmaSpace;
+  irqs: IrqSink;
+}
+
+export interface VfioDevice {
+  deviceInfo(): DeviceInfo;
+  regionInfo(index: number): RegionInfo;
+  irqInfo(index: number): IrqInfo;
+  /** Throws VfioError for accesses the device refuses. Bounds are already checked against regionInfo. */
+  regionRead(index: number, offset: number, count: number): Uint8Array;
+  regionWrite(index: number, offset: number, data: Uint8Array): void;
+  /** DEVICE_RESET: the whole function goes back to its power-on state. */
+  reset(): void;
+  /** A client connected (DMA table and IRQ wiring are empty at this point). */
+  attach(context: DeviceContext): void;
+  /** The client went away: stop touching guest memory; keep device state. */
+  detach(): void;
+  /** The client rewired the eventfds of `index`. */
+  irqsChanged?(index: number): void;
+}

@@ -1,0 +1,179 @@
+// The client's DMA table: every guest-physical range the device may touch. fd-backed ranges are
+// mmapped once and accessed in place; ranges without an fd go through DMA_READ/DMA_WRITE messages.
+
+import { DmaError, VfioError, type DmaSpace } from './device.js';
+import { Errno } from './protocol.js';
+import type { NativeMemory } from './transport.js';
+
+export interface DmaMapping {
+  iova: number;
+  size: number;
+  readable: boolean;
+  writable: boolean;
+  /** Bytes of the mapping, or null when it has no fd and goes through messages. */
+  bytes: Uint8Array | null;
+  /** The whole mmapped buffer (page-rounded), kept to unmap it. */
+  backing: ArrayBuffer | null;
+}
+
+/** Carries DMA for ranges without an fd: the session's DMA_READ/DMA_WRITE requests. */
+export interface RemoteDma {
+  read(addr: number, length: number): Promise<Uint8Array>;
+  write(addr: number, data: Uint8Array): Promise<void>;
+}
+
+export class DmaTable implements DmaSpace {
+  /** Sorted by iova, never overlapping. */
+  private mappings: DmaMapping[] = [];
+
+  constructor(
+    private readonly memory: NativeMemory,
+    private readonly maxMappings: number,
+    private remote: RemoteDma | null = null,
+  ) {}
+
+  setRemote(remote: RemoteDma | null): void {
+    this.remote = remote;
+  }
+
+  get count(): number {
+    return this.mappings.length;
+  }
+
+  list(): readonly DmaMapping[] {
+    return this.mappings;
+  }
+
+  map(options: { iova: bigint; size: bigint; readable: boolean; writable: boolean; fd?: number; fileOffset: bigint }): void {
+    const { iova, size } = checkRange(options.iova, options.size);
+    if (this.mappings.length >= this.maxMappings) throw new VfioError(Errno.ENOSPC, 'too many DMA mappings');
+    const at = this.insertionIndex(iova);
+    const before = this.mappings[at - 1];
+    const after = this.mappings[at];
+    if ((before && before.iova + before.size > iova) || (after && iova + size > after.iova)) {
+      throw new VfioError(Errno.EEXIST, `DMA range 0x${iova.toString(16)}+0x${size.toString(16)} overlaps a mapping`);
+    }
+    let bytes: Uint8Array | null = null;
+    let backing: ArrayBuffer | null = null;
+    if (options.fd !== undefined) {
+      const page = BigInt(this.memory.pageSize());
+      const alignedOffset = options.fileOffset - (options.fileOffset % page);
+      const slack = Number(options.fileOffset - alignedOffset);
+      const length = roundUp(slack + size, Number(page));
+      backing = this.memory.mmap(options.fd, alignedOffset, length, options.writable);
+      bytes = new Uint8Array(backing, slack, size);
+    }
+    this.mappings.splice(at, 0, {
+      iova,
+      size,
+      readable: options.readable,
+      writable: options.writable,
+      bytes,
+      backing,
+    });
+  }
+
+  unmap(iovaBig: bigint, sizeBig: bigint): void {
+    const { iova, size } = checkRange(iovaBig, sizeBig);
+    const index = this.mappings.findIndex((m) => m.iova === iova && m.size === size);
+    if (index < 0) {
+      throw new VfioError(Errno.ENOENT, `no DMA mapping at 0x${iova.toString(16)}+0x${size.toString(16)}`);
+    }
+    this.release(this.mappings.splice(index, 1)[0]!);
+  }
+
+  unmapAll(): void {
+    for (const mapping of this.mappings) this.release(mapping);
+    this.mappings = [];
+  }
+
+  view(addr: number, length: number, forWrite: boolean): Uint8Array | null {
+    const mapping = this.find(addr);
+    if (!mapping || !mapping.bytes || addr + length > mapping.iova + mapping.size) return null;
+    if (forWrite ? !mapping.writable : !mapping.readable) return null;
+    const start = addr - mapping.iova;
+    return mapping.bytes.subarray(start, start + length);
+  }
+
+  async read(addr: number, length: number): Promise<Uint8Array> {
+    const direct = this.view(addr, length, false);
+    if (direct) return direct.slice();
+    const out = new Uint8Array(length);
+    for (const piece of this.pieces(addr, length, false)) {
+      const data = piece.mapping.bytes
+        ? piece.mapping.bytes.subarray(piece.addr - piece.mapping.iova, piece.addr - piece.mapping.iova + piece.length)
+        : await this.requireRemote(addr, length).read(piece.addr, piece.length);
+      out.set(data, piece.addr - addr);
+    }
+    return out;
+  }
+
+  async write(addr: number, data: Uint8Array): Promise<void> {
+    const direct = this.view(addr, data.length, true);
+    if (direct) {
+      direct.set(data);
+      return;
+    }
+    for (const piece of this.pieces(addr, data.length, true)) {
+      const part = data.subarray(piece.addr - addr, piece.addr - addr + piece.length);
+      if (piece.mapping.bytes) piece.mapping.bytes.set(part, piece.addr - piece.mapping.iova);
+      else await this.requireRemote(addr, data.length).write(piece.addr, part);
+    }
+  }
+
+  /** Splits [addr, addr+length) over contiguous mappings; throws DmaError at the first hole. */
+  private pieces(addr: number, length: number, forWrite: boolean): { mapping: DmaMapping; addr: number; length: number }[] {
+    if (!Number.isSafeInteger(addr) || addr < 0 || length < 0) throw new DmaError(addr, length, 'invalid range');
+    const out: { mapping: DmaMapping; addr: number; length: number }[] = [];
+    let cursor = addr;
+    const end = addr + length;
+    while (cursor < end) {
+      const mapping = this.find(cursor);
+      if (!mapping) throw new DmaError(addr, length, 'outside every mapping');
+      if (forWrite ? !mapping.writable : !mapping.readable) {
+        throw new DmaError(addr, length, forWrite ? 'to a read-only mapping' : 'from a write-only mapping');
+      }
+      const pieceEnd = Math.min(end, mapping.iova + mapping.size);
+      out.push({ mapping, addr: cursor, length: pieceEnd - cursor });
+      cursor = pieceEnd;
+    }
+    return out;
+  }
+
+  private requireRemote(addr: number, length: number): RemoteDma {
+    if (!this.remote) throw new DmaError(addr, length, 'needs a client for message-based DMA');
+    return this.remote;
+  }
+
+  private find(addr: number): DmaMapping | undefined {
+    const at = this.insertionIndex(addr + 1) - 1;
+    const mapping = this.mappings[at];
+    return mapping && addr >= mapping.iova && addr < mapping.iova + mapping.size ? mapping : undefined;
+  }
+
+  /** First index whose iova is >= addr. */
+  private insertionIndex(addr: number): number {
+    let lo = 0;
+    let hi = this.mappings.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >>> 1;
+      if (this.mappings[mid]!.iova < addr) lo = mid + 1;
+      else hi = mid;
+    }
+    return lo;
+  }
+
+  private release(mapping: DmaMapping): void {
+    if (mapping.backing) this.memory.munmap(mapping.backing);
+  }
+}
+
+function checkRange(iova: bigint, size: bigint): { iova: number; size: number } {
+  if (size === 0n) throw new VfioError(Errno.EINVAL, 'DMA range of size 0');
+  if (iova + size > BigInt(Number.MAX_SAFE_INTEGER)) {
+    throw new VfioError(Errno.EINVAL, `DMA range 0x${iova.toString(16)}+0x${size.toString(16)} beyond 2^53`);
+  }
+  return { iova: Number(iova), size: Number(size) };
+}
+
+const roundUp = (value: number, to: number): number => Math.ceil(value / to) * to;

@@ -1,0 +1,134 @@
+// vfio-user wire constants. Source: QEMU docs/interop/vfio-user.rst ("Protocol Specification",
+// "Commands") and Linux include/uapi/linux/vfio.h for the VFIO structures it reuses; the deltas that
+// QEMU 11.1 really shows are in shared/reference/qemu-11-facts.md §2.
+
+export const HEADER_SIZE = 16;
+
+export const Command = {
+  VERSION: 1,
+  DMA_MAP: 2,
+  DMA_UNMAP: 3,
+  DEVICE_GET_INFO: 4,
+  DEVICE_GET_REGION_INFO: 5,
+  DEVICE_GET_REGION_IO_FDS: 6,
+  DEVICE_GET_IRQ_INFO: 7,
+  DEVICE_SET_IRQS: 8,
+  REGION_READ: 9,
+  REGION_WRITE: 10,
+  DMA_READ: 11,
+  DMA_WRITE: 12,
+  DEVICE_RESET: 13,
+  DIRTY_PAGES: 14,
+  REGION_WRITE_MULTI: 15,
+  DEVICE_FEATURE: 16,
+  MIG_DATA_READ: 17,
+  MIG_DATA_WRITE: 18,
+} as const;
+export type CommandCode = (typeof Command)[keyof typeof Command];
+
+export const commandName = (code: number): string =>
+  Object.entries(Command).find(([, value]) => value === code)?.[0] ?? `UNKNOWN(${code})`;
+
+/** Header flags word. */
+export const HeaderFlags = {
+  TYPE_MASK: 0xf,
+  TYPE_COMMAND: 0x0,
+  TYPE_REPLY: 0x1,
+  NO_REPLY: 0x10,
+  ERROR: 0x20,
+} as const;
+
+/** Negotiated protocol version: QEMU proposes 0.0 and refuses any other reply. */
+export const PROTOCOL_MAJOR = 0;
+export const PROTOCOL_MINOR = 0;
+
+export const DmaMapFlags = { READ: 0x1, WRITE: 0x2 } as const;
+export const DmaUnmapFlags = { GET_DIRTY_BITMAP: 0x1, ALL: 0x2 } as const;
+
+export const DeviceFlags = { RESET: 0x1, PCI: 0x2 } as const;
+
+export const RegionFlags = { READ: 0x1, WRITE: 0x2, MMAP: 0x4, CAPS: 0x8 } as const;
+export const RegionCapId = { SPARSE_MMAP: 1, TYPE: 2, MSIX_MAPPABLE: 3 } as const;
+
+export const IrqInfoFlags = { EVENTFD: 0x1, MASKABLE: 0x2, AUTOMASKED: 0x4, NORESIZE: 0x8 } as const;
+
+export const SetIrqsFlags = {
+  DATA_NONE: 0x1,
+  DATA_BOOL: 0x2,
+  DATA_EVENTFD: 0x4,
+  DATA_MASK: 0x7,
+  ACTION_MASK: 0x8,
+  ACTION_UNMASK: 0x10,
+  ACTION_TRIGGER: 0x20,
+  ACTION_MASK_ALL: 0x38,
+} as const;
+
+/** VFIO PCI region indexes (vfio.h VFIO_PCI_*_REGION_INDEX). */
+export const PciRegion = {
+  BAR0: 0,
+  BAR1: 1,
+  BAR2: 2,
+  BAR3: 3,
+  BAR4: 4,
+  BAR5: 5,
+  ROM: 6,
+  CONFIG: 7,
+  VGA: 8,
+  COUNT: 9,
+} as const;
+
+/** VFIO PCI IRQ indexes (vfio.h VFIO_PCI_*_IRQ_INDEX). */
+export const PciIrq = { INTX: 0, MSI: 1, MSIX: 2, ERR: 3, REQ: 4, COUNT: 5 } as const;
+
+/** Fixed payload sizes (bytes after the 16-byte header). */
+export const PayloadSize = {
+  DMA_MAP: 32,
+  DMA_UNMAP: 24,
+  DEVICE_INFO: 16,
+  REGION_INFO: 32,
+  SPARSE_MMAP_CAP_HEADER: 16,
+  SPARSE_MMAP_AREA: 16,
+  IRQ_INFO: 16,
+  SET_IRQS: 20,
+  REGION_ACCESS: 16,
+  DMA_ACCESS: 16,
+  WRITE_MULTI_ENTRY: 24,
+  WRITE_MULTI_DATA: 8,
+} as const;
+
+/** Linux errno values used in error replies (positive, as the protocol carries them). */
+export const Errno = {
+  EPERM: 1,
+  ENOENT: 2,
+  EIO: 5,
+  E2BIG: 7,
+  EBADF: 9,
+  EAGAIN: 11,
+  ENOMEM: 12,
+  EFAULT: 14,
+  EBUSY: 16,
+  EEXIST: 17,
+  ENODEV: 19,
+  EINVAL: 22,
+  ENOSPC: 28,
+  ERANGE: 34,
+  ENOSYS: 38,
+  EPROTO: 71,
+  EMSGSIZE: 90,
+  ENOTSUP: 95,
+} as const;
+export type ErrnoName = keyof typeof Errno;
+
+export const errnoName = (value: number): string =>
+  Object.entries(Errno).find(([, v]) => v === value)?.[0] ?? `errno ${value}`;
+
+/** What this server accepts and promises (sent in the VERSION reply). */
+export const Limits = {
+  /** Largest REGION/DMA read or write payload; QEMU's default is the same 1 MiB. */
+  maxDataTransfer: 1 << 20,
+  /** fds we accept in one message: QEMU splits SET_IRQS fd arrays into runs of this size. */
+  maxMessageFds: 16,
+  maxDmaMaps: 65535,
+  /** Whole-message bound: the largest legal message is a 1 MiB REGION_WRITE. */
+  maxMessageSize: (1 << 20) + 64,
+} as const;

@@ -1,0 +1,100 @@
+// Listens on one unix socket and serves one client at a time. When the client goes away its DMA
+// mappings and eventfds are dropped, the device keeps its state, and the socket listens again.
+
+import { existsSync, lstatSync, unlinkSync } from 'node:fs';
+import { native, type Connection, type Listener } from '../native.js';
+import type { Logger } from '../log.js';
+import type { VfioDevice } from './device.js';
+import { Session } from './session.js';
+
+export interface ServerOptions {
+  socketPath: string;
+  device: VfioDevice;
+  log: Logger;
+  writeMultiple?: boolean;
+}
+
+export class VfioUserServer {
+  private listener: Listener | null = null;
+  private session: Session | null = null;
+  private clients = 0;
+  private readonly sessionEndListeners: (() => void)[] = [];
+
+  constructor(private readonly options: ServerOptions) {}
+
+  get socketPath(): string {
+    return this.options.socketPath;
+  }
+
+  get activeSession(): Session | null {
+    return this.session;
+  }
+
+  get clientCount(): number {
+    return this.clients;
+  }
+
+  onSessionEnd(listener: () => void): void {
+    this.sessionEndListeners.push(listener);
+  }
+
+  start(): void {
+    removeStaleSocket(this.options.socketPath);
+    this.listener = new native.Listener(this.options.socketPath, (connection) => this.accept(connection));
+    this.options.log.info(`listening on ${this.options.socketPath}`);
+  }
+
+  stop(): void {
+    this.listener?.close();
+    this.listener = null;
+    this.session?.end();
+    this.session = null;
+    if (existsSync(this.options.socketPath)) unlinkSync(this.options.socketPath);
+  }
+
+  private accept(connection: Connection): void {
+    if (this.session) {
+      // vfio-user gives a device exactly one client; a second one would fight over the DMA table.
+      this.options.log.warn('refusing a second client while one is connected');
+      connection.close();
+      return;
+    }
+    this.clients++;
+    const log = this.options.log.child(`client${this.clients}`);
+    log.info('client connected');
+    const session = new Session({
+      device: this.options.device,
+      transport: connection,
+      native,
+      log,
+      writeMultiple: this.options.writeMultiple,
+    });
+    this.session = session;
+    const finish = (reason: string): void => {
+      if (this.session !== session) return;
+      session.end();
+      this.session = null;
+        log.info(`client gone (${reason}); device state kept, listening again`);
+      for (const listener of this.sessionEndListeners) listener();
+    };
+    connection.start(
+      (data, fds) => {
+        if (!session.receive(data, fds)) finish('protocol error');
+      },
+      (code) => finish(code ?? 'EOF'),
+    );
+  }
+}
+
+/** A socket file left by a crashed server blocks bind(); a live one must not be stolen. */
+function removeStaleSocket(path: string): void {
+  if (!existsSync(path)) return;
+  if (!lstatSync(path).isSocket()) throw new Error(`${path} exists and is not a socket`);
+  try {
+    native.connect(path).close();
+  } catch {
+    unlinkSync(path);
+    return;
+  }
+  throw new Error(`${path} is in use by another server`);
+}

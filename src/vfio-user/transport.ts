@@ -1,0 +1,18 @@
+// The narrow slices of the native addon the protocol layer uses, as interfaces, so the session can
+// be driven by a fake transport in unit tests and by the real socket everywhere else.
+
+export interface Transport {
+  send(data: Uint8Array, fds?: readonly number[]): void;
+  close(): void;
+}
+
+export interface NativeMemory {
+  mmap(fd: number, offset: bigint, length: number, writable: boolean): ArrayBuffer;
+  munmap(buffer: ArrayBuffer): void;
+  pageSize(): number;
+}
+
+export interface NativeEventFds {
+  eventfdWrite(fd: number, value?: bigint): void;
+  closeFd(fd: number): void;
+}

@@ -1,0 +1,289 @@
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { native } from '../../src/native.js';
+import { GuestMemory, VfioClientError, VfioUserClient } from '../../src/vfio-user/client.js';
+import { Command, DeviceFlags, Errno, IrqInfoFlags, PciIrq, PciRegion, RegionFlags } from '../../src/vfio-user/protocol.js';
+import { SCRATCH_DEVICE_ID, SCRATCH_MAGIC, SCRATCH_VENDOR_ID, ScratchReg } from '../../src/pci/scratch-device.js';
+import { Cfg, CapId, MsixCap } from '../../src/pci/registers.js';
+import { ProbeDevice, openFdCount, startServer, waitUntil, type Harness } from './helpers.js';
+
+let device: ProbeDevice;
+let harness: Harness;
+let client: VfioUserClient;
+
+beforeEach(async () => {
+  device = new ProbeDevice();
+  harness = startServer(device);
+  client = await harness.connect();
+});
+
+afterEach(() => harness.cleanup());
+
+const u32 = (b: Uint8Array): number => new DataView(b.buffer, b.byteOffset).getUint32(0, true);
+const u16 = (b: Uint8Array): number => new DataView(b.buffer, b.byteOffset).getUint16(0, true);
+
+describe('negotiation and device info', () => {
+  it('answers VERSION 0.0 with capabilities QEMU accepts', async () => {
+    const other = VfioUserClient.connect(harness.socketPath); // refused: one client per socket
+    await waitUntil(() => other.isClosed, 2000, 'second client refused');
+    const fresh = startServer(new ProbeDevice());
+    try {
+      const c = VfioUserClient.connect(fresh.socketPath);
+      const caps = await c.negotiate();
+      expect(caps.max_msg_fds).toBe(16);
+      expect(caps.max_data_xfer_size).toBe(1 << 20);
+      expect(caps.pgsizes).toBe(4096);
+      expect(caps.write_multiple).toBeUndefined(); // not offered unless enabled
+      c.close();
+    } finally {
+      fresh.cleanup();
+    }
+  });
+
+  it('rejects a major version other than 0', async () => {
+    const fresh = startServer(new ProbeDevice());
+    try {
+      const c = VfioUserClient.connect(fresh.socketPath);
+      const { version } = await import('../../src/vfio-user/codec.js');
+      await expect(c.request(Command.VERSION, version.encode({ major: 1, minor: 0, json: '{}' }))).rejects.toMatchObject({ errno: Errno.ENOTSUP });
+      c.close();
+    } finally {
+      fresh.cleanup();
+    }
+  });
+
+  it('reports a resettable PCI device with 9 regions and 5 IRQ indexes', async () => {
+    const info = await client.deviceInfo();
+    expect(info.flags).toBe(DeviceFlags.PCI | DeviceFlags.RESET);
+    expect(info.numRegions).toBe(9);
+    expect(info.numIrqs).toBe(5);
+  });
+
+  it('describes BAR0, absent BARs and the 4 KiB config region', async () => {
+    const bar0 = await client.regionInfo(PciRegion.BAR0);
+    expect(bar0.size).toBe(0x4000);
+    expect(bar0.flags).toBe(RegionFlags.READ | RegionFlags.WRITE);
+    for (const index of [1, 2, 3, 4, 5, 6]) expect((await client.regionInfo(index)).size).toBe(0);
+    const cfg = await client.regionInfo(PciRegion.CONFIG);
+    expect(cfg.size).toBe(4096);
+    await expect(client.regionInfo(9)).rejects.toMatchObject({ errno: Errno.EINVAL });
+  });
+
+  it('describes the IRQ indexes', async () => {
+    expect(await client.irqInfo(PciIrq.INTX)).toEqual({ count: 0, flags: IrqInfoFlags.EVENTFD | IrqInfoFlags.MASKABLE | IrqInfoFlags.AUTOMASKED });
+    expect((await client.irqInfo(PciIrq.MSIX)).count).toBe(4);
+    expect((await client.irqInfo(PciIrq.ERR)).count).toBe(1);
+    await expect(client.irqInfo(5)).rejects.toMatchObject({ errno: Errno.EINVAL });
+  });
+});
+
+describe('config space', () => {
+  it('holds our IDs, class and a capability chain PM → MSI → MSI-X → PCIe', async () => {
+    const header = await client.configRead(0, 64);
+    expect(u16(header.subarray(Cfg.VENDOR_ID))).toBe(SCRATCH_VENDOR_ID);
+    expect(u16(header.subarray(Cfg.DEVICE_ID))).toBe(SCRATCH_DEVICE_ID);
+    expect(header[0x0b]).toBe(0xff);
+    const ids: number[] = [];
+    for (let at = header[Cfg.CAPABILITY_LIST]!; at !== 0; ) {
+      const cap = await client.configRead(at, 2);
+      ids.push(cap[0]!);
+      at = cap[1]!;
+    }
+    expect(ids).toEqual([CapId.PM, CapId.MSI, CapId.MSIX, CapId.PCIE]);
+  });
+
+  it('sizes a 64-bit BAR through the write mask and keeps read-only fields', async () => {
+    await client.configWrite(Cfg.BAR0, new Uint8Array([0xff, 0xff, 0xff, 0xff]));
+    expect(u32(await client.configRead(Cfg.BAR0, 4))).toBe(0xffffc004);
+    await client.configWrite(Cfg.VENDOR_ID, new Uint8Array([0, 0]));
+    expect(u16(await client.configRead(Cfg.VENDOR_ID, 2))).toBe(SCRATCH_VENDOR_ID);
+    await client.configWrite(Cfg.COMMAND, new Uint8Array([0x06, 0x00]));
+    expect(u16(await client.configRead(Cfg.COMMAND, 2))).toBe(0x0006);
+  });
+});
+
+describe('BAR access', () => {
+  it('reads the magic and round-trips 4- and 8-byte registers, posted or not', async () => {
+    expect(await client.read32(PciRegion.BAR0, ScratchReg.MAGIC)).toBe(SCRATCH_MAGIC);
+    await client.write32(PciRegion.BAR0, ScratchReg.SCRATCH32, 0xdeadbeef);
+    expect(await client.read32(PciRegion.BAR0, ScratchReg.SCRATCH32)).toBe(0xdeadbeef);
+    await client.write64(PciRegion.BAR0, ScratchReg.SCRATCH64, 0x0123456789abcdefn);
+    expect(await client.read64(PciRegion.BAR0, ScratchReg.SCRATCH64)).toBe(0x0123456789abcdefn);
+    client.postRegionWrite(PciRegion.BAR0, ScratchReg.SCRATCH32, new Uint8Array([1, 2, 3, 4]));
+    // Commands run in order, so the posted write is visible to the next read.
+    expect(await client.read32(PciRegion.BAR0, ScratchReg.SCRATCH32)).toBe(0x04030201);
+  });
+
+  it('applies REGION_WRITE_MULTI entries in order', async () => {
+    const n = await client.writeMulti([
+      { offset: BigInt(ScratchReg.SCRATCH32), region: 0, count: 4, data: new Uint8Array([9, 9, 9, 9]) },
+      { offset: BigInt(ScratchReg.SCRATCH32), region: 0, count: 2, data: new Uint8Array([1, 2]) },
+    ]);
+    expect(n).toBe(2);
+    expect(await client.read32(PciRegion.BAR0, ScratchReg.SCRATCH32)).toBe(0x09090201);
+  });
+
+  it('refuses accesses past the region and odd sizes', async () => {
+    await expect(client.regionRead(PciRegion.BAR0, 0x4000 - 2, 4)).rejects.toMatchObject({ errno: Errno.EINVAL });
+    await expect(client.regionRead(PciRegion.BAR0, 0, 3)).rejects.toMatchObject({ errno: Errno.EINVAL });
+    await expect(client.regionRead(PciRegion.CONFIG, 4095, 2)).rejects.toMatchObject({ errno: Errno.EINVAL });
+    await expect(client.regionRead(PciRegion.BAR2, 0, 4)).rejects.toMatchObject({ errno: Errno.EINVAL });
+  });
+});
+
+describe('DMA', () => {
+  it('maps memfd guest RAM and reads/writes it in place', async () => {
+    const ram = new GuestMemory(0x100000, 1 << 20);
+    try {
+      await client.dmaMap(ram);
+      ram.bytes.set([1, 2, 3, 4], 0x1000);
+      expect(Array.from(await device.dma.read(0x101000, 4))).toEqual([1, 2, 3, 4]);
+      await device.dma.write(0x1ffffc, new Uint8Array([9, 8, 7, 6]));
+      expect(Array.from(ram.bytes.subarray(0xffffc))).toEqual([9, 8, 7, 6]);
+      expect(device.dma.view(0x100000, 16, true)).not.toBeNull();
+      expect(client.dmaRequests).toEqual({ read: 0, write: 0 });
+      await expect(device.dma.read(0x1ffffe, 4)).rejects.toThrow(/outside every mapping/);
+      await expect(device.dma.write(0x50, new Uint8Array(1))).rejects.toThrow(/outside every mapping/);
+      await client.dmaUnmap(0x100000, 1 << 20);
+      await expect(device.dma.read(0x101000, 4)).rejects.toThrow(/outside every mapping/);
+    } finally {
+      ram.close();
+    }
+  });
+
+  it('falls back to DMA_READ/DMA_WRITE messages for memory mapped without an fd', async () => {
+    const rom = new GuestMemory(0x200000, 2 << 20);
+    try {
+      await client.dmaMap(rom, { viaMessages: true });
+      rom.bytes.set([5, 6, 7], 10);
+      expect(Array.from(await device.dma.read(0x20000a, 3))).toEqual([5, 6, 7]);
+      const big = new Uint8Array(1_500_000).map((_, i) => i & 0xff);
+      await device.dma.write(0x200100, big); // split over the 1 MiB transfer limit
+      expect(Buffer.compare(rom.bytes.subarray(0x100, 0x100 + big.length), big)).toBe(0);
+      expect(client.dmaRequests.read).toBe(1);
+      expect(client.dmaRequests.write).toBe(2);
+    } finally {
+      rom.close();
+    }
+  });
+
+  it('refuses overlapping maps, unknown unmaps, and writes to read-only memory', async () => {
+    const a = new GuestMemory(0x10000, 0x10000);
+    const b = new GuestMemory(0x18000, 0x10000);
+    try {
+      await client.dmaMap(a, { readOnly: true });
+      await expect(client.dmaMap(b)).rejects.toMatchObject({ errno: Errno.EEXIST });
+      await expect(client.dmaUnmap(0x10000, 0x1000)).rejects.toMatchObject({ errno: Errno.ENOENT });
+      await expect(device.dma.write(0x10000, new Uint8Array(4))).rejects.toThrow(/read-only/);
+      await client.dmaUnmapAll();
+      await expect(device.dma.read(0x10000, 4)).rejects.toThrow(/outside/);
+    } finally {
+      a.close();
+      b.close();
+    }
+  });
+});
+
+describe('interrupts', () => {
+  it('fires the MSI-X eventfd the client wired, and replaces and de-assigns them', async () => {
+    const fds = [native.eventfd(), native.eventfd()];
+    try {
+      await client.setIrqEventfds(PciIrq.MSIX, 0, fds);
+      // The guest enables MSI-X (QEMU forwards the control write to us too).
+      const cap = device.config.caps.msix!;
+      await client.configWrite(cap + MsixCap.CONTROL, new Uint8Array([0x03, 0x80]));
+      await client.write32(PciRegion.BAR0, ScratchReg.IRQ_DOORBELL, 1);
+      expect(native.eventfdRead(fds[1]!)).toBe(1n);
+      expect(native.eventfdRead(fds[0]!)).toBe(0n);
+      await client.setIrqEventfds(PciIrq.MSIX, 1, [], 1); // de-assign vector 1
+      await client.write32(PciRegion.BAR0, ScratchReg.IRQ_DOORBELL, 1);
+      expect(native.eventfdRead(fds[1]!)).toBe(0n);
+      expect(await client.read32(PciRegion.BAR0, ScratchReg.IRQ_DOORBELL)).toBe(1);
+      await client.disableIrqs(PciIrq.MSIX);
+      await client.write32(PciRegion.BAR0, ScratchReg.IRQ_DOORBELL, 0);
+      expect(native.eventfdRead(fds[0]!)).toBe(0n);
+    } finally {
+      fds.forEach((fd) => native.closeFd(fd));
+    }
+  });
+
+  it('rejects SET_IRQS past the vector count or with mismatched fds', async () => {
+    const fd = native.eventfd();
+    try {
+      await expect(client.setIrqEventfds(PciIrq.MSIX, 4, [fd])).rejects.toMatchObject({ errno: Errno.EINVAL });
+      await expect(client.setIrqEventfds(PciIrq.MSIX, 0, [fd], 2)).rejects.toMatchObject({ errno: Errno.EINVAL });
+      await expect(client.setIrqEventfds(PciIrq.REQ, 0, [fd])).rejects.toMatchObject({ errno: Errno.EINVAL });
+    } finally {
+      native.closeFd(fd);
+    }
+  });
+});
+
+describe('reset and reconnect', () => {
+  it('DEVICE_RESET returns registers and config to power-on state', async () => {
+    await client.write32(PciRegion.BAR0, ScratchReg.SCRATCH32, 42);
+    await client.configWrite(Cfg.COMMAND, new Uint8Array([0x06, 0]));
+    await client.reset();
+    expect(await client.read32(PciRegion.BAR0, ScratchReg.SCRATCH32)).toBe(0);
+    expect(u16(await client.configRead(Cfg.COMMAND, 2))).toBe(0);
+  });
+
+  it('keeps device state for the next client and releases the previous client\'s resources', async () => {
+    const ram = new GuestMemory(0x100000, 0x10000);
+    const irq = native.eventfd();
+    const fdsBefore = openFdCount();
+    await client.dmaMap(ram);
+    await client.setIrqEventfds(PciIrq.MSIX, 0, [irq]);
+    await client.write32(PciRegion.BAR0, ScratchReg.SCRATCH32, 0x5151);
+    client.close();
+    await waitUntil(() => device.detachCount === 1 && harness.server.activeSession === null, 2000, 'session end');
+    // The server closed the eventfd it held and unmapped the DMA region.
+    expect(openFdCount()).toBeLessThanOrEqual(fdsBefore - 1);
+    const second = await harness.connect();
+    expect(await second.read32(PciRegion.BAR0, ScratchReg.SCRATCH32)).toBe(0x5151);
+    await expect(device.dma.read(0x100000, 4)).rejects.toThrow(/outside/);
+    expect(device.attachCount).toBe(2);
+    ram.close();
+    native.closeFd(irq);
+  });
+});
+
+describe('mmap regions', () => {
+  it('answers a short GET_REGION_INFO with the argsz it needs and CAPS cleared', async () => {
+    const { MmapProbeDevice } = await import('./mmap-device.js');
+    const dev = new MmapProbeDevice();
+    const h = startServer(dev);
+    try {
+      const c = VfioUserClient.connect(h.socketPath);
+      await c.negotiate();
+      const { regionInfo } = await import('../../src/vfio-user/codec.js');
+      const first = await c.request(Command.DEVICE_GET_REGION_INFO, regionInfo.encode({ argsz: 32, flags: 0, index: 0, capOffset: 0, size: 0n, offset: 0n }));
+      const short = regionInfo.decode(first.payload);
+      expect(short.argsz).toBe(32 + 16 + 16);
+      expect(short.flags & RegionFlags.CAPS).toBe(0);
+      expect(first.fds).toEqual([]);
+      expect(first.header.size).toBe(16 + 32);
+      const full = await c.regionInfo(0);
+      expect(full.flags).toBe(RegionFlags.READ | RegionFlags.WRITE | RegionFlags.MMAP | RegionFlags.CAPS);
+      expect(full.sparseAreas).toEqual([{ offset: 0x1000n, size: 0x1000n }]);
+      expect(full.fd).toBeGreaterThan(2);
+      // The client's mapping and the server's view are the same memory.
+      const page = native.mmap(full.fd!, full.offset + 0x1000n, 0x1000, true);
+      new DataView(page).setUint32(8, 0xfeedf00d, true);
+      expect(dev.doorbell(8)).toBe(0xfeedf00d);
+      native.munmap(page);
+      native.closeFd(full.fd!);
+      c.close();
+    } finally {
+      h.cleanup();
+    }
+  });
+});
+
+describe('errors reach the client as error replies', () => {
+  it('DEVICE_FEATURE and MIG_DATA_* are not supported yet; unknown commands are ENOSYS', async () => {
+    await expect(client.request(Command.DEVICE_FEATURE, new Uint8Array(8))).rejects.toMatchObject({ errno: Errno.ENOTSUP });
+    await expect(client.request(Command.MIG_DATA_READ, new Uint8Array(8))).rejects.toMatchObject({ errno: Errno.ENOTSUP });
+    await expect(client.request(99)).rejects.toBeInstanceOf(VfioClientError);
+    await expect(client.request(99)).rejects.toMatchObject({ errno: Errno.ENOSYS });
+  });
+});
