@@ -287,14 +287,7 @@ export class VfioUserClient {
   // ---- incoming ----------------------------------------------------------------------------------
 
   private receive(data: Uint8Array, fds: number[]): void {
-    let messages: codec.Message[];
-    try {
-      messages = this.framer.push(data, fds);
-    } catch (error) {
-      this.connection.close();
-      this.shutdown(`bad stream from server: ${(error as Error).message}`);
-      return;
-    }
+    const { messages, error } = this.framer.push(data, fds);
     for (const message of messages) {
       if (codec.isReply(message.header.flags)) {
         const waiter = this.waiters.get(message.header.id);
@@ -308,6 +301,10 @@ export class VfioUserClient {
         for (const fd of message.fds) native.closeFd(fd);
         this.serveServerRequest(message);
       }
+    }
+    if (error) {
+      this.connection.close();
+      this.shutdown(`bad stream from server: ${error.message}`);
     }
   }
 

@@ -1,6 +1,7 @@
-// Turns the byte stream of a unix socket back into whole vfio-user messages. fds arrive with the
-// first byte of the sendmsg that carried them (the kernel never merges them into an earlier
-// read), so they belong to the message being assembled when their chunk arrives.
+// Turns the byte stream of a unix socket back into whole vfio-user messages. fds ride on the first
+// byte of the sendmsg that carried them, but one recvmsg may also return bytes of earlier messages
+// in front of it; the kernel ends that read at or inside the fd-carrying message. So a chunk's fds
+// belong to the message in which the chunk ends.
 
 import { decodeHeader, type Message } from './codec.js';
 import { HEADER_SIZE } from './protocol.js';
@@ -15,42 +16,55 @@ export class FramingError extends Error {
 export class MessageFramer {
   private chunks: Uint8Array[] = [];
   private buffered = 0;
-  private pendingFds: number[] = [];
+  /** Stream offset of the first buffered byte. */
+  private consumed = 0;
+  /** fds not yet given to a message, keyed by the stream offset where their chunk ended. */
+  private pendingFds: { chunkEnd: number; fds: number[] }[] = [];
 
   constructor(private readonly maxMessageSize: number) {}
 
   /**
-   * Adds one received chunk and returns every message it completes. Throws FramingError when a
-   * header announces an impossible size: past that point the stream cannot be trusted.
+   * Adds one received chunk and returns every message it completes. `error` is set when a header
+   * announces an impossible size: the messages before it are still good (and own their fds), but
+   * past that point the stream cannot be trusted.
    */
-  push(chunk: Uint8Array, fds: readonly number[]): Message[] {
-    this.pendingFds.push(...fds);
+  push(chunk: Uint8Array, fds: readonly number[]): { messages: Message[]; error?: FramingError } {
     if (chunk.length > 0) {
       this.chunks.push(chunk);
       this.buffered += chunk.length;
     }
+    if (fds.length > 0) this.pendingFds.push({ chunkEnd: this.consumed + this.buffered, fds: [...fds] });
     const out: Message[] = [];
     for (;;) {
       if (this.buffered < HEADER_SIZE) break;
       const header = decodeHeader(this.peek(HEADER_SIZE));
       if (header.size < HEADER_SIZE || header.size > this.maxMessageSize) {
-        throw new FramingError(
+        const error = new FramingError(
           `message size ${header.size} outside [${HEADER_SIZE}, ${this.maxMessageSize}] (command ${header.command})`,
         );
+        return { messages: out, error };
       }
       if (this.buffered < header.size) break;
+      const start = this.consumed;
       const whole = this.take(header.size);
-      out.push({ header, payload: whole.subarray(HEADER_SIZE), fds: this.pendingFds });
-      this.pendingFds = [];
+      this.consumed += header.size;
+      out.push({ header, payload: whole.subarray(HEADER_SIZE), fds: this.takeFds(start, this.consumed) });
     }
-    return out;
+    return { messages: out };
   }
 
   /** fds received but not yet attached to a complete message (the caller closes them on teardown). */
   drainFds(): number[] {
-    const fds = this.pendingFds;
+    const fds = this.pendingFds.flatMap((entry) => entry.fds);
     this.pendingFds = [];
     return fds;
+  }
+
+  private takeFds(messageStart: number, messageEnd: number): number[] {
+    const mine = this.pendingFds.filter((e) => e.chunkEnd > messageStart && e.chunkEnd <= messageEnd);
+    if (mine.length === 0) return [];
+    this.pendingFds = this.pendingFds.filter((e) => !mine.includes(e));
+    return mine.flatMap((e) => e.fds);
   }
 
   get bufferedBytes(): number {

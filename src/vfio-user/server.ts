@@ -41,7 +41,7 @@ export class VfioUserServer {
   start(): void {
     removeStaleSocket(this.options.socketPath);
     this.listener = new native.Listener(this.options.socketPath, (connection) => this.accept(connection));
-    this.options.log.info(`listening on ${this.options.socketPath}`);
+    this.options.log.debug(`listening on ${this.options.socketPath}`);
   }
 
   stop(): void {

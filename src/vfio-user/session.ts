@@ -6,7 +6,7 @@ import * as codec from './codec.js';
 import { DecodeError } from './codec.js';
 import { DmaError, VfioError, type DeviceContext, type VfioDevice } from './device.js';
 import { DmaTable } from './dma.js';
-import { FramingError, MessageFramer } from './framer.js';
+import { MessageFramer } from './framer.js';
 import { IrqTable } from './irqs.js';
 import type { Logger } from '../log.js';
 import {
@@ -87,21 +87,18 @@ export class Session {
       this.closeFds(fds);
       return false;
     }
-    let messages: codec.Message[];
-    try {
-      messages = this.framer.push(chunk, fds);
-    } catch (error) {
-      // A bad length field leaves no way to find the next message boundary.
-      this.log.warn(`client stream unusable: ${(error as FramingError).message}; disconnecting`);
-      this.end();
-      return false;
-    }
+    const { messages, error } = this.framer.push(chunk, fds);
     for (const message of messages) {
       if (this.closed) {
         this.closeFds(message.fds);
         continue;
       }
       this.dispatch(message);
+    }
+    if (error && !this.closed) {
+      // A bad length field leaves no way to find the next message boundary.
+      this.log.warn(`client stream unusable: ${error.message}; disconnecting`);
+      this.end();
     }
     return !this.closed;
   }
@@ -395,7 +392,7 @@ export class Session {
   private completeRequest(reply: codec.Message): void {
     const pending = this.pending.get(reply.header.id);
     if (!pending) {
-      this.log.warn(`reply #${reply.header.id} (${commandName(reply.header.command)}) matches no request`);
+      this.log.debug(`reply #${reply.header.id} (${commandName(reply.header.command)}) matches no request`);
       return;
     }
     this.pending.delete(reply.header.id);

@@ -1,0 +1,146 @@
+/**
+ * Typed loader for the native addon (native/ -> build/native/Release/vfio_native.node).
+ *
+ * The addon knows nothing about NVMe or vfio-user: it provides AF_UNIX stream
+ * sockets with fd passing (SCM_RIGHTS), mmap of shared memory as zero-copy
+ * ArrayBuffers, eventfds, memfds and an fd readiness watcher, all driven by
+ * the Node event loop (libuv) and never blocking it.
+ *
+ * Errors from syscalls are `Error`s with Node-style `.code` (errno name, e.g.
+ * 'EADDRINUSE'), `.errno` (negative), `.syscall` and, where relevant, `.path`.
+ * Bad argument types throw `TypeError`/`RangeError`.
+ */
+import { createRequire } from 'node:module';
+import { existsSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+export interface NativeError extends Error {
+  code: string;
+  errno?: number;
+  syscall?: string;
+  path?: string;
+}
+
+/**
+ * A connected AF_UNIX stream socket. Created only by `Listener` or `connect()`.
+ * While started (or while it has queued writes) it keeps itself and the process
+ * alive until closed; otherwise an unreferenced Connection is closed by GC.
+ */
+export interface Connection {
+  /** The socket fd, or -1 once closed. */
+  readonly fd: number;
+  /**
+   * Start reading. `onData` gets each recvmsg() chunk as-is (chunks are not
+   * merged or framed; up to 256 KiB each) with the fds that arrived with it,
+   * which the callee now owns and must close.
+   *
+   * fd attribution: fds ride on the first byte of the peer's sendmsg. Linux may
+   * glue bytes of EARLIER messages in front of that byte within one recvmsg,
+   * but stops the chunk at (or inside) the fd-carrying message, and never puts
+   * two fd-carrying sends in one chunk. So the fds of a chunk belong to the
+   * LAST message that starts in that chunk, not necessarily the first.
+   *
+   * `onClose(null)` on
+   * EOF, `onClose(code)` on error (e.g. 'ECONNRESET', 'EPIPE', or 'EMSGSIZE'
+   * when too many fds arrived); the socket is closed before `onClose` runs and
+   * no callbacks follow. Exceptions thrown by the callbacks become uncaught
+   * exceptions. Can be called once.
+   */
+  start(onData: (data: Buffer, fds: number[]) => void, onClose: (errorCode: string | null) => void): void;
+  /**
+   * Send one message; `fds` (max 253) ride on its first byte and remain owned by
+   * the caller. Never blocks: unsent data is queued (fds are dup'ed if needed)
+   * and flushed in order when writable. Peer errors (EPIPE, ECONNRESET) are
+   * reported later via `onClose`, not thrown. Throws EBADF once closed.
+   */
+  send(data: Uint8Array, fds?: readonly number[]): void;
+  /** Idempotent; drops queued data. Does not call `onClose`. */
+  close(): void;
+  /** Bytes queued but not yet written to the socket. */
+  pendingWriteBytes(): number;
+}
+
+export interface Listener {
+  /** Idempotent. Does not unlink the socket path. */
+  close(): void;
+}
+
+export interface ListenerConstructor {
+  /**
+   * Bind + listen (backlog 4) on `path`. The path must not exist (the caller
+   * unlinks stale sockets). The listener keeps the process alive until closed.
+   */
+  new (path: string, onConnection: (conn: Connection) => void): Listener;
+}
+
+export interface FdWatcher {
+  /** Idempotent. Close the watcher before closing the fd it watches. */
+  close(): void;
+}
+
+export interface NativeAddon {
+  Listener: ListenerConstructor;
+  /** The Connection class, for `instanceof` only: it cannot be constructed from JS. */
+  Connection: abstract new () => Connection;
+  /** Blocking AF_UNIX connect (immediate for local sockets); the result is non-blocking. */
+  connect(path: string): Connection;
+
+  /**
+   * mmap(MAP_SHARED) `length` bytes of `fd` at page-aligned `offset`, as an
+   * external ArrayBuffer (zero copy). Unmapped by `munmap` or when collected.
+   */
+  mmap(fd: number, offset: bigint, length: number, writable: boolean): ArrayBuffer;
+  /** Unmap and detach: views of the buffer become length 0. EINVAL if not a live mapping. */
+  munmap(buffer: ArrayBuffer): void;
+
+  /** EFD_NONBLOCK | EFD_CLOEXEC. */
+  eventfd(initial?: number): number;
+  /** Adds `value` (default 1n). Throws EAGAIN if the counter would overflow. */
+  eventfdWrite(fd: number, value?: bigint): void;
+  /** Reads and resets the counter; 0n if it was zero. */
+  eventfdRead(fd: number): bigint;
+  /** memfd_create(MFD_CLOEXEC) + ftruncate(size). */
+  memfdCreate(name: string, size: number): number;
+
+  closeFd(fd: number): void;
+  /** fstat().st_size */
+  fdSize(fd: number): number;
+  pageSize(): number;
+
+  /**
+   * Call `onReadable` whenever `fd` is readable (level-triggered: the callback
+   * must drain it, e.g. eventfdRead, or it fires again immediately). Keeps the
+   * process alive until closed. At most one watcher per fd, and not on fds that
+   * a Connection/Listener already polls.
+   */
+  watchFd(fd: number, onReadable: () => void): FdWatcher;
+}
+
+const ADDON_RELATIVE_PATH = join('build', 'native', 'Release', 'vfio_native.node');
+
+/** Walk up from this module (src/ or dist/src/) to the package root. */
+function findPackageRoot(): string {
+  let dir = dirname(fileURLToPath(import.meta.url));
+  for (;;) {
+    if (existsSync(join(dir, 'package.json'))) return dir;
+    const parent = dirname(dir);
+    if (parent === dir) throw new Error(`vfio_native: no package.json above ${fileURLToPath(import.meta.url)}`);
+    dir = parent;
+  }
+}
+
+function loadAddon(): NativeAddon {
+  const path = join(findPackageRoot(), ADDON_RELATIVE_PATH);
+  const require = createRequire(import.meta.url);
+  try {
+    return require(path) as NativeAddon;
+  } catch (err) {
+    throw new Error(`vfio_native: cannot load ${path} (build it with \`npm run build:native\`): ${String(err)}`, {
+      cause: err,
+    });
+  }
+}
+
+export const native: NativeAddon = loadAddon();
+export default native;

@@ -1,0 +1,311 @@
+// NVMe facts as typed tables. Each table names the section of the NVM Express Base Specification
+// 2.0 (or the NVM Command Set Specification 1.0, "NVM-CS") it comes from, once. Everything else in
+// src/nvme/ refers to these names instead of bare numbers.
+
+// ---- PCI identity -----------------------------------------------------------------------------
+
+/**
+ * Our own PCI IDs: 'NV' / 'ME' in ASCII. Not assigned by the PCI-SIG to anyone we know of and not
+ * QEMU's nvme (1b36:0010); guests bind by class code 01:08:02, never by these IDs.
+ */
+export const PciIdentity = {
+  VENDOR_ID: 0x4e56,
+  DEVICE_ID: 0x4d45,
+  SUBSYSTEM_VENDOR_ID: 0x4e56,
+  SUBSYSTEM_ID: 0x0001,
+  REVISION: 0x01,
+  /** Mass storage / Non-Volatile memory controller / NVM Express (PCI Code and ID Assignment). */
+  CLASS_CODE: 0x010802,
+} as const;
+
+// ---- Controller properties (Base §3.1.4, "Controller Properties") -----------------------------
+
+export const Reg = {
+  CAP: 0x00,
+  VS: 0x08,
+  INTMS: 0x0c,
+  INTMC: 0x10,
+  CC: 0x14,
+  CSTS: 0x1c,
+  NSSR: 0x20,
+  AQA: 0x24,
+  ASQ: 0x28,
+  ACQ: 0x30,
+  /** First doorbell; SQyTDBL = DOORBELLS + 2y·stride, CQyHDBL = DOORBELLS + (2y+1)·stride. */
+  DOORBELLS: 0x1000,
+} as const;
+
+/** CAP field positions (bit offsets inside the 64-bit register). */
+export const Cap = {
+  MQES_SHIFT: 0,
+  CQR_SHIFT: 16,
+  AMS_SHIFT: 17,
+  TO_SHIFT: 24,
+  DSTRD_SHIFT: 32,
+  NSSRS_SHIFT: 36,
+  CSS_SHIFT: 37,
+  MPSMIN_SHIFT: 48,
+  MPSMAX_SHIFT: 52,
+  /** CSS bit 0: the NVM command set. */
+  CSS_NVM: 0x01,
+} as const;
+
+export const CC = {
+  EN: 0x1,
+  CSS_SHIFT: 4,
+  CSS_MASK: 0x7,
+  MPS_SHIFT: 7,
+  MPS_MASK: 0xf,
+  AMS_SHIFT: 11,
+  AMS_MASK: 0x7,
+  SHN_SHIFT: 14,
+  SHN_MASK: 0x3,
+  IOSQES_SHIFT: 16,
+  IOCQES_SHIFT: 20,
+  ES_MASK: 0xf,
+  /** Bits a host may set (everything else reads back as zero). */
+  WRITABLE: 0x00ff_fff1,
+  CSS_NVM: 0,
+  AMS_ROUND_ROBIN: 0,
+  SHN_NONE: 0,
+} as const;
+
+export const CSTS = {
+  RDY: 0x1,
+  CFS: 0x2,
+  SHST_SHIFT: 2,
+  SHST_MASK: 0x3 << 2,
+  SHST_NORMAL: 0,
+  SHST_OCCURRING: 1,
+  SHST_COMPLETE: 2,
+} as const;
+
+export const AQA = { ASQS_MASK: 0xfff, ACQS_SHIFT: 16, ACQS_MASK: 0xfff } as const;
+
+/** log2 of the only queue entry sizes we accept (Base §3.3.3.1 / §3.3.3.2): 64-byte SQE, 16-byte CQE. */
+export const SQE_SIZE_LOG2 = 6;
+export const CQE_SIZE_LOG2 = 4;
+export const SQE_SIZE = 1 << SQE_SIZE_LOG2;
+export const CQE_SIZE = 1 << CQE_SIZE_LOG2;
+
+/** Version register value 1.4.0 (Base §3.1.4.2 layout: major 31:16, minor 15:8, tertiary 7:0). */
+export const NVME_VERSION_1_4 = 0x0001_0400;
+
+// ---- Submission queue entry layout (Base §4.2, "Submission Queue Entry") ----------------------
+
+export const Sqe = {
+  OPCODE: 0,
+  FLAGS: 1,
+  CID: 2,
+  NSID: 4,
+  CDW2: 8,
+  CDW3: 12,
+  MPTR: 16,
+  PRP1: 24,
+  PRP2: 32,
+  /** SGL1 occupies the same 16 bytes as PRP1+PRP2. */
+  SGL1: 24,
+  CDW10: 40,
+  CDW11: 44,
+  CDW12: 48,
+  CDW13: 52,
+  CDW14: 56,
+  CDW15: 60,
+  /** FLAGS bits 7:6: PRP or SGL for data transfer. */
+  PSDT_SHIFT: 6,
+  PSDT_MASK: 0x3,
+  FUSE_MASK: 0x3,
+} as const;
+
+export const Psdt = { PRP: 0, SGL_MPTR_CONTIGUOUS: 1, SGL_MPTR_SGL: 2 } as const;
+
+export const NSID_BROADCAST = 0xffff_ffff;
+
+// ---- Opcodes (Base §5 Figure 28 "Admin commands"; NVM-CS §3 Figure 16 "I/O commands") --------
+
+export const AdminOpcode = {
+  DELETE_IO_SQ: 0x00,
+  CREATE_IO_SQ: 0x01,
+  GET_LOG_PAGE: 0x02,
+  DELETE_IO_CQ: 0x04,
+  CREATE_IO_CQ: 0x05,
+  IDENTIFY: 0x06,
+  ABORT: 0x08,
+  SET_FEATURES: 0x09,
+  GET_FEATURES: 0x0a,
+  ASYNC_EVENT_REQUEST: 0x0c,
+  KEEP_ALIVE: 0x18,
+  DOORBELL_BUFFER_CONFIG: 0x7c,
+  FORMAT_NVM: 0x80,
+} as const;
+
+export const NvmOpcode = {
+  FLUSH: 0x00,
+  WRITE: 0x01,
+  READ: 0x02,
+  COMPARE: 0x05,
+  WRITE_ZEROES: 0x08,
+  DATASET_MANAGEMENT: 0x09,
+  VERIFY: 0x0c,
+} as const;
+
+// ---- Completion status (Base §4.6.1.2 "Status Code Type" and Figures 101–104) -----------------
+
+export const StatusCodeType = { GENERIC: 0, COMMAND_SPECIFIC: 1, MEDIA: 2, PATH: 3 } as const;
+
+/** Builds the 15-bit Status field (CQE DW3 bits 31:17): DNR 14, M 13, CRD 12:11, SCT 10:8, SC 7:0. */
+const status = (sct: number, sc: number, dnr = true): number => ((dnr ? 1 : 0) << 14) | (sct << 8) | sc;
+
+export const Status = {
+  SUCCESS: 0,
+  // Generic command status
+  INVALID_OPCODE: status(0, 0x01),
+  INVALID_FIELD: status(0, 0x02),
+  COMMAND_ID_CONFLICT: status(0, 0x03),
+  DATA_TRANSFER_ERROR: status(0, 0x04, false),
+  INTERNAL_ERROR: status(0, 0x06, false),
+  ABORT_REQUESTED: status(0, 0x07),
+  ABORTED_SQ_DELETION: status(0, 0x08),
+  INVALID_NAMESPACE: status(0, 0x0b),
+  COMMAND_SEQUENCE_ERROR: status(0, 0x0c),
+  INVALID_SGL_SEGMENT_DESCRIPTOR: status(0, 0x0d),
+  INVALID_SGL_DESCRIPTOR_COUNT: status(0, 0x0e),
+  DATA_SGL_LENGTH_INVALID: status(0, 0x0f),
+  SGL_DESCRIPTOR_TYPE_INVALID: status(0, 0x11),
+  PRP_OFFSET_INVALID: status(0, 0x13),
+  LBA_OUT_OF_RANGE: status(0, 0x80),
+  CAPACITY_EXCEEDED: status(0, 0x81),
+  NAMESPACE_NOT_READY: status(0, 0x82, false),
+  FORMAT_IN_PROGRESS: status(0, 0x84, false),
+  // Command specific status
+  COMPLETION_QUEUE_INVALID: status(1, 0x00),
+  INVALID_QUEUE_IDENTIFIER: status(1, 0x01),
+  INVALID_QUEUE_SIZE: status(1, 0x02),
+  ABORT_COMMAND_LIMIT_EXCEEDED: status(1, 0x03),
+  ASYNC_EVENT_REQUEST_LIMIT_EXCEEDED: status(1, 0x05),
+  INVALID_INTERRUPT_VECTOR: status(1, 0x08),
+  INVALID_LOG_PAGE: status(1, 0x09),
+  INVALID_FORMAT: status(1, 0x0a),
+  INVALID_QUEUE_DELETION: status(1, 0x0c),
+  FEATURE_NOT_SAVEABLE: status(1, 0x0d),
+  FEATURE_NOT_CHANGEABLE: status(1, 0x0e),
+  // Media and data integrity errors
+  WRITE_FAULT: status(2, 0x80, false),
+  UNRECOVERED_READ_ERROR: status(2, 0x81, false),
+  COMPARE_FAILURE: status(2, 0x85),
+} as const;
+
+export const statusName = (value: number): string => {
+  for (const [name, v] of Object.entries(Status)) if (v === value) return name;
+  return `SCT ${(value >> 8) & 7} SC 0x${(value & 0xff).toString(16)}`;
+};
+
+/** Status without the DNR/More bits: what "is this the same error" compares. */
+export const statusCode = (value: number): number => value & 0x7ff;
+
+// ---- Identify (Base §5.17, Figure 273 "CNS values") ------------------------------------------
+
+export const Cns = {
+  NAMESPACE: 0x00,
+  CONTROLLER: 0x01,
+  ACTIVE_NAMESPACES: 0x02,
+  NAMESPACE_DESCRIPTORS: 0x03,
+  CSI_NAMESPACE: 0x05,
+  CSI_CONTROLLER: 0x06,
+  CSI_ACTIVE_NAMESPACES: 0x07,
+  CSI_INDEPENDENT_NAMESPACE: 0x08,
+  IO_COMMAND_SET: 0x1c,
+} as const;
+
+/** Command Set Identifiers (Base §5.17.2.1 / Figure 286). */
+export const Csi = { NVM: 0x00 } as const;
+
+/** Namespace Identification Descriptor types (Base §5.17.2.3, Figure 291). */
+export const NsIdType = { EUI64: 1, NGUID: 2, UUID: 3, CSI: 4 } as const;
+
+export const IDENTIFY_SIZE = 4096;
+
+// ---- Features (Base §5.27.1, Figure 316 "Feature Identifiers") -------------------------------
+
+export const FeatureId = {
+  ARBITRATION: 0x01,
+  POWER_MANAGEMENT: 0x02,
+  TEMPERATURE_THRESHOLD: 0x04,
+  ERROR_RECOVERY: 0x05,
+  VOLATILE_WRITE_CACHE: 0x06,
+  NUMBER_OF_QUEUES: 0x07,
+  INTERRUPT_COALESCING: 0x08,
+  INTERRUPT_VECTOR_CONFIG: 0x09,
+  WRITE_ATOMICITY: 0x0a,
+  ASYNC_EVENT_CONFIG: 0x0b,
+  TIMESTAMP: 0x0e,
+  KEEP_ALIVE_TIMER: 0x0f,
+  HOST_BEHAVIOR_SUPPORT: 0x16,
+} as const;
+
+/** Get Features Select field (Base §5.15, Figure 195). */
+export const FeatureSelect = { CURRENT: 0, DEFAULT: 1, SAVED: 2, SUPPORTED_CAPABILITIES: 3 } as const;
+
+// ---- Log pages (Base §5.16.1, Figure 202 "Log Page Identifiers") -----------------------------
+
+export const LogId = {
+  ERROR_INFORMATION: 0x01,
+  SMART_HEALTH: 0x02,
+  FIRMWARE_SLOT: 0x03,
+  CHANGED_NAMESPACES: 0x04,
+  COMMANDS_SUPPORTED_AND_EFFECTS: 0x05,
+} as const;
+
+// ---- Asynchronous events (Base §5.2, Figures 146–150) ----------------------------------------
+
+export const AsyncEventType = { ERROR: 0, SMART_HEALTH: 1, NOTICE: 2 } as const;
+
+export const AsyncEventInfo = {
+  /** Error: a doorbell was written for a queue that does not exist. */
+  INVALID_DOORBELL_REGISTER: 0x00,
+  /** Error: a doorbell value outside the queue, or a CQ head past what was posted. */
+  INVALID_DOORBELL_VALUE: 0x01,
+  /** Notice: Changed Namespace List log has new entries. */
+  NAMESPACE_ATTRIBUTE_CHANGED: 0x00,
+} as const;
+
+/** Asynchronous Event Configuration feature bits (Base §5.27.1.7). */
+export const AsyncEventConfig = { SMART_CRITICAL_WARNINGS: 0xff, NAMESPACE_ATTRIBUTE_NOTICES: 1 << 8 } as const;
+
+// ---- SGL descriptors (Base §4.3.2, Figure 117 "SGL Descriptor Types") ------------------------
+
+export const SglType = { DATA_BLOCK: 0x0, BIT_BUCKET: 0x1, SEGMENT: 0x2, LAST_SEGMENT: 0x3, KEYED_DATA_BLOCK: 0x4 } as const;
+export const SGL_DESCRIPTOR_SIZE = 16;
+/** Descriptor subtype 0: the address field is a memory address (the only one PCIe uses). */
+export const SGL_SUBTYPE_ADDRESS = 0x0;
+
+// ---- Identify Controller capability bits (Base §5.17.2.1, Figure 275) -------------------------
+
+export const Oacs = { FORMAT_NVM: 1 << 1, DOORBELL_BUFFER_CONFIG: 1 << 8 } as const;
+export const Oncs = {
+  COMPARE: 1 << 0,
+  DATASET_MANAGEMENT: 1 << 2,
+  WRITE_ZEROES: 1 << 3,
+  SAVE_SELECT: 1 << 4,
+  TIMESTAMP: 1 << 6,
+  VERIFY: 1 << 7,
+} as const;
+export const Lpa = { COMMANDS_EFFECTS: 1 << 1, EXTENDED_DATA: 1 << 2 } as const;
+export const Oaes = { NAMESPACE_ATTRIBUTE_NOTICES: 1 << 8 } as const;
+/** SGLS: bits 1:0 = 01b "SGLs supported, no alignment requirement"; bit 18: SGL longer than data allowed. */
+export const Sgls = { SUPPORTED: 0x1, LONGER_THAN_DATA: 1 << 18 } as const;
+
+/** Commands Supported and Effects entry bits (Base §5.16.1.6, Figure 211). */
+export const CommandEffect = {
+  SUPPORTED: 1 << 0,
+  LBA_CONTENT_CHANGE: 1 << 1,
+  NAMESPACE_CAPABILITY_CHANGE: 1 << 2,
+  NAMESPACE_INVENTORY_CHANGE: 1 << 3,
+  /** CSE = 001b: no other command to the same namespace while this one runs. */
+  EXCLUSIVE_PER_NAMESPACE: 1 << 16,
+} as const;
+
+// ---- LBA formats we offer (NVM-CS §4.1.5.1 Identify Namespace LBAF) ---------------------------
+
+/** Index → log2(block size). Metadata size 0 for both. */
+export const LBA_FORMATS = [9, 12] as const;

@@ -1,0 +1,246 @@
+// Moving command data between the controller and its host. Handlers see one DataTransfer
+// interface; for commands from a submission queue it walks the PRPs or SGL of the SQE through the
+// guest's DmaSpace, for in-process callers it is a plain buffer. A bad pointer or descriptor
+// becomes a CommandError with the status the spec names for it.
+
+import { DmaError, type DmaSpace } from '../vfio-user/device.js';
+import { Psdt, SGL_DESCRIPTOR_SIZE, SGL_SUBTYPE_ADDRESS, SglType, Sqe, Status } from './spec.js';
+
+/** Completes the command with `status` (thrown by handlers and walkers, caught by the dispatcher). */
+export class CommandError extends Error {
+  constructor(
+    readonly status: number,
+    message = '',
+    /** Optional CQE DW0 to report with the failure. */
+    readonly dw0 = 0,
+  ) {
+    super(message);
+    this.name = 'CommandError';
+  }
+}
+
+export interface DataTransfer {
+  /** Copies `data` into the host's data buffer, from its start. */
+  toHost(data: Uint8Array): Promise<void>;
+  /** Reads the first `length` bytes of the host's data buffer. */
+  fromHost(length: number): Promise<Uint8Array>;
+}
+
+/** A guest-physical range. */
+export interface Segment {
+  addr: number;
+  length: number;
+}
+
+// ---- guest memory helpers ------------------------------------------------------------------------
+
+export async function guestRead(dma: DmaSpace, addr: number, length: number): Promise<Uint8Array> {
+  const view = dma.view(addr, length, false);
+  return view ? view.slice() : dma.read(addr, length);
+}
+
+export async function guestWrite(dma: DmaSpace, addr: number, data: Uint8Array): Promise<void> {
+  const view = dma.view(addr, data.length, true);
+  if (view) view.set(data);
+  else await dma.write(addr, data);
+}
+
+/** Runs a data-pointer access; a DMA failure is the command's Data Transfer Error. */
+async function dataAccess<T>(fn: () => Promise<T>): Promise<T> {
+  try {
+    return await fn();
+  } catch (err) {
+    if (err instanceof DmaError) throw new CommandError(Status.DATA_TRANSFER_ERROR, err.message);
+    throw err;
+  }
+}
+
+const u64 = (bytes: Uint8Array, at: number): number => {
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  return view.getUint32(at, true) + view.getUint32(at + 4, true) * 0x1_0000_0000;
+};
+
+function pushMerged(segments: Segment[], addr: number, length: number): void {
+  const last = segments[segments.length - 1];
+  if (last && last.addr + last.length === addr) last.length += length;
+  else segments.push({ addr, length });
+}
+
+// ---- PRP (Base §4.3.1 "Physical Region Page Entry and List") -------------------------------------
+
+export async function walkPrps(dma: DmaSpace, prp1: number, prp2: number, length: number, pageSize: number): Promise<Segment[]> {
+  const segments: Segment[] = [];
+  if (length === 0) return segments;
+  // The first entry may start anywhere dword-aligned inside a page; every later entry starts a page.
+  if (prp1 % 4 !== 0) throw new CommandError(Status.PRP_OFFSET_INVALID, 'PRP1 not dword aligned');
+  const first = Math.min(length, pageSize - (prp1 % pageSize));
+  pushMerged(segments, prp1, first);
+  let remaining = length - first;
+  if (remaining === 0) return segments;
+  if (remaining <= pageSize) {
+    if (prp2 % pageSize !== 0) throw new CommandError(Status.PRP_OFFSET_INVALID, 'PRP2 data pointer has an offset');
+    pushMerged(segments, prp2, remaining);
+    return segments;
+  }
+  // PRP2 points at a list; a list that does not fit its page chains through its last entry.
+  if (prp2 % 8 !== 0) throw new CommandError(Status.PRP_OFFSET_INVALID, 'PRP list pointer not qword aligned');
+  let list = prp2;
+  while (remaining > 0) {
+    const slots = (pageSize - (list % pageSize)) / 8;
+    const pagesLeft = Math.ceil(remaining / pageSize);
+    const chains = pagesLeft > slots;
+    const count = chains ? slots : pagesLeft;
+    const entries = await dataAccess(() => guestRead(dma, list, count * 8));
+    for (let i = 0; i < count; i++) {
+      const entry = u64(entries, i * 8);
+      if (chains && i === count - 1) {
+        if (entry % 8 !== 0) throw new CommandError(Status.PRP_OFFSET_INVALID, 'chained PRP list pointer not qword aligned');
+        list = entry;
+        break;
+      }
+      if (entry % pageSize !== 0) throw new CommandError(Status.PRP_OFFSET_INVALID, `PRP list entry ${i} has an offset`);
+      const n = Math.min(pageSize, remaining);
+      pushMerged(segments, entry, n);
+      remaining -= n;
+    }
+  }
+  return segments;
+}
+
+// ---- SGL (Base §4.3.2 "Scatter Gather List") ----------------------------------------------------
+
+/** Bounds the walk, so a segment chain that loops cannot spin forever. */
+const MAX_SGL_DESCRIPTORS = 1 << 16;
+
+interface Descriptor {
+  addr: number;
+  length: number;
+  type: number;
+  subtype: number;
+}
+
+function descriptor(bytes: Uint8Array, at: number): Descriptor {
+  const view = new DataView(bytes.buffer, bytes.byteOffset + at, SGL_DESCRIPTOR_SIZE);
+  const id = view.getUint8(15);
+  return { addr: u64(bytes, at), length: view.getUint32(8, true), type: id >> 4, subtype: id & 0xf };
+}
+
+export async function walkSgl(dma: DmaSpace, sgl1: Uint8Array, length: number): Promise<Segment[]> {
+  const segments: Segment[] = [];
+  let total = 0;
+  let seen = 0;
+  const takeData = (d: Descriptor): void => {
+    if (d.type !== SglType.DATA_BLOCK || d.subtype !== SGL_SUBTYPE_ADDRESS) {
+      throw new CommandError(Status.SGL_DESCRIPTOR_TYPE_INVALID, `SGL descriptor type ${d.type}/${d.subtype}`);
+    }
+    const n = Math.min(d.length, length - total);
+    if (n > 0) pushMerged(segments, d.addr, n);
+    total += n;
+  };
+  let current = descriptor(sgl1, 0);
+  // `current` is either a data block (the whole SGL) or points at the next segment.
+  for (;;) {
+    if (total >= length) break;
+    if (current.type === SglType.DATA_BLOCK) {
+      takeData(current);
+      break;
+    }
+    if (current.type !== SglType.SEGMENT && current.type !== SglType.LAST_SEGMENT) {
+      throw new CommandError(Status.SGL_DESCRIPTOR_TYPE_INVALID, `SGL descriptor type ${current.type}`);
+    }
+    if (current.subtype !== SGL_SUBTYPE_ADDRESS) throw new CommandError(Status.SGL_DESCRIPTOR_TYPE_INVALID, `SGL segment subtype ${current.subtype}`);
+    if (current.length === 0 || current.length % SGL_DESCRIPTOR_SIZE !== 0) {
+      throw new CommandError(Status.INVALID_SGL_SEGMENT_DESCRIPTOR, `SGL segment length ${current.length}`);
+    }
+    const count = current.length / SGL_DESCRIPTOR_SIZE;
+    seen += count;
+    if (seen > MAX_SGL_DESCRIPTORS) throw new CommandError(Status.INVALID_SGL_DESCRIPTOR_COUNT, 'SGL too long');
+    const isLast = current.type === SglType.LAST_SEGMENT;
+    const at = current.addr;
+    const bytes = await dataAccess(() => guestRead(dma, at, current.length));
+    let next: Descriptor | null = null;
+    for (let i = 0; i < count && total < length; i++) {
+      const d = descriptor(bytes, i * SGL_DESCRIPTOR_SIZE);
+      if (d.type === SglType.SEGMENT || d.type === SglType.LAST_SEGMENT) {
+        // Only the final descriptor of a non-last segment may point onwards.
+        if (isLast || i !== count - 1) throw new CommandError(Status.INVALID_SGL_SEGMENT_DESCRIPTOR, 'misplaced SGL segment descriptor');
+        next = d;
+        break;
+      }
+      takeData(d);
+    }
+    if (total >= length) break;
+    if (!next) break;
+    current = next;
+  }
+  if (total < length) throw new CommandError(Status.DATA_SGL_LENGTH_INVALID, `SGL describes ${total} of ${length} bytes`);
+  return segments;
+}
+
+// ---- transfers ----------------------------------------------------------------------------------
+
+export interface GuestTransferOptions {
+  dma: DmaSpace;
+  sqe: Uint8Array;
+  pageSize: number;
+  /** SGLs are for I/O commands only; admin commands over PCIe use PRPs. */
+  allowSgl: boolean;
+  /** Throws when the command must no longer touch guest memory (controller reset meanwhile). */
+  guard: () => void;
+}
+
+/** The data pointer of a queued command, resolved on first use. */
+export class GuestDataTransfer implements DataTransfer {
+  constructor(private readonly options: GuestTransferOptions) {}
+
+  async toHost(data: Uint8Array): Promise<void> {
+    const segments = await this.segments(data.length);
+    this.options.guard();
+    let done = 0;
+    for (const s of segments) {
+      const chunk = data.subarray(done, done + s.length);
+      await dataAccess(() => guestWrite(this.options.dma, s.addr, chunk));
+      done += s.length;
+    }
+  }
+
+  async fromHost(length: number): Promise<Uint8Array> {
+    const segments = await this.segments(length);
+    this.options.guard();
+    if (segments.length === 1) return dataAccess(() => guestRead(this.options.dma, segments[0]!.addr, length));
+    const out = new Uint8Array(length);
+    let done = 0;
+    for (const s of segments) {
+      out.set(await dataAccess(() => guestRead(this.options.dma, s.addr, s.length)), done);
+      done += s.length;
+    }
+    return out;
+  }
+
+  private segments(length: number): Promise<Segment[]> {
+    const { dma, sqe, pageSize, allowSgl } = this.options;
+    const psdt = (sqe[Sqe.FLAGS]! >> Sqe.PSDT_SHIFT) & Sqe.PSDT_MASK;
+    if (psdt === Psdt.PRP) return walkPrps(dma, u64(sqe, Sqe.PRP1), u64(sqe, Sqe.PRP2), length, pageSize);
+    if (!allowSgl || psdt === 3) return Promise.reject(new CommandError(Status.INVALID_FIELD, `PSDT ${psdt} not allowed here`));
+    return walkSgl(dma, sqe.subarray(Sqe.SGL1, Sqe.SGL1 + SGL_DESCRIPTOR_SIZE), length);
+  }
+}
+
+/** For in-process callers: data in is a buffer, data out is collected. */
+export class BufferDataTransfer implements DataTransfer {
+  output: Uint8Array | undefined;
+
+  constructor(private readonly input?: Uint8Array) {}
+
+  async toHost(data: Uint8Array): Promise<void> {
+    this.output = data.slice();
+  }
+
+  async fromHost(length: number): Promise<Uint8Array> {
+    if (length === 0) return new Uint8Array(0);
+    if (!this.input || this.input.length < length) {
+      throw new CommandError(Status.DATA_SGL_LENGTH_INVALID, `command needs ${length} bytes of data, caller gave ${this.input?.length ?? 0}`);
+    }
+    return this.input.slice(0, length);
+  }
+}

@@ -1,0 +1,266 @@
+import { describe, it, expect, beforeEach, afterEach } from 'vitest';
+import { mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { native, type Connection, type Listener, type NativeError } from '../../src/native.js';
+
+const openFdCount = (): number => readdirSync('/proc/self/fd').length;
+
+function errorOf(fn: () => unknown): NativeError {
+  try {
+    fn();
+  } catch (err) {
+    return err as NativeError;
+  }
+  throw new Error('expected an exception');
+}
+
+interface Received {
+  data: Buffer;
+  fds: number[];
+}
+
+/** Collects a server-side connection's input; resolves when `bytes` have arrived. */
+function collect(conn: Connection) {
+  const chunks: Received[] = [];
+  let closed: { code: string | null } | undefined;
+  const waiters: Array<() => void> = [];
+  const wake = () => waiters.splice(0).forEach((w) => w());
+  conn.start(
+    (data, fds) => {
+      chunks.push({ data, fds });
+      wake();
+    },
+    (code) => {
+      closed = { code };
+      wake();
+    },
+  );
+  const total = () => chunks.reduce((n, c) => n + c.data.length, 0);
+  return {
+    chunks,
+    closed: () => closed,
+    async waitFor(pred: () => boolean, timeoutMs = 5000): Promise<void> {
+      const deadline = Date.now() + timeoutMs;
+      while (!pred()) {
+        if (Date.now() > deadline) throw new Error('timeout');
+        await new Promise<void>((resolve) => {
+          waiters.push(resolve);
+          setTimeout(resolve, 50);
+        });
+      }
+    },
+    total,
+  };
+}
+
+describe('native addon', () => {
+  let dir: string;
+  let sockPath: string;
+  let listener: Listener | undefined;
+  const accepted: Connection[] = [];
+
+  beforeEach(() => {
+    dir = mkdtempSync(join(tmpdir(), 'vfio-native-'));
+    sockPath = join(dir, 'sock');
+  });
+  afterEach(() => {
+    listener?.close();
+    listener = undefined;
+    accepted.splice(0).forEach((c) => c.close());
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  async function listenAndConnect(): Promise<{ client: Connection; server: Connection }> {
+    let resolveServer!: (c: Connection) => void;
+    const serverP = new Promise<Connection>((r) => (resolveServer = r));
+    listener = new native.Listener(sockPath, (c) => {
+      accepted.push(c);
+      resolveServer(c);
+    });
+    const client = native.connect(sockPath);
+    accepted.push(client);
+    const server = await serverP;
+    expect(server).toBeInstanceOf(native.Connection);
+    return { client, server };
+  }
+
+  it('passes data and fds; received fds refer to the same memfd', async () => {
+    const { client, server } = await listenAndConnect();
+    const page = native.pageSize();
+    const a = native.memfdCreate('a', page);
+    const b = native.memfdCreate('b', 2 * page);
+    const rx = collect(server);
+    client.send(Buffer.from('hello'), [a, b]);
+    await rx.waitFor(() => rx.total() === 5);
+    expect(Buffer.concat(rx.chunks.map((c) => c.data)).toString()).toBe('hello');
+    const fds = rx.chunks.flatMap((c) => c.fds);
+    expect(fds).toHaveLength(2);
+    expect(fds).not.toContain(a);
+    expect(native.fdSize(fds[0]!)).toBe(page);
+    expect(native.fdSize(fds[1]!)).toBe(2 * page);
+
+    const mine = native.mmap(b, BigInt(page), page, true);
+    const theirs = native.mmap(fds[1]!, BigInt(page), page, false);
+    new Uint8Array(mine).set([1, 2, 3, 4], 100);
+    expect([...new Uint8Array(theirs, 100, 4)]).toEqual([1, 2, 3, 4]);
+    native.munmap(mine);
+    native.munmap(theirs);
+    for (const fd of [a, b, ...fds]) native.closeFd(fd);
+  });
+
+  it('delivers a 2 MiB message completely, in order, across chunks', async () => {
+    const { client, server } = await listenAndConnect();
+    const big = Buffer.alloc(2 * 1024 * 1024);
+    for (let i = 0; i < big.length; i++) big[i] = (i * 7 + (i >> 11)) & 0xff;
+    const rx = collect(server);
+    client.send(big);
+    client.send(Buffer.from('tail'));
+    expect(client.pendingWriteBytes()).toBeGreaterThan(0); // socket buffer is smaller than 2 MiB
+    await rx.waitFor(() => rx.total() === big.length + 4);
+    expect(rx.chunks.length).toBeGreaterThan(1);
+    expect(Buffer.concat(rx.chunks.map((c) => c.data)).equals(Buffer.concat([big, Buffer.from('tail')]))).toBe(true);
+    expect(client.pendingWriteBytes()).toBe(0);
+  });
+
+  it('queued fds still arrive with their message', async () => {
+    const { client, server } = await listenAndConnect();
+    const big = Buffer.alloc(1024 * 1024, 0xab);
+    const memfd = native.memfdCreate('q', 4096);
+    client.send(big); // fills the socket buffer, so the next send is queued
+    client.send(Buffer.from('X'), [memfd]);
+    native.closeFd(memfd); // the caller keeps ownership; the queue holds a dup
+    const rx = collect(server);
+    await rx.waitFor(() => rx.total() === big.length + 1);
+    const withFds = rx.chunks.filter((c) => c.fds.length > 0);
+    expect(withFds).toHaveLength(1);
+    // The kernel may glue earlier bytes in front of the fd-carrying message in
+    // one recvmsg, but never bytes after it: fds belong to the last message
+    // that starts in their chunk.
+    expect(withFds[0]!.data.at(-1)).toBe('X'.charCodeAt(0));
+    expect(native.fdSize(withFds[0]!.fds[0]!)).toBe(4096);
+    native.closeFd(withFds[0]!.fds[0]!);
+  });
+
+  it('reports EOF with onClose(null) and then closes the socket', async () => {
+    const { client, server } = await listenAndConnect();
+    const rx = collect(server);
+    client.close();
+    client.close(); // idempotent
+    expect(client.fd).toBe(-1);
+    await rx.waitFor(() => rx.closed() !== undefined);
+    expect(rx.closed()).toEqual({ code: null });
+    expect(server.fd).toBe(-1);
+    expect(errorOf(() => server.send(Buffer.from('x'))).code).toBe('EBADF');
+  });
+
+  it('reports a send to a closed peer through onClose', async () => {
+    const { client, server } = await listenAndConnect();
+    let closedWith: string | null | undefined;
+    client.start(
+      () => {},
+      (code) => (closedWith = code),
+    );
+    server.close();
+    client.send(Buffer.from('x'));
+    await new Promise((r) => setTimeout(r, 50));
+    expect(closedWith === null || closedWith === 'EPIPE' || closedWith === 'ECONNRESET').toBe(true);
+  });
+
+  it('errors carry errno codes', () => {
+    const e = errorOf(() => native.connect(join(dir, 'missing')));
+    expect(e).toBeInstanceOf(Error);
+    expect(e.code).toBe('ENOENT');
+    expect(e.message).toContain('connect');
+    expect(e.message).toContain(join(dir, 'missing'));
+
+    listener = new native.Listener(sockPath, () => {});
+    const e2 = errorOf(() => new native.Listener(sockPath, () => {}));
+    expect(e2.code).toBe('EADDRINUSE');
+    expect(e2.message).toContain('bind');
+
+    expect(errorOf(() => native.closeFd(-1))).toBeInstanceOf(RangeError);
+    expect(errorOf(() => native.fdSize('3' as unknown as number))).toBeInstanceOf(TypeError);
+    expect(errorOf(() => native.fdSize(999999)).code).toBe('EBADF');
+    expect(errorOf(() => new (native.Connection as unknown as new () => unknown)())).toBeInstanceOf(TypeError);
+  });
+
+  it('mmap/munmap detaches views; double munmap is EINVAL', () => {
+    const page = native.pageSize();
+    const fd = native.memfdCreate('m', 2 * page);
+    const buf = native.mmap(fd, 0n, 2 * page, true);
+    const view = new Uint8Array(buf);
+    view[0] = 42;
+    expect(view.length).toBe(2 * page);
+    native.munmap(buf);
+    expect(view.length).toBe(0);
+    expect(buf.byteLength).toBe(0);
+    expect(errorOf(() => native.munmap(buf)).code).toBe('EINVAL');
+    expect(errorOf(() => native.munmap(new ArrayBuffer(8))).code).toBe('EINVAL');
+    expect(errorOf(() => native.mmap(fd, 1n, page, true)).code).toBe('EINVAL');
+    expect(errorOf(() => native.mmap(fd, 0n, 0, true)).code).toBe('EINVAL');
+    expect(errorOf(() => native.mmap(fd, 0n, -1, true)).code).toBe('EINVAL');
+    // Data written through the first mapping is visible through a new one.
+    const again = native.mmap(fd, 0n, page, false);
+    expect(new Uint8Array(again)[0]).toBe(42);
+    native.munmap(again);
+    native.closeFd(fd);
+  });
+
+  it('eventfd write/read/EAGAIN', () => {
+    const fd = native.eventfd();
+    expect(native.eventfdRead(fd)).toBe(0n);
+    native.eventfdWrite(fd);
+    native.eventfdWrite(fd, 5n);
+    expect(native.eventfdRead(fd)).toBe(6n);
+    expect(native.eventfdRead(fd)).toBe(0n);
+    native.eventfdWrite(fd, 0xfffffffffffffffen); // the maximum counter value
+    expect(errorOf(() => native.eventfdWrite(fd, 1n)).code).toBe('EAGAIN');
+    native.closeFd(fd);
+    expect(native.eventfdRead(native.eventfd(3))).toBe(3n); // leaks one fd, fine in a test
+  });
+
+  it('watchFd fires when an eventfd is written', async () => {
+    const fd = native.eventfd();
+    let fired = 0;
+    const w = native.watchFd(fd, () => {
+      fired++;
+      native.eventfdRead(fd);
+    });
+    native.eventfdWrite(fd);
+    await new Promise((r) => setTimeout(r, 20));
+    expect(fired).toBe(1);
+    w.close();
+    w.close();
+    native.eventfdWrite(fd);
+    await new Promise((r) => setTimeout(r, 20));
+    expect(fired).toBe(1);
+    native.closeFd(fd);
+  });
+
+  it('does not leak fds over 1000 connect/close cycles', async () => {
+    listener = new native.Listener(sockPath, (c) => {
+      c.start(
+        (_data, fds) => fds.forEach((fd) => native.closeFd(fd)),
+        () => {},
+      );
+    });
+    const cycle = () => {
+      const c = native.connect(sockPath);
+      const fd = native.memfdCreate('leak', 4096);
+      c.send(Buffer.from('x'), [fd]);
+      native.closeFd(fd);
+      c.close();
+    };
+    cycle();
+    await new Promise((r) => setTimeout(r, 20));
+    const before = openFdCount();
+    for (let i = 0; i < 1000; i++) {
+      cycle();
+      // connect() blocks while the backlog (4) is full, so let the listener accept.
+      await new Promise((r) => setImmediate(r));
+    }
+    await new Promise((r) => setTimeout(r, 100));
+    expect(openFdCount()).toBe(before);
+  });
+});
