@@ -2,7 +2,8 @@
 // The `nvme-vfio-user` command. Bad arguments get one line on stderr and exit code 2; SIGTERM and
 // SIGINT stop the server, remove its socket and exit 0.
 
-import { readFileSync } from 'node:fs';
+import { mkdirSync, readFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
@@ -16,6 +17,7 @@ export class UsageError extends Error {}
 const DEVICES = ['scratch'] as const;
 type DeviceKind = (typeof DEVICES)[number];
 const LOG_LEVELS: LogLevel[] = ['debug', 'info', 'warn', 'error', 'silent'];
+const DEFAULT_SOCKET = join(tmpdir(), 'nvme-vfio-user', 'ctrl0.sock');
 
 const HELP = `Usage: nvme-vfio-user <command> [options]
 
@@ -25,8 +27,9 @@ Commands:
   version          Print the version.
 
 serve options:
-  --socket PATH    Unix socket to listen on (required). A stale socket file
-                   left by a dead server is replaced; a live one is an error.
+  --socket PATH    Unix socket to listen on (default: ${DEFAULT_SOCKET}).
+                   Also --socket-path. A stale socket file left by a dead
+                   server is replaced; a live one is an error.
   --device KIND    Device to serve: ${DEVICES.join(', ')} (default: scratch).
                    scratch: a minimal PCI function (BAR0 registers + MSI-X)
                    that proves the QEMU plumbing.
@@ -35,7 +38,7 @@ serve options:
   -h, --help       Show this help.
 
 Attach to QEMU (>= 10.1) with fd-backed shared guest RAM:
-  qemu-system-x86_64 -machine q35,memory-backend=mem \\
+  qemu-system-x86_64 -machine q35,memory-backend=mem -m 1G \\
     -object memory-backend-memfd,id=mem,size=1G,share=on \\
     -device '{"driver":"vfio-user-pci","socket":{"path":"PATH","type":"unix"}}'
 `;
@@ -56,6 +59,7 @@ export function parseServe(args: string[]): ServeOptions | 'help' {
       allowPositionals: false,
       options: {
         socket: { type: 'string' },
+        'socket-path': { type: 'string' },
         device: { type: 'string', default: 'scratch' },
         'write-multiple': { type: 'boolean', default: false },
         'log-level': { type: 'string', default: 'info' },
@@ -67,7 +71,11 @@ export function parseServe(args: string[]): ServeOptions | 'help' {
   }
   const { values } = parsed;
   if (values.help) return 'help';
-  if (!values.socket) throw new UsageError('serve: --socket PATH is required');
+  if (values.socket !== undefined && values['socket-path'] !== undefined) {
+    throw new UsageError('serve: give --socket or --socket-path, not both');
+  }
+  const socket = values.socket ?? values['socket-path'] ?? DEFAULT_SOCKET;
+  if (socket === '') throw new UsageError('serve: --socket needs a path');
   if (!DEVICES.includes(values.device as DeviceKind)) {
     throw new UsageError(`serve: unknown --device '${values.device}' (expected one of: ${DEVICES.join(', ')})`);
   }
@@ -75,7 +83,7 @@ export function parseServe(args: string[]): ServeOptions | 'help' {
     throw new UsageError(`serve: unknown --log-level '${values['log-level']}' (expected one of: ${LOG_LEVELS.join(', ')})`);
   }
   return {
-    socket: resolve(values.socket),
+    socket: resolve(socket),
     device: values.device as DeviceKind,
     writeMultiple: values['write-multiple'] ?? false,
     logLevel: values['log-level'] as LogLevel,
@@ -91,6 +99,7 @@ function createDevice(kind: DeviceKind): VfioDevice {
 
 function serve(options: ServeOptions): void {
   const log = createLogger(options.logLevel);
+  mkdirSync(dirname(options.socket), { recursive: true });
   const server = new VfioUserServer({
     socketPath: options.socket,
     device: createDevice(options.device),
@@ -105,6 +114,7 @@ function serve(options: ServeOptions): void {
   }
   // A line on stdout once the socket accepts clients: scripts wait for it before starting QEMU.
   process.stdout.write(`listening on ${options.socket}\n`);
+  process.stdout.write(attachHint(options.socket));
   const stop = (signal: string): void => {
     log.info(`${signal}: shutting down`);
     server.stop();
@@ -112,6 +122,18 @@ function serve(options: ServeOptions): void {
   };
   process.on('SIGTERM', () => stop('SIGTERM'));
   process.on('SIGINT', () => stop('SIGINT'));
+}
+
+/** The QEMU options that attach this server (guest RAM must be fd-backed and shared). */
+export function attachHint(socket: string): string {
+  const device = JSON.stringify({ driver: 'vfio-user-pci', socket: { path: socket, type: 'unix' } });
+  return [
+    'attach it with QEMU >= 10.1 (add your own disk/kernel options):',
+    '  qemu-system-x86_64 -machine q35,memory-backend=mem -m 1G \\',
+    '    -object memory-backend-memfd,id=mem,size=1G,share=on \\',
+    `    -device '${device}'`,
+    '',
+  ].join('\n');
 }
 
 function packageVersion(): string {
