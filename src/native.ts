@@ -115,6 +115,12 @@ export interface NativeAddon {
    * a Connection/Listener already polls.
    */
   watchFd(fd: number, onReadable: () => void): FdWatcher;
+
+  /**
+   * fallocate(PUNCH_HOLE | KEEP_SIZE) on the libuv threadpool: deallocates [offset, offset+length)
+   * of a regular file, which then reads as zeros. Rejects with `.code` (e.g. 'EOPNOTSUPP').
+   */
+  punchHole(fd: number, offset: number, length: number): Promise<void>;
 }
 
 const ADDON_RELATIVE_PATH = join('build', 'native', 'Release', 'vfio_native.node');

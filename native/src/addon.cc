@@ -167,6 +167,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("pageSize", Napi::Function::New(env, PageSize, "pageSize"));
   InitSocket(env, exports, data);
   InitMemory(env, exports, data);
+  InitFile(env, exports);
   return exports;
 }
 

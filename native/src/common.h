@@ -44,5 +44,6 @@ void ClosePoll(uv_poll_t* poll);
 
 void InitSocket(Napi::Env env, Napi::Object exports, AddonData* data);
 void InitMemory(Napi::Env env, Napi::Object exports, AddonData* data);
+void InitFile(Napi::Env env, Napi::Object exports);
 
 }  // namespace vfio

@@ -264,3 +264,29 @@ describe('native addon', () => {
     expect(openFdCount()).toBe(before);
   });
 });
+
+describe('punchHole', () => {
+  it('deallocates a range of a file, which then reads as zeros, without changing its size', async () => {
+    const { mkdtempSync, openSync, writeSync, readFileSync, statSync, closeSync, rmSync } = await import('node:fs');
+    const { join } = await import('node:path');
+    const { tmpdir } = await import('node:os');
+    const dir = mkdtempSync(join(tmpdir(), 'nvu-punch-'));
+    const path = join(dir, 'disk.img');
+    const fd = openSync(path, 'w+');
+    try {
+      writeSync(fd, Buffer.alloc(1 << 20, 0xab), 0, 1 << 20, 0);
+      const blocksBefore = statSync(path).blocks;
+      await native.punchHole(fd, 65536, 262144);
+      const data = readFileSync(path);
+      expect(data.length).toBe(1 << 20);
+      expect(data.subarray(65536, 65536 + 262144).every((b) => b === 0)).toBe(true);
+      expect(data[65535]).toBe(0xab);
+      expect(data[65536 + 262144]).toBe(0xab);
+      expect(statSync(path).blocks).toBeLessThan(blocksBefore);
+      await expect(native.punchHole(9999, 0, 4096)).rejects.toMatchObject({ code: 'EBADF' });
+    } finally {
+      closeSync(fd);
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
