@@ -3,39 +3,61 @@
 // SIGINT stop the server, remove its socket and exit 0.
 
 import { mkdirSync, readFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { createLogger, type LogLevel } from './log.js';
-import { ScratchDevice } from './pci/scratch-device.js';
-import type { VfioDevice } from './vfio-user/device.js';
-import { VfioUserServer } from './vfio-user/server.js';
+import {
+  checkDevice,
+  ConfigError,
+  DEFAULT_SOCKET,
+  defaults,
+  finalize,
+  loadConfigFile,
+  parseNamespaceSpec,
+  parsePositive,
+  type ServerConfig,
+} from './mgmt/config.js';
+import { startRuntime, type Runtime } from './mgmt/runtime.js';
 
 export class UsageError extends Error {}
 
-const DEVICES = ['scratch'] as const;
-type DeviceKind = (typeof DEVICES)[number];
 const LOG_LEVELS: LogLevel[] = ['debug', 'info', 'warn', 'error', 'silent'];
-const DEFAULT_SOCKET = join(tmpdir(), 'nvme-vfio-user', 'ctrl0.sock');
 
 const HELP = `Usage: nvme-vfio-user <command> [options]
 
 Commands:
-  serve            Serve a device on a vfio-user socket until SIGTERM/SIGINT.
+  serve            Serve an NVMe subsystem (or a test device) on vfio-user
+                   sockets until SIGTERM/SIGINT.
   help             Show this help.
   version          Print the version.
 
 serve options:
-  --socket PATH    Unix socket to listen on (default: ${DEFAULT_SOCKET}).
-                   Also --socket-path. A stale socket file left by a dead
-                   server is replaced; a live one is an error.
-  --device KIND    Device to serve: ${DEVICES.join(', ')} (default: scratch).
-                   scratch: a minimal PCI function (BAR0 registers + MSI-X)
-                   that proves the QEMU plumbing.
-  --write-multiple Offer REGION_WRITE_MULTI to clients that support it.
-  --log-level L    ${LOG_LEVELS.join(', ')} (default: info). Logs go to stderr.
-  -h, --help       Show this help.
+  --socket PATH       Unix socket of one controller; repeat for more
+                      controllers sharing the namespaces (default:
+                      ${DEFAULT_SOCKET}). Also --socket-path. A stale
+                      socket file left by a dead server is replaced; a live
+                      one is an error.
+  --namespace SPEC    A namespace; repeat for more. SPEC is
+                        file=PATH[,size=SIZE][,lbads=512|4096][,nsid=N]
+                        ram,size=SIZE[,lbads=512|4096][,nsid=N]
+                      A missing file is created sparse (size= required).
+                      SIZE takes K/M/G/T suffixes. Default: one 1 GiB RAM
+                      namespace.
+  --config FILE       JSON file with any of: device, sockets, namespaces
+                      (objects like {"file":"disk.img","size":"1G"} or SPEC
+                      strings), nqn, serial, model, ioQueues, queueEntries,
+                      mdts, writeMultiple. Flags given too take precedence.
+  --device KIND       nvme (default) or scratch (a minimal PCI function with
+                      BAR0 registers and MSI-X, for plumbing tests).
+  --io-queues N       I/O queue pairs per controller (default 8, max 64).
+  --queue-entries N   Entries per queue at most (default 1024).
+  --mdts N            Max data transfer = 2^N x 4 KiB (default 8: 1 MiB).
+  --nqn NQN, --serial S, --model M
+                      Subsystem identity shown by Identify Controller.
+  --write-multiple    Offer REGION_WRITE_MULTI to clients that support it.
+  --log-level L       ${LOG_LEVELS.join(', ')} (default: info). Logs go to stderr.
+  -h, --help          Show this help.
 
 Attach to QEMU (>= 10.1) with fd-backed shared guest RAM:
   qemu-system-x86_64 -machine q35,memory-backend=mem -m 1G \\
@@ -44,9 +66,7 @@ Attach to QEMU (>= 10.1) with fd-backed shared guest RAM:
 `;
 
 interface ServeOptions {
-  socket: string;
-  device: DeviceKind;
-  writeMultiple: boolean;
+  config: ServerConfig;
   logLevel: LogLevel;
 }
 
@@ -58,10 +78,18 @@ export function parseServe(args: string[]): ServeOptions | 'help' {
       strict: true,
       allowPositionals: false,
       options: {
-        socket: { type: 'string' },
-        'socket-path': { type: 'string' },
-        device: { type: 'string', default: 'scratch' },
-        'write-multiple': { type: 'boolean', default: false },
+        socket: { type: 'string', multiple: true },
+        'socket-path': { type: 'string', multiple: true },
+        namespace: { type: 'string', multiple: true },
+        config: { type: 'string' },
+        device: { type: 'string' },
+        'io-queues': { type: 'string' },
+        'queue-entries': { type: 'string' },
+        mdts: { type: 'string' },
+        nqn: { type: 'string' },
+        serial: { type: 'string' },
+        model: { type: 'string' },
+        'write-multiple': { type: 'boolean' },
         'log-level': { type: 'string', default: 'info' },
         help: { type: 'boolean', short: 'h', default: false },
       },
@@ -71,67 +99,68 @@ export function parseServe(args: string[]): ServeOptions | 'help' {
   }
   const { values } = parsed;
   if (values.help) return 'help';
-  if (values.socket !== undefined && values['socket-path'] !== undefined) {
-    throw new UsageError('serve: give --socket or --socket-path, not both');
-  }
-  const socket = values.socket ?? values['socket-path'] ?? DEFAULT_SOCKET;
-  if (socket === '') throw new UsageError('serve: --socket needs a path');
-  if (!DEVICES.includes(values.device as DeviceKind)) {
-    throw new UsageError(`serve: unknown --device '${values.device}' (expected one of: ${DEVICES.join(', ')})`);
-  }
   if (!LOG_LEVELS.includes(values['log-level'] as LogLevel)) {
     throw new UsageError(`serve: unknown --log-level '${values['log-level']}' (expected one of: ${LOG_LEVELS.join(', ')})`);
   }
-  return {
-    socket: resolve(socket),
-    device: values.device as DeviceKind,
-    writeMultiple: values['write-multiple'] ?? false,
-    logLevel: values['log-level'] as LogLevel,
-  };
-}
-
-function createDevice(kind: DeviceKind): VfioDevice {
-  switch (kind) {
-    case 'scratch':
-      return new ScratchDevice();
+  try {
+    const config: ServerConfig = { ...defaults(), ...(values.config ? loadConfigFile(values.config) : {}) };
+    const sockets = [...(values.socket ?? []), ...(values['socket-path'] ?? [])];
+    if (sockets.some((s) => s === '')) throw new ConfigError('--socket needs a path');
+    if (sockets.length > 0) config.sockets = sockets.map((s) => resolve(s));
+    if (values.namespace) config.namespaces = values.namespace.map((spec) => parseNamespaceSpec(spec));
+    if (values.device !== undefined) config.device = checkDevice(values.device);
+    if (values['io-queues'] !== undefined) config.ioQueues = parsePositive(values['io-queues'], '--io-queues');
+    if (values['queue-entries'] !== undefined) config.queueEntries = parsePositive(values['queue-entries'], '--queue-entries');
+    if (values.mdts !== undefined) config.mdts = parsePositive(values.mdts, '--mdts');
+    if (values.nqn !== undefined) config.nqn = values.nqn;
+    if (values.serial !== undefined) config.serial = values.serial;
+    if (values.model !== undefined) config.model = values.model;
+    if (values['write-multiple'] !== undefined) config.writeMultiple = values['write-multiple'];
+    return { config: finalize(config), logLevel: values['log-level'] as LogLevel };
+  } catch (error) {
+    if (error instanceof ConfigError) throw new UsageError(`serve: ${error.message}`);
+    throw error;
   }
 }
 
-function serve(options: ServeOptions): void {
+async function serve(options: ServeOptions): Promise<void> {
   const log = createLogger(options.logLevel);
-  mkdirSync(dirname(options.socket), { recursive: true });
-  const server = new VfioUserServer({
-    socketPath: options.socket,
-    device: createDevice(options.device),
-    log,
-    writeMultiple: options.writeMultiple,
-  });
+  for (const socket of options.config.sockets) mkdirSync(dirname(socket), { recursive: true });
+  let runtime: Runtime;
   try {
-    server.start();
+    runtime = await startRuntime(options.config, log);
   } catch (error) {
-    process.stderr.write(`nvme-vfio-user: cannot listen on ${options.socket}: ${(error as Error).message}\n`);
+    process.stderr.write(`nvme-vfio-user: cannot start: ${(error as Error).message}\n`);
     process.exit(1);
   }
-  // A line on stdout once the socket accepts clients: scripts wait for it before starting QEMU.
-  process.stdout.write(`listening on ${options.socket}\n`);
-  process.stdout.write(attachHint(options.socket));
+  // One line per socket on stdout once it accepts clients: scripts wait for it before starting QEMU.
+  for (const socket of options.config.sockets) process.stdout.write(`listening on ${socket}\n`);
+  process.stdout.write(attachHint(options.config.sockets));
+  let stopping = false;
   const stop = (signal: string): void => {
+    if (stopping) return;
+    stopping = true;
     log.info(`${signal}: shutting down`);
-    server.stop();
-    process.exit(0);
+    runtime.stop().then(
+      () => process.exit(0),
+      (error: Error) => {
+        log.error(`shutdown: ${error.message}`);
+        process.exit(1);
+      },
+    );
   };
   process.on('SIGTERM', () => stop('SIGTERM'));
   process.on('SIGINT', () => stop('SIGINT'));
 }
 
 /** The QEMU options that attach this server (guest RAM must be fd-backed and shared). */
-export function attachHint(socket: string): string {
-  const device = JSON.stringify({ driver: 'vfio-user-pci', socket: { path: socket, type: 'unix' } });
+export function attachHint(sockets: readonly string[]): string {
+  const devices = sockets.map((path) => `    -device '${JSON.stringify({ driver: 'vfio-user-pci', socket: { path, type: 'unix' } })}'`);
   return [
-    'attach it with QEMU >= 10.1 (add your own disk/kernel options):',
+    'attach with QEMU >= 10.1 (add your own disk/kernel options):',
     '  qemu-system-x86_64 -machine q35,memory-backend=mem -m 1G \\',
     '    -object memory-backend-memfd,id=mem,size=1G,share=on \\',
-    `    -device '${device}'`,
+    devices.join(' \\\n'),
     '',
   ].join('\n');
 }
@@ -155,7 +184,7 @@ export function main(argv: string[]): void {
       case 'serve': {
         const options = parseServe(rest);
         if (options === 'help') process.stdout.write(HELP);
-        else serve(options);
+        else void serve(options);
         return;
       }
       case undefined:

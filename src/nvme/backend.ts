@@ -3,6 +3,7 @@
 // serves the guest's doorbells.
 
 import { open, stat, type FileHandle } from 'node:fs/promises';
+import { native } from '../native.js';
 
 export interface BlockBackend {
   /** Capacity in bytes (fixed for the backend's lifetime). */
@@ -106,6 +107,8 @@ export interface FileBackendOptions {
 /** A raw image file. Writes land in the page cache (a volatile write cache); flush() is fdatasync. */
 export class FileBackend implements BlockBackend {
   readonly volatileCache = true;
+  /** Cleared the first time the file system refuses hole punching. */
+  private punchHoles = true;
 
   private constructor(
     private readonly handle: FileHandle,
@@ -143,7 +146,7 @@ export class FileBackend implements BlockBackend {
       if (bytesRead === 0) break; // past EOF of a shorter file: the rest reads as zeros
       done += bytesRead;
     }
-    return out;
+    return new Uint8Array(out.buffer, out.byteOffset, out.length);
   }
 
   async write(offset: number, data: Uint8Array): Promise<void> {
@@ -159,10 +162,21 @@ export class FileBackend implements BlockBackend {
   }
 
   /**
-   * TODO(native punchHole): replace the zero writes with `native.punchHole(fd, offset, length)`
-   * (fallocate PUNCH_HOLE|KEEP_SIZE) once the addon provides it; the interface stays the same.
+   * Punches a hole (fallocate PUNCH_HOLE|KEEP_SIZE via the native addon, on the threadpool). A file
+   * system without hole punching gets zeros written instead: the range still reads as zeros.
    */
   async discard(offset: number, length: number): Promise<void> {
+    if (length === 0) return;
+    if (this.punchHoles) {
+      try {
+        await native.punchHole(this.handle.fd, offset, length);
+        return;
+      } catch (err) {
+        const code = (err as NodeJS.ErrnoException).code;
+        if (code !== 'EOPNOTSUPP' && code !== 'ENOSYS' && code !== 'EINVAL') throw err;
+        this.punchHoles = false;
+      }
+    }
     await this.writeZeroes(offset, length);
   }
 
@@ -173,11 +187,6 @@ export class FileBackend implements BlockBackend {
       await this.write(offset + done, zeros.subarray(0, n));
       done += n;
     }
-  }
-
-  /** The file descriptor, for the native discard path. */
-  get fd(): number {
-    return this.handle.fd;
   }
 
   async close(): Promise<void> {

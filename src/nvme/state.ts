@@ -2,6 +2,7 @@
 // counters. Everything the guest could observe lives here, so saving and loading it is a deep copy;
 // timers, fetch loops and caches are derived and rebuilt after a load.
 
+import { WARNING_TEMPERATURE } from './policy.js';
 import { FeatureId } from './spec.js';
 
 export interface SubmissionQueueState {
@@ -120,10 +121,6 @@ export interface ControllerState {
   attachedNamespaces: number[];
 }
 
-/** Composite temperature we report (kelvin): a constant, as there is no sensor. */
-export const COMPOSITE_TEMPERATURE = 313;
-export const WARNING_TEMPERATURE = 343;
-export const CRITICAL_TEMPERATURE = 353;
 
 export function defaultFeatures(maxIoQueues: number): FeatureValues {
   return {

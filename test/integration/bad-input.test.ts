@@ -18,7 +18,7 @@ let server: ServerProcess;
 
 beforeAll(async () => {
   dir = mkdtempSync(join(tmpdir(), 'nvu-bad-'));
-  server = await startServerProcess(join(dir, 'dev.sock'), ['--log-level', process.env.TEST_LOG ? 'debug' : 'warn']);
+  server = await startServerProcess(join(dir, 'dev.sock'), ['--device', 'scratch', '--log-level', process.env.TEST_LOG ? 'debug' : 'warn']);
 });
 
 afterAll(async () => {

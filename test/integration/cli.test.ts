@@ -6,14 +6,17 @@ import { join } from 'node:path';
 import { repoRoot, startServerProcess } from '../support/server-process.js';
 
 const cli = (...args: string[]) =>
-  spawnSync(process.execPath, ['--import', 'tsx', join(repoRoot, 'src', 'cli.ts'), ...args], { cwd: repoRoot, encoding: 'utf8' });
+  spawnSync(process.execPath, ['--import', 'tsx', join(repoRoot, 'src', 'cli.ts'), ...args], { cwd: repoRoot, encoding: 'utf8', timeout: 20_000 });
 
 describe('nvme-vfio-user CLI', () => {
   it.each([
     [['serve', '--bogus'], /Unknown option '--bogus'/],
-    [['serve', '--device', 'floppy'], /unknown --device 'floppy'/],
+    [['serve', '--device', 'floppy'], /unknown device 'floppy'/],
     [['serve', '--log-level', 'loud'], /unknown --log-level 'loud'/],
-    [['serve', '--socket', 'a', '--socket-path', 'b'], /not both/],
+    [['serve', '--socket', '/tmp/a', '--socket-path', '/tmp/a'], /same socket is given twice/],
+    [['serve', '--io-queues', '0'], /--io-queues '0'/],
+    [['serve', '--namespace', 'ram'], /needs size=/],
+    [['serve', '--config', '/nonexistent.json'], /ENOENT/],
     [['serve', '--socket'], /argument missing|--socket/],
     [['frobnicate'], /unknown command 'frobnicate'/],
   ])('%j fails with one clear line and exit code 2', (args, message) => {
@@ -26,7 +29,7 @@ describe('nvme-vfio-user CLI', () => {
   it('--help documents every serve option', () => {
     const result = cli('serve', '--help');
     expect(result.status).toBe(0);
-    for (const option of ['--socket', '--device', '--write-multiple', '--log-level']) expect(result.stdout).toContain(option);
+    for (const option of ['--socket', '--namespace', '--config', '--device', '--io-queues', '--queue-entries', '--mdts', '--nqn', '--write-multiple', '--log-level']) expect(result.stdout).toContain(option);
   });
 
   it('refuses a socket path held by a live server, and SIGINT removes the socket', async () => {

@@ -1,0 +1,209 @@
+// What a server process serves, as plain data: from command-line flags, from a JSON file, or both
+// (flags win). Validation happens here so every mistake is one clear sentence before anything runs.
+
+import { readFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { isAbsolute, join, resolve } from 'node:path';
+
+export class ConfigError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'ConfigError';
+  }
+}
+
+export type DeviceKind = 'nvme' | 'scratch';
+export const DEVICE_KINDS: readonly DeviceKind[] = ['nvme', 'scratch'];
+
+export interface NamespaceConfig {
+  /** Backing file (created sparse when missing); absent for a RAM namespace. */
+  file?: string;
+  /** Bytes. Required for RAM and for files that do not exist yet. */
+  size?: number;
+  /** Logical block size: 512 or 4096. */
+  lbads: 512 | 4096;
+  nsid?: number;
+}
+
+export interface ServerConfig {
+  device: DeviceKind;
+  /** One controller per socket; all share the subsystem's namespaces. */
+  sockets: string[];
+  namespaces: NamespaceConfig[];
+  nqn?: string;
+  serial?: string;
+  model?: string;
+  ioQueues: number;
+  queueEntries: number;
+  /** Max data transfer: 2^mdts minimum-size pages. */
+  mdts: number;
+  writeMultiple: boolean;
+}
+
+export const DEFAULT_SOCKET = join(tmpdir(), 'nvme-vfio-user', 'ctrl0.sock');
+export const DEFAULT_RAM_NAMESPACE_BYTES = 1 << 30;
+
+export const defaults = (): ServerConfig => ({
+  device: 'nvme',
+  sockets: [],
+  namespaces: [],
+  ioQueues: 8,
+  queueEntries: 1024,
+  mdts: 8,
+  writeMultiple: false,
+});
+
+const SIZE_UNITS: Record<string, number> = { '': 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40 };
+
+/** "4096", "64M", "1G", "1.5T" (binary units; an optional trailing B or iB). */
+export function parseSize(text: string, what = 'size'): number {
+  const match = /^(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?$/i.exec(text.trim());
+  if (!match) throw new ConfigError(`${what} '${text}' is not a size (e.g. 512M, 1G)`);
+  const bytes = Number(match[1]) * SIZE_UNITS[match[2]!.toLowerCase()]!;
+  if (!Number.isSafeInteger(bytes) || bytes <= 0) throw new ConfigError(`${what} '${text}' is not a positive whole number of bytes`);
+  return bytes;
+}
+
+/** `file=PATH,size=1G,lbads=4096,nsid=2` or `ram,size=256M`. */
+export function parseNamespaceSpec(spec: string, baseDir = process.cwd()): NamespaceConfig {
+  const ns: Partial<NamespaceConfig> & { ram?: boolean } = {};
+  for (const part of spec.split(',')) {
+    const eq = part.indexOf('=');
+    const key = (eq < 0 ? part : part.slice(0, eq)).trim();
+    const value = eq < 0 ? undefined : part.slice(eq + 1);
+    switch (key) {
+      case 'file':
+        if (!value) throw new ConfigError(`namespace '${spec}': file= needs a path`);
+        ns.file = isAbsolute(value) ? value : resolve(baseDir, value);
+        break;
+      case 'ram':
+        if (value !== undefined) ns.size = parseSize(value, `namespace '${spec}' ram`);
+        ns.ram = true;
+        break;
+      case 'size':
+        ns.size = parseSize(value ?? '', `namespace '${spec}' size`);
+        break;
+      case 'lbads':
+        ns.lbads = parseBlockSize(value ?? '', spec);
+        break;
+      case 'nsid':
+        ns.nsid = parsePositive(value ?? '', `namespace '${spec}' nsid`);
+        break;
+      default:
+        throw new ConfigError(`namespace '${spec}': unknown key '${key}' (expected file, ram, size, lbads, nsid)`);
+    }
+  }
+  const { ram, ...rest } = ns;
+  return checkNamespace({ ...rest, lbads: rest.lbads ?? 512 }, ram === true, spec);
+}
+
+function checkNamespace(ns: NamespaceConfig, ram: boolean, what: string): NamespaceConfig {
+  if (ram && ns.file) throw new ConfigError(`namespace '${what}': give either file= or ram, not both`);
+  if (!ram && !ns.file) throw new ConfigError(`namespace '${what}': needs file=PATH or ram`);
+  if (ram && ns.size === undefined) throw new ConfigError(`namespace '${what}': a RAM namespace needs size=`);
+  if (ns.size !== undefined && ns.size % ns.lbads !== 0) {
+    throw new ConfigError(`namespace '${what}': size ${ns.size} is not a multiple of the ${ns.lbads}-byte block`);
+  }
+  return ns;
+}
+
+function parseBlockSize(value: string, what: string): 512 | 4096 {
+  if (value === '512' || value === '4096') return Number(value) as 512 | 4096;
+  throw new ConfigError(`namespace '${what}': lbads must be 512 or 4096`);
+}
+
+export function parsePositive(value: string, what: string, max = 0xffff_ffff): number {
+  const n = Number(value);
+  if (!/^\d+$/.test(value) || !Number.isSafeInteger(n) || n < 1 || n > max) {
+    throw new ConfigError(`${what} '${value}' must be a whole number from 1 to ${max}`);
+  }
+  return n;
+}
+
+/** Reads a JSON config file; paths inside it are relative to the file. */
+export function loadConfigFile(path: string): Partial<ServerConfig> {
+  let raw: unknown;
+  try {
+    raw = JSON.parse(readFileSync(path, 'utf8'));
+  } catch (error) {
+    throw new ConfigError(`config ${path}: ${(error as Error).message}`);
+  }
+  if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw new ConfigError(`config ${path}: not a JSON object`);
+  const baseDir = resolve(path, '..');
+  const input = raw as Record<string, unknown>;
+  const known = ['device', 'sockets', 'namespaces', 'nqn', 'serial', 'model', 'ioQueues', 'queueEntries', 'mdts', 'writeMultiple'];
+  for (const key of Object.keys(input)) {
+    if (!known.includes(key)) throw new ConfigError(`config ${path}: unknown key '${key}' (known: ${known.join(', ')})`);
+  }
+  const out: Partial<ServerConfig> = {};
+  if (input.device !== undefined) out.device = checkDevice(String(input.device));
+  if (input.sockets !== undefined) {
+    if (!Array.isArray(input.sockets) || !input.sockets.every((s) => typeof s === 'string' && s !== '')) {
+      throw new ConfigError(`config ${path}: sockets must be an array of paths`);
+    }
+    out.sockets = input.sockets.map((s: string) => resolve(baseDir, s));
+  }
+  if (input.namespaces !== undefined) {
+    if (!Array.isArray(input.namespaces)) throw new ConfigError(`config ${path}: namespaces must be an array`);
+    out.namespaces = input.namespaces.map((entry, i) => namespaceFromJson(entry, `${path} namespaces[${i}]`, baseDir));
+  }
+  for (const key of ['nqn', 'serial', 'model'] as const) {
+    if (input[key] !== undefined) {
+      if (typeof input[key] !== 'string') throw new ConfigError(`config ${path}: ${key} must be a string`);
+      out[key] = input[key] as string;
+    }
+  }
+  for (const key of ['ioQueues', 'queueEntries', 'mdts'] as const) {
+    if (input[key] !== undefined) out[key] = parsePositive(String(input[key]), `config ${path}: ${key}`);
+  }
+  if (input.writeMultiple !== undefined) out.writeMultiple = input.writeMultiple === true;
+  return out;
+}
+
+function namespaceFromJson(entry: unknown, what: string, baseDir: string): NamespaceConfig {
+  if (typeof entry === 'string') return parseNamespaceSpec(entry, baseDir);
+  if (typeof entry !== 'object' || entry === null) throw new ConfigError(`${what}: expected an object or a spec string`);
+  const e = entry as Record<string, unknown>;
+  for (const key of Object.keys(e)) {
+    if (!['file', 'ram', 'size', 'lbads', 'nsid'].includes(key)) throw new ConfigError(`${what}: unknown key '${key}'`);
+  }
+  const ns: NamespaceConfig = { lbads: e.lbads === undefined ? 512 : parseBlockSize(String(e.lbads), what) };
+  if (e.file !== undefined) ns.file = resolve(baseDir, String(e.file));
+  if (e.size !== undefined) ns.size = typeof e.size === 'number' ? parsePositive(String(e.size), `${what} size`, Number.MAX_SAFE_INTEGER) : parseSize(String(e.size), `${what} size`);
+  if (e.nsid !== undefined) ns.nsid = parsePositive(String(e.nsid), `${what} nsid`);
+  return checkNamespace(ns, e.ram === true, what);
+}
+
+export function checkDevice(value: string): DeviceKind {
+  if (!(DEVICE_KINDS as readonly string[]).includes(value)) {
+    throw new ConfigError(`unknown device '${value}' (expected one of: ${DEVICE_KINDS.join(', ')})`);
+  }
+  return value as DeviceKind;
+}
+
+/** Fills in what neither flags nor file said, and checks the whole. */
+export function finalize(config: ServerConfig): ServerConfig {
+  const out = { ...config, sockets: config.sockets.length > 0 ? config.sockets : [DEFAULT_SOCKET] };
+  if (new Set(out.sockets).size !== out.sockets.length) throw new ConfigError('the same socket is given twice');
+  if (out.device === 'scratch') {
+    if (out.namespaces.length > 0) throw new ConfigError('the scratch device has no namespaces');
+    return out;
+  }
+  if (out.namespaces.length === 0) out.namespaces = [{ size: DEFAULT_RAM_NAMESPACE_BYTES, lbads: 512 }];
+  const nsids = new Set<number>();
+  let next = 1;
+  out.namespaces = out.namespaces.map((ns) => {
+    let nsid = ns.nsid;
+    if (nsid === undefined) {
+      while (nsids.has(next) || out.namespaces.some((other) => other.nsid === next)) next++;
+      nsid = next;
+    }
+    if (nsids.has(nsid)) throw new ConfigError(`NSID ${nsid} is given twice`);
+    nsids.add(nsid);
+    return { ...ns, nsid };
+  });
+  if (out.ioQueues > 64) throw new ConfigError(`ioQueues ${out.ioQueues} exceeds 64`);
+  if (out.queueEntries < 2 || out.queueEntries > 65536) throw new ConfigError(`queueEntries ${out.queueEntries} must be 2..65536`);
+  if (out.mdts > 12) throw new ConfigError(`mdts ${out.mdts} exceeds 12 (16 MiB)`);
+  return out;
+}

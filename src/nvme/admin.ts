@@ -1,0 +1,213 @@
+// Admin command handlers (Base §5). One implementation each, whether the command came from the
+// guest's admin queue or from an in-process caller through executeAdmin().
+
+import { DEFERRED, field64, type Command, type HandlerResult } from './command.js';
+import type { NvmeController } from './controller.js';
+import { getFeatures, setFeatures } from './features.js';
+import {
+  activeNamespaceList,
+  csiIndependentNamespace,
+  identifyController,
+  identifyNamespace,
+  ioCommandSetCombinations,
+  namespaceDescriptors,
+  nvmSpecificController,
+  nvmSpecificNamespace,
+} from './identify.js';
+import { buildLogPage } from './logs.js';
+import { AdminOpcode, Cns, Csi, IDENTIFY_SIZE, LBA_FORMATS, NSID_BROADCAST, Sqe, Status } from './spec.js';
+import { CommandError, type DataTransfer } from './transfer.js';
+
+type AdminHandler = (c: NvmeController, cmd: Command, data: DataTransfer) => Promise<HandlerResult> | HandlerResult;
+
+const fail = (status: number, why: string): CommandError => new CommandError(status, why);
+
+// ---- queues (Base §5.4, §5.5, §5.6, §5.7) --------------------------------------------------------
+
+function createIoCompletionQueue(c: NvmeController, cmd: Command): void {
+  const qid = cmd.cdw10 & 0xffff;
+  const size = (cmd.cdw10 >>> 16) + 1;
+  const contiguous = (cmd.cdw11 & 1) !== 0;
+  const interruptsEnabled = (cmd.cdw11 & 2) !== 0;
+  const vector = cmd.cdw11 >>> 16;
+  const base = field64(cmd.sqe, Sqe.PRP1);
+  if (qid === 0 || qid > c.state.features.ioCompletionQueues || c.state.completionQueues[qid]) {
+    throw fail(Status.INVALID_QUEUE_IDENTIFIER, `CQ ${qid}`);
+  }
+  if (size < 2 || size > c.maxQueueEntries) throw fail(Status.INVALID_QUEUE_SIZE, `CQ size ${size}`);
+  // CAP.CQR = 1: queues must be physically contiguous.
+  if (!contiguous) throw fail(Status.INVALID_FIELD, 'CQ not physically contiguous');
+  if (interruptsEnabled && vector >= c.vectors) throw fail(Status.INVALID_INTERRUPT_VECTOR, `vector ${vector}`);
+  if (base === 0 || base % c.pageSize !== 0) throw fail(Status.PRP_OFFSET_INVALID, `CQ base 0x${base.toString(16)}`);
+  c.createCompletionQueue({ qid, base, size, interruptsEnabled, vector: interruptsEnabled ? vector : 0 });
+}
+
+function createIoSubmissionQueue(c: NvmeController, cmd: Command): void {
+  const qid = cmd.cdw10 & 0xffff;
+  const size = (cmd.cdw10 >>> 16) + 1;
+  const contiguous = (cmd.cdw11 & 1) !== 0;
+  const priority = (cmd.cdw11 >>> 1) & 0x3;
+  const cqid = cmd.cdw11 >>> 16;
+  const base = field64(cmd.sqe, Sqe.PRP1);
+  if (qid === 0 || qid > c.state.features.ioSubmissionQueues || c.state.submissionQueues[qid]) {
+    throw fail(Status.INVALID_QUEUE_IDENTIFIER, `SQ ${qid}`);
+  }
+  if (cqid === 0 || !c.state.completionQueues[cqid]) throw fail(Status.COMPLETION_QUEUE_INVALID, `CQ ${cqid}`);
+  if (size < 2 || size > c.maxQueueEntries) throw fail(Status.INVALID_QUEUE_SIZE, `SQ size ${size}`);
+  if (!contiguous) throw fail(Status.INVALID_FIELD, 'SQ not physically contiguous');
+  if (base === 0 || base % c.pageSize !== 0) throw fail(Status.PRP_OFFSET_INVALID, `SQ base 0x${base.toString(16)}`);
+  c.createSubmissionQueue({ qid, base, size, cqid, priority });
+}
+
+async function deleteIoSubmissionQueue(c: NvmeController, cmd: Command): Promise<void> {
+  const qid = cmd.cdw10 & 0xffff;
+  if (qid === 0 || !c.state.submissionQueues[qid]) throw fail(Status.INVALID_QUEUE_IDENTIFIER, `SQ ${qid}`);
+  await c.deleteSubmissionQueue(qid);
+}
+
+function deleteIoCompletionQueue(c: NvmeController, cmd: Command): void {
+  const qid = cmd.cdw10 & 0xffff;
+  if (qid === 0 || !c.state.completionQueues[qid]) throw fail(Status.INVALID_QUEUE_IDENTIFIER, `CQ ${qid}`);
+  if (c.state.submissionQueues.some((sq) => sq && sq.cqid === qid)) throw fail(Status.INVALID_QUEUE_DELETION, `CQ ${qid} still has SQs`);
+  c.deleteCompletionQueue(qid);
+}
+
+// ---- Identify (Base §5.17) ----------------------------------------------------------------------
+
+/** NSID checks shared by the per-namespace CNS values: valid range, then active or not. */
+function identifyTarget(c: NvmeController, nsid: number): ReturnType<NvmeController['namespace']> {
+  if (nsid === 0 || nsid === NSID_BROADCAST || nsid > c.subsystem.maxNamespaces) throw fail(Status.INVALID_NAMESPACE, `NSID ${nsid}`);
+  return c.namespace(nsid);
+}
+
+async function identify(c: NvmeController, cmd: Command, data: DataTransfer): Promise<void> {
+  const cns = cmd.cdw10 & 0xff;
+  const csi = cmd.cdw11 >>> 24;
+  let page: Uint8Array;
+  switch (cns) {
+    case Cns.NAMESPACE:
+      page = identifyNamespace(c, identifyTarget(c, cmd.nsid));
+      break;
+    case Cns.CONTROLLER:
+      page = identifyController(c);
+      break;
+    case Cns.ACTIVE_NAMESPACES:
+      if (cmd.nsid >= 0xffff_fffe) throw fail(Status.INVALID_NAMESPACE, `NSID ${cmd.nsid}`);
+      page = activeNamespaceList(c, cmd.nsid);
+      break;
+    case Cns.NAMESPACE_DESCRIPTORS: {
+      const ns = identifyTarget(c, cmd.nsid);
+      if (!ns) throw fail(Status.INVALID_NAMESPACE, `NSID ${cmd.nsid} is not active`);
+      page = namespaceDescriptors(ns);
+      break;
+    }
+    case Cns.CSI_NAMESPACE:
+      if (csi !== Csi.NVM) throw fail(Status.INVALID_FIELD, `CSI ${csi}`);
+      identifyTarget(c, cmd.nsid);
+      page = nvmSpecificNamespace();
+      break;
+    case Cns.CSI_CONTROLLER:
+      if (csi !== Csi.NVM) throw fail(Status.INVALID_FIELD, `CSI ${csi}`);
+      page = nvmSpecificController();
+      break;
+    case Cns.CSI_ACTIVE_NAMESPACES:
+      if (csi !== Csi.NVM) throw fail(Status.INVALID_FIELD, `CSI ${csi}`);
+      if (cmd.nsid >= 0xffff_fffe) throw fail(Status.INVALID_NAMESPACE, `NSID ${cmd.nsid}`);
+      page = activeNamespaceList(c, cmd.nsid);
+      break;
+    case Cns.CSI_INDEPENDENT_NAMESPACE:
+      page = csiIndependentNamespace(c, identifyTarget(c, cmd.nsid));
+      break;
+    case Cns.IO_COMMAND_SET:
+      page = ioCommandSetCombinations();
+      break;
+    default:
+      throw fail(Status.INVALID_FIELD, `CNS 0x${cns.toString(16)}`);
+  }
+  await data.toHost(page.length === IDENTIFY_SIZE ? page : page.subarray(0, IDENTIFY_SIZE));
+}
+
+// ---- Get Log Page (Base §5.16) -----------------------------------------------------------------
+
+async function getLogPage(c: NvmeController, cmd: Command, data: DataTransfer): Promise<void> {
+  const lid = cmd.cdw10 & 0xff;
+  const retainEvent = (cmd.cdw10 & (1 << 15)) !== 0;
+  const dwords = (cmd.cdw10 >>> 16) + (cmd.cdw11 & 0xffff) * 0x10000 + 1;
+  const offset = cmd.cdw12 + cmd.cdw13 * 0x1_0000_0000;
+  const length = dwords * 4;
+  if (offset % 4 !== 0) throw fail(Status.INVALID_FIELD, 'log page offset not dword aligned');
+  if (length > c.maxTransferBytes) throw fail(Status.INVALID_FIELD, `log page length ${length} exceeds MDTS`);
+  const page = buildLogPage(c, lid, cmd.nsid);
+  if (offset > page.length) throw fail(Status.INVALID_FIELD, `log page offset ${offset} beyond ${page.length}`);
+  const out = new Uint8Array(length);
+  out.set(page.subarray(offset, offset + length));
+  await data.toHost(out);
+  if (!retainEvent) c.logPageRead(lid);
+}
+
+// ---- the rest -------------------------------------------------------------------------------------
+
+/** Abort (Base §5.1): commands run to completion here, so the answer is always "not aborted". */
+function abort(): HandlerResult {
+  return { dw0: 1 };
+}
+
+function asyncEventRequest(c: NvmeController, cmd: Command): HandlerResult {
+  c.deferAsyncEventRequest(cmd.cid);
+  return DEFERRED;
+}
+
+function keepAlive(c: NvmeController): void {
+  c.restartKeepAlive();
+}
+
+/** Doorbell Buffer Config (Base §5.8): both buffers must be page aligned. */
+function doorbellBufferConfig(c: NvmeController, cmd: Command): void {
+  const shadow = field64(cmd.sqe, Sqe.PRP1);
+  const eventIdx = field64(cmd.sqe, Sqe.PRP2);
+  if (shadow === 0 || eventIdx === 0 || shadow % c.pageSize !== 0 || eventIdx % c.pageSize !== 0) {
+    throw fail(Status.INVALID_FIELD, 'doorbell buffers must be page aligned');
+  }
+  c.configureDoorbellBuffer(shadow, eventIdx);
+}
+
+/** Format NVM (NVM-CS §4.2 / Base §5.14): LBA format switch, optional user-data erase. */
+async function formatNvm(c: NvmeController, cmd: Command): Promise<void> {
+  const lbaf = (cmd.cdw10 & 0xf) | (((cmd.cdw10 >>> 12) & 0x3) << 4);
+  const metadataSettings = (cmd.cdw10 >>> 4) & 1;
+  const protection = (cmd.cdw10 >>> 5) & 0x7;
+  const secureErase = (cmd.cdw10 >>> 9) & 0x7;
+  const targets = cmd.nsid === NSID_BROADCAST ? c.attachedNamespaces() : [c.namespace(cmd.nsid)];
+  if (targets.some((ns) => ns === undefined) || targets.length === 0) throw fail(Status.INVALID_NAMESPACE, `NSID ${cmd.nsid}`);
+  if (lbaf >= LBA_FORMATS.length || protection !== 0 || metadataSettings !== 0) throw fail(Status.INVALID_FORMAT, `LBAF ${lbaf} PI ${protection}`);
+  // 0: no secure erase; 1: user data erase. Cryptographic erase (2) is not offered.
+  if (secureErase > 1) throw fail(Status.INVALID_FIELD, `secure erase setting ${secureErase}`);
+  for (const ns of targets) {
+    await ns!.formatNvm(lbaf, secureErase === 1);
+    c.subsystem.notifyNamespaceChanged(ns!.nsid, c);
+  }
+}
+
+const HANDLERS = new Map<number, AdminHandler>([
+  [AdminOpcode.DELETE_IO_SQ, deleteIoSubmissionQueue],
+  [AdminOpcode.CREATE_IO_SQ, createIoSubmissionQueue],
+  [AdminOpcode.GET_LOG_PAGE, getLogPage],
+  [AdminOpcode.DELETE_IO_CQ, deleteIoCompletionQueue],
+  [AdminOpcode.CREATE_IO_CQ, createIoCompletionQueue],
+  [AdminOpcode.IDENTIFY, identify],
+  [AdminOpcode.ABORT, abort],
+  [AdminOpcode.SET_FEATURES, setFeatures],
+  [AdminOpcode.GET_FEATURES, getFeatures],
+  [AdminOpcode.ASYNC_EVENT_REQUEST, asyncEventRequest],
+  [AdminOpcode.KEEP_ALIVE, keepAlive],
+  [AdminOpcode.DOORBELL_BUFFER_CONFIG, doorbellBufferConfig],
+  [AdminOpcode.FORMAT_NVM, formatNvm],
+]);
+
+export async function executeAdminCommand(c: NvmeController, cmd: Command, data: DataTransfer): Promise<HandlerResult> {
+  const handler = HANDLERS.get(cmd.opcode);
+  if (!handler) throw fail(Status.INVALID_OPCODE, `admin opcode 0x${cmd.opcode.toString(16)}`);
+  // Fused operations are not supported (Identify Controller FUSES = 0).
+  if (cmd.flags & Sqe.FUSE_MASK) throw fail(Status.INVALID_FIELD, 'fused operation');
+  return handler(c, cmd, data);
+}

@@ -1,0 +1,154 @@
+// NVM command set I/O commands (NVM-CS §3). Handlers check the namespace and LBA range, move the
+// data through the DataTransfer and the namespace's backend, and count what SMART reports.
+
+import type { Command, HandlerResult } from './command.js';
+import type { NvmeController } from './controller.js';
+import type { Namespace } from './namespace.js';
+import { NSID_BROADCAST, NvmOpcode, Sqe, Status } from './spec.js';
+import { CommandError, type DataTransfer } from './transfer.js';
+
+type IoHandler = (c: NvmeController, ns: Namespace, cmd: Command, data: DataTransfer) => Promise<HandlerResult>;
+
+/** Bytes a Verify reads from the backend at a time (it has no data transfer, so no MDTS). */
+const VERIFY_CHUNK = 1 << 20;
+const DSM_RANGE_SIZE = 16;
+const UNITS_512 = 512;
+
+const FUA = 1 << 30;
+const DEALLOCATE = 1 << 25;
+
+interface Range {
+  slba: bigint;
+  nlb: number;
+  /** Byte offset and length in the backend. */
+  offset: number;
+  bytes: number;
+}
+
+/** SLBA in CDW10-11, NLB (0-based) in CDW12 15:0; LBA Out of Range when it leaves the namespace. */
+function lbaRange(ns: Namespace, cmd: Command): Range {
+  const slba = (BigInt(cmd.cdw11) << 32n) | BigInt(cmd.cdw10);
+  const nlb = (cmd.cdw12 & 0xffff) + 1;
+  if (!ns.inRange(slba, nlb)) throw new CommandError(Status.LBA_OUT_OF_RANGE, `LBA ${slba}+${nlb} beyond ${ns.blockCount}`);
+  return { slba, nlb, offset: Number(slba) * ns.blockSize, bytes: nlb * ns.blockSize };
+}
+
+function checkTransferSize(c: NvmeController, bytes: number): void {
+  if (bytes > c.maxTransferBytes) throw new CommandError(Status.INVALID_FIELD, `transfer of ${bytes} bytes exceeds MDTS`);
+}
+
+/** Backend failures become media errors, counted for SMART. */
+async function media<T>(c: NvmeController, status: number, fn: () => Promise<T>): Promise<T> {
+  try {
+    return await fn();
+  } catch (err) {
+    if (err instanceof CommandError) throw err;
+    c.state.smart.mediaErrors++;
+    c.log.warn(`backend error: ${(err as Error).message}`);
+    throw new CommandError(status, (err as Error).message);
+  }
+}
+
+/** Writes must be durable at completion with FUA, or always when the host disabled the write cache. */
+function mustFlush(c: NvmeController, ns: Namespace, cmd: Command): boolean {
+  return ns.backend.volatileCache && ((cmd.cdw12 & FUA) !== 0 || !c.state.features.volatileWriteCache);
+}
+
+const read: IoHandler = async (c, ns, cmd, data) => {
+  const r = lbaRange(ns, cmd);
+  checkTransferSize(c, r.bytes);
+  const bytes = await media(c, Status.UNRECOVERED_READ_ERROR, () => ns.backend.read(r.offset, r.bytes));
+  await data.toHost(bytes);
+  c.state.smart.hostReadCommands++;
+  c.state.smart.dataUnitsRead += r.bytes / UNITS_512;
+};
+
+const write: IoHandler = async (c, ns, cmd, data) => {
+  const r = lbaRange(ns, cmd);
+  checkTransferSize(c, r.bytes);
+  const bytes = await data.fromHost(r.bytes);
+  await media(c, Status.WRITE_FAULT, async () => {
+    await ns.backend.write(r.offset, bytes);
+    if (mustFlush(c, ns, cmd)) await ns.backend.flush();
+  });
+  c.state.smart.hostWriteCommands++;
+  c.state.smart.dataUnitsWritten += r.bytes / UNITS_512;
+};
+
+const compare: IoHandler = async (c, ns, cmd, data) => {
+  const r = lbaRange(ns, cmd);
+  checkTransferSize(c, r.bytes);
+  const host = await data.fromHost(r.bytes);
+  const stored = await media(c, Status.UNRECOVERED_READ_ERROR, () => ns.backend.read(r.offset, r.bytes));
+  c.state.smart.hostReadCommands++;
+  for (let i = 0; i < r.bytes; i++) if (host[i] !== stored[i]) throw new CommandError(Status.COMPARE_FAILURE, `differs at byte ${i}`);
+};
+
+const writeZeroes: IoHandler = async (c, ns, cmd) => {
+  const r = lbaRange(ns, cmd);
+  await media(c, Status.WRITE_FAULT, async () => {
+    if (cmd.cdw12 & DEALLOCATE) await ns.backend.discard(r.offset, r.bytes);
+    else await ns.backend.writeZeroes(r.offset, r.bytes);
+    if (mustFlush(c, ns, cmd)) await ns.backend.flush();
+  });
+  c.state.smart.hostWriteCommands++;
+};
+
+/** Dataset Management: Attribute - Deallocate discards the ranges; the hints are accepted and ignored. */
+const datasetManagement: IoHandler = async (c, ns, cmd, data) => {
+  const count = (cmd.cdw10 & 0xff) + 1;
+  const deallocate = (cmd.cdw11 & (1 << 2)) !== 0;
+  const list = await data.fromHost(count * DSM_RANGE_SIZE);
+  if (!deallocate) return;
+  const view = new DataView(list.buffer, list.byteOffset, list.byteLength);
+  const ranges: Range[] = [];
+  for (let i = 0; i < count; i++) {
+    const at = i * DSM_RANGE_SIZE;
+    const nlb = view.getUint32(at + 4, true);
+    const slba = view.getBigUint64(at + 8, true);
+    if (nlb === 0) continue;
+    if (!ns.inRange(slba, nlb)) throw new CommandError(Status.LBA_OUT_OF_RANGE, `DSM range ${i}: LBA ${slba}+${nlb}`);
+    ranges.push({ slba, nlb, offset: Number(slba) * ns.blockSize, bytes: nlb * ns.blockSize });
+  }
+  await media(c, Status.WRITE_FAULT, async () => {
+    for (const r of ranges) await ns.backend.discard(r.offset, r.bytes);
+  });
+};
+
+/** Verify: the blocks must be readable; no data moves to the host. */
+const verify: IoHandler = async (c, ns, cmd) => {
+  const r = lbaRange(ns, cmd);
+  await media(c, Status.UNRECOVERED_READ_ERROR, async () => {
+    for (let done = 0; done < r.bytes; done += VERIFY_CHUNK) await ns.backend.read(r.offset + done, Math.min(VERIFY_CHUNK, r.bytes - done));
+  });
+  c.state.smart.hostReadCommands++;
+};
+
+const flush: IoHandler = async (c, ns) => {
+  await media(c, Status.WRITE_FAULT, () => ns.backend.flush());
+};
+
+const HANDLERS = new Map<number, IoHandler>([
+  [NvmOpcode.FLUSH, flush],
+  [NvmOpcode.WRITE, write],
+  [NvmOpcode.READ, read],
+  [NvmOpcode.COMPARE, compare],
+  [NvmOpcode.WRITE_ZEROES, writeZeroes],
+  [NvmOpcode.DATASET_MANAGEMENT, datasetManagement],
+  [NvmOpcode.VERIFY, verify],
+]);
+
+export async function executeIoCommand(c: NvmeController, cmd: Command, data: DataTransfer): Promise<HandlerResult> {
+  const handler = HANDLERS.get(cmd.opcode);
+  if (!handler) throw new CommandError(Status.INVALID_OPCODE, `I/O opcode 0x${cmd.opcode.toString(16)}`);
+  if (cmd.flags & Sqe.FUSE_MASK) throw new CommandError(Status.INVALID_FIELD, 'fused operation');
+  // Flush to FFFFFFFFh flushes every attached namespace (Identify VWC bits 2:1 = 11b).
+  if (cmd.opcode === NvmOpcode.FLUSH && cmd.nsid === NSID_BROADCAST) {
+    for (const ns of c.attachedNamespaces()) await media(c, Status.WRITE_FAULT, () => ns.backend.flush());
+    return;
+  }
+  const ns = c.namespace(cmd.nsid);
+  if (!ns) throw new CommandError(Status.INVALID_NAMESPACE, `NSID ${cmd.nsid}`);
+  if (ns.formatting) throw new CommandError(Status.FORMAT_IN_PROGRESS, `NSID ${cmd.nsid}`);
+  return ns.track(() => handler(c, ns, cmd, data));
+}

@@ -1,0 +1,125 @@
+// Log pages (Base §5.16.1). Each builder returns the whole page; Get Log Page cuts the host's
+// window out of it.
+
+import type { NvmeController } from './controller.js';
+import { COMPOSITE_TEMPERATURE, ERROR_LOG_ENTRIES } from './policy.js';
+import { AdminOpcode, CommandEffect, LogId, NSID_BROADCAST, NvmOpcode, Status } from './spec.js';
+import { CommandError } from './transfer.js';
+
+const ERROR_ENTRY_SIZE = 64;
+
+class PageWriter {
+  readonly bytes: Uint8Array;
+  private readonly view: DataView;
+  constructor(size: number) {
+    this.bytes = new Uint8Array(size);
+    this.view = new DataView(this.bytes.buffer);
+  }
+  u8(at: number, v: number): void {
+    this.view.setUint8(at, v);
+  }
+  u16(at: number, v: number): void {
+    this.view.setUint16(at, v, true);
+  }
+  u32(at: number, v: number): void {
+    this.view.setUint32(at, v >>> 0, true);
+  }
+  /** 128-bit little-endian counter from a JS number (the low 64 bits carry it). */
+  u128(at: number, v: number): void {
+    const n = Math.max(0, Math.floor(v));
+    this.view.setUint32(at, n % 0x1_0000_0000, true);
+    this.view.setUint32(at + 4, Math.floor(n / 0x1_0000_0000), true);
+  }
+}
+
+/** Error Information (Figure 205): newest first. */
+function errorInformation(c: NvmeController): Uint8Array {
+  const w = new PageWriter(ERROR_LOG_ENTRIES * ERROR_ENTRY_SIZE);
+  c.state.errorLog.entries.forEach((e, i) => {
+    const at = i * ERROR_ENTRY_SIZE;
+    w.u128(at, e.errorCount);
+    w.u16(at + 8, e.sqid);
+    w.u16(at + 10, e.cid);
+    w.u16(at + 12, (e.status << 1) & 0xffff);
+    w.u16(at + 14, e.parameterLocation);
+    w.u128(at + 16, e.lba);
+    w.u32(at + 24, e.nsid);
+  });
+  return w.bytes;
+}
+
+/** SMART / Health Information (Figure 207), controller-wide. */
+function smartHealth(c: NvmeController): Uint8Array {
+  const w = new PageWriter(512);
+  const s = c.state.smart;
+  w.u8(0, 0); // critical warning: none
+  w.u16(1, COMPOSITE_TEMPERATURE);
+  w.u8(3, 100); // available spare
+  w.u8(4, 10); // available spare threshold
+  w.u8(5, 0); // percentage used
+  // Data units are thousands of 512-byte units, rounded up.
+  w.u128(32, Math.ceil(s.dataUnitsRead / 1000));
+  w.u128(48, Math.ceil(s.dataUnitsWritten / 1000));
+  w.u128(64, s.hostReadCommands);
+  w.u128(80, s.hostWriteCommands);
+  w.u128(96, Math.floor(s.busyTimeMs / 60_000));
+  w.u128(112, s.powerCycles);
+  w.u128(128, Math.floor(c.powerOnMs() / 3_600_000));
+  w.u128(144, s.unsafeShutdowns);
+  w.u128(160, s.mediaErrors);
+  w.u128(176, c.state.errorLog.count);
+  return w.bytes;
+}
+
+/** Firmware Slot Information (Figure 208): slot 1 active, holding our version. */
+function firmwareSlot(c: NvmeController): Uint8Array {
+  const w = new PageWriter(512);
+  w.u8(0, 1);
+  const fw = c.subsystem.firmware;
+  for (let i = 0; i < 8; i++) w.u8(8 + i, i < fw.length ? fw.charCodeAt(i) & 0x7f : 0x20);
+  return w.bytes;
+}
+
+function changedNamespaces(c: NvmeController): Uint8Array {
+  const w = new PageWriter(4096);
+  c.state.changedNamespaces.slice(0, 1024).forEach((nsid, i) => w.u32(i * 4, nsid));
+  return w.bytes;
+}
+
+/** Commands Supported and Effects (Figure 210): everything in our opcode tables is supported. */
+const ADMIN_EFFECTS = new Map<number, number>(
+  Object.values(AdminOpcode).map((op) => [
+    op,
+    CommandEffect.SUPPORTED |
+      (op === AdminOpcode.FORMAT_NVM
+        ? CommandEffect.LBA_CONTENT_CHANGE | CommandEffect.NAMESPACE_CAPABILITY_CHANGE | CommandEffect.EXCLUSIVE_PER_NAMESPACE
+        : 0),
+  ]),
+);
+const LBA_CHANGING: readonly number[] = [NvmOpcode.WRITE, NvmOpcode.WRITE_ZEROES, NvmOpcode.DATASET_MANAGEMENT];
+const IO_EFFECTS = new Map<number, number>(
+  Object.values(NvmOpcode).map((op) => [op, CommandEffect.SUPPORTED | (LBA_CHANGING.includes(op) ? CommandEffect.LBA_CONTENT_CHANGE : 0)]),
+);
+
+function commandEffects(): Uint8Array {
+  const w = new PageWriter(4096);
+  for (const [op, effects] of ADMIN_EFFECTS) w.u32(op * 4, effects);
+  for (const [op, effects] of IO_EFFECTS) w.u32(1024 + op * 4, effects);
+  return w.bytes;
+}
+
+const BUILDERS = new Map<number, (c: NvmeController) => Uint8Array>([
+  [LogId.ERROR_INFORMATION, errorInformation],
+  [LogId.SMART_HEALTH, smartHealth],
+  [LogId.FIRMWARE_SLOT, firmwareSlot],
+  [LogId.CHANGED_NAMESPACES, changedNamespaces],
+  [LogId.COMMANDS_SUPPORTED_AND_EFFECTS, commandEffects],
+]);
+
+export function buildLogPage(c: NvmeController, lid: number, nsid: number): Uint8Array {
+  const build = BUILDERS.get(lid);
+  if (!build) throw new CommandError(Status.INVALID_LOG_PAGE, `log page 0x${lid.toString(16)}`);
+  // No per-namespace SMART data (LPA bit 0 clear): the page is controller-wide.
+  if (lid === LogId.SMART_HEALTH && nsid !== 0 && nsid !== NSID_BROADCAST) throw new CommandError(Status.INVALID_FIELD, 'per-namespace SMART');
+  return build(c);
+}

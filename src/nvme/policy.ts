@@ -1,0 +1,16 @@
+// Our controller's own choices where the spec leaves a range: limits, sizes and fixed readings.
+// Spec facts live in spec.ts; these are decisions, in one place so Identify and the code agree.
+
+/** Abort Command Limit and Asynchronous Event Request Limit (Identify reports them 0-based). */
+export const ABORT_LIMIT = 4;
+export const ASYNC_EVENT_LIMIT = 4;
+/** Error Information log entries kept (ELPE + 1). */
+export const ERROR_LOG_ENTRIES = 64;
+/** Changed Namespace List capacity before it overflows to the single entry FFFFFFFFh. */
+export const CHANGED_NAMESPACE_LIMIT = 1024;
+/** Keep Alive Support granularity in 100 ms units: we time keep-alives to the second. */
+export const KEEP_ALIVE_GRANULARITY = 10;
+/** Composite temperature we report (kelvin): a constant, as there is no sensor. */
+export const COMPOSITE_TEMPERATURE = 313;
+export const WARNING_TEMPERATURE = 343;
+export const CRITICAL_TEMPERATURE = 353;
