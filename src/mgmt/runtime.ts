@@ -1,6 +1,8 @@
 // Builds what a ServerConfig describes: one subsystem, its namespaces, one controller per socket,
 // each controller behind its own vfio-user server. Also tears it all down again.
 
+import { createHash } from 'node:crypto';
+import { hostname } from 'node:os';
 import type { Logger } from '../log.js';
 import { FileBackend, RamBackend, type BlockBackend } from '../nvme/backend.js';
 import { NvmeController } from '../nvme/controller.js';
@@ -20,6 +22,17 @@ export interface Runtime {
 
 const LBA_FORMAT_INDEX = { 512: 0, 4096: 1 } as const;
 
+/**
+ * A subsystem's default identity, stable across restarts of the same server (derived from the host
+ * and its first socket) and distinct between servers: Linux refuses a second single-controller
+ * subsystem with an NQN it already knows.
+ */
+export function defaultIdentity(firstSocket: string): { nqn: string; serial: string } {
+  const digest = createHash('sha256').update(`${hostname()}:${firstSocket}`).digest('hex');
+  const uuid = `${digest.slice(0, 8)}-${digest.slice(8, 12)}-5${digest.slice(13, 16)}-8${digest.slice(17, 20)}-${digest.slice(20, 32)}`;
+  return { nqn: `nqn.2014-08.org.nvmexpress:uuid:${uuid}`, serial: `NVU${digest.slice(32, 49).toUpperCase()}` };
+}
+
 async function openBackend(ns: NamespaceConfig): Promise<BlockBackend> {
   if (ns.file === undefined) return new RamBackend(ns.size!);
   return FileBackend.open(ns.file, ns.size === undefined ? {} : { size: ns.size });
@@ -31,10 +44,11 @@ export async function startRuntime(config: ServerConfig, log: Logger): Promise<R
   if (config.device === 'scratch') {
     for (const _socket of config.sockets) devices.push(new ScratchDevice());
   } else {
+    const identity = defaultIdentity(config.sockets[0]!);
     subsystem = new Subsystem({
       logger: log.child('subsystem'),
-      ...(config.nqn ? { nqn: config.nqn } : {}),
-      ...(config.serial ? { serial: config.serial } : {}),
+      nqn: config.nqn ?? identity.nqn,
+      serial: config.serial ?? identity.serial,
       ...(config.model ? { model: config.model } : {}),
     });
     try {

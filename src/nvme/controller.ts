@@ -464,7 +464,9 @@ export class NvmeController extends PciFunction implements SubsystemController {
       const sq = this.state.submissionQueues[qid];
       if (!sq) return this.invalidDoorbell(AsyncEventInfo.INVALID_DOORBELL_REGISTER, qid);
       if (value >= sq.size) return this.invalidDoorbell(AsyncEventInfo.INVALID_DOORBELL_VALUE, qid);
-      sq.tail = value;
+      // With a doorbell buffer the shadow is authoritative: this posted MMIO value may be older than
+      // a shadow value already read, and taking it would move the tail backwards.
+      if (!this.usesShadowDoorbells(qid)) sq.tail = value;
       this.kick(qid);
       // With shadow doorbells a CQ head update may have skipped MMIO: look while completions wait.
       const cq = this.state.completionQueues[sq.cqid];
@@ -474,6 +476,10 @@ export class NvmeController extends PciFunction implements SubsystemController {
     const cq = this.state.completionQueues[qid];
     if (!cq) return this.invalidDoorbell(AsyncEventInfo.INVALID_DOORBELL_REGISTER, qid);
     if (!this.validCqHead(cq, value)) return this.invalidDoorbell(AsyncEventInfo.INVALID_DOORBELL_VALUE, qid);
+    if (this.usesShadowDoorbells(qid)) {
+      void this.refreshShadowHead(cq);
+      return;
+    }
     cq.head = value;
     void this.updateEventIdx(cq.qid, true, value);
     this.releaseHeld(cq);
@@ -536,11 +542,9 @@ export class NvmeController extends PciFunction implements SubsystemController {
     for (;;) {
       const sq = this.state.submissionQueues[qid];
       if (!sq || rt.deleting || generation !== this.generation || !this.canFetch()) return;
-      if (sq.head === sq.tail) {
-        // With shadow doorbells the host may have moved the tail without ringing: look once more.
-        if (await this.refreshShadowTail(sq)) continue;
-        return;
-      }
+      // With shadow doorbells the host moves the tail in memory and rings only when EventIdx asks.
+      if (this.usesShadowDoorbells(qid)) await this.refreshShadowTail(sq);
+      if (sq.head === sq.tail) return;
       const room = sq.size - 1 - rt.outstanding;
       if (room <= 0) return; // a completion kicks us again
       const available = (sq.tail - sq.head + sq.size) % sq.size;
@@ -824,6 +828,10 @@ export class NvmeController extends PciFunction implements SubsystemController {
       this.fatal(`shadow doorbell read: ${(err as Error).message}`);
       return null;
     }
+  }
+
+  private usesShadowDoorbells(qid: number): boolean {
+    return this.state.doorbellBuffer !== null && qid > 0;
   }
 
   /** Publishes our view of the tail, then re-reads the shadow tail; true when it moved. */

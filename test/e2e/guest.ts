@@ -62,6 +62,8 @@ export interface RunGuestOptions {
   onSerialLine?: (line: string) => void;
   /** Force an accelerator (default: probeKvm()). */
   accel?: Accel;
+  /** Let the guest reboot (see QemuArgsOptions.allowReboot). */
+  allowReboot?: boolean;
 }
 
 export const BEGIN_MARKER = '@@NVTEST-BEGIN@@';
@@ -130,6 +132,8 @@ export interface QemuArgsOptions {
   /** initramfs to boot (default: guestInitramfs()). */
   initrd?: string;
   extraQemuArgs?: string[];
+  /** Let a guest reboot (a real machine reset: SeaBIOS and Linux run again) instead of exiting. */
+  allowReboot?: boolean;
 }
 
 /** QEMU's command line (without the binary) for a guest whose serial console is on stdio. */
@@ -142,7 +146,7 @@ export function qemuArgsFor(o: QemuArgsOptions): string[] {
     '-vga', 'none',
     '-monitor', 'none',
     '-serial', 'stdio',
-    '-no-reboot',
+    ...(o.allowReboot ? [] : ['-no-reboot']),
     '-object', `memory-backend-memfd,id=mem,size=${mem}M,share=on`,
     '-machine', 'q35,memory-backend=mem',
     '-m', `${mem}M`,
@@ -351,6 +355,7 @@ async function runGuestWith(opts: RunGuestOptions & { accel: Accel; quietAccel?:
     kernelArgs,
     initrd,
     extraQemuArgs: opts.extraQemuArgs,
+    allowReboot: opts.allowReboot,
   });
   if (!opts.quietAccel) {
     console.error(`[guest] accelerator: ${opts.accel}${opts.accel === 'tcg' ? ' (no working KVM: guest CPU is emulated)' : ''}`);

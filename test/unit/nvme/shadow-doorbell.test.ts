@@ -1,0 +1,238 @@
+// Shadow doorbells (Doorbell Buffer Config, Base §5.8): once the host has configured the buffers,
+// the Shadow Doorbell values are authoritative. A trapped MMIO doorbell write only tells the
+// controller "look at the shadow"; its value may be older than a shadow value the controller has
+// already consumed (the MMIO write was posted before the host moved on), and it must never move a
+// queue pointer backwards. Regression test: a stale SQ tail doorbell used to rewind the tail, and
+// the controller then fetched almost a whole ring of zeroed SQEs (INVALID_NAMESPACE, CID 0).
+
+import { describe, expect, it } from 'vitest';
+import { buildCommand } from '../../../src/nvme/command.js';
+import { AdminOpcode, NvmOpcode, Reg, Status } from '../../../src/nvme/spec.js';
+import { DATA, TestHost, tick, until, type Cqe } from './helpers.js';
+
+const SHADOW = DATA + 0x10000;
+const EVENT_IDX = DATA + 0x11000;
+const QID = 1;
+
+/** Byte offset of a queue's slot in the shadow doorbell / EventIdx pages (stride 4). */
+const slot = (qid: number, completion: boolean): number => (2 * qid + (completion ? 1 : 0)) * 4;
+
+const flush = (): Uint8Array => buildCommand({ opcode: NvmOpcode.FLUSH, nsid: 1 });
+
+/** Brings a controller up with Doorbell Buffer Config active and I/O queue pair 1. */
+async function shadowHost(options: { size?: number; cqSize?: number } = {}): Promise<TestHost> {
+  const h = new TestHost().start();
+  // Garbage in the EventIdx page: the controller must overwrite the slots it owns.
+  h.memory.bytes.fill(0xff, EVENT_IDX, EVENT_IDX + 4096);
+  const cqe = await h.admin({ opcode: AdminOpcode.DOORBELL_BUFFER_CONFIG, prp1: SHADOW, prp2: EVENT_IDX });
+  expect(cqe.status).toBe(0);
+  const size = options.size ?? 16;
+  if (options.cqSize === undefined) {
+    await h.createIoQueuePair(QID, size);
+  } else {
+    // Separate sizes: a small CQ behind a deeper SQ, so the CQ can fill up.
+    const cqBase = 0x100000 + QID * 0x20000;
+    const sqBase = cqBase + 0x10000;
+    let c = await h.admin({ opcode: AdminOpcode.CREATE_IO_CQ, prp1: cqBase, cdw10: ((options.cqSize - 1) << 16) | QID, cdw11: (QID << 16) | 0x3 });
+    expect(c.status).toBe(0);
+    c = await h.admin({ opcode: AdminOpcode.CREATE_IO_SQ, prp1: sqBase, cdw10: ((size - 1) << 16) | QID, cdw11: (QID << 16) | 0x1 });
+    expect(c.status).toBe(0);
+    h.queues.set(QID, { sqBase, cqBase, size, sqTail: 0, cqHead: 0, phase: 1 });
+    // The helper's QueuePair has one size; track the CQ size separately below.
+    cqSizes.set(h, options.cqSize);
+  }
+  return h;
+}
+
+const cqSizes = new WeakMap<TestHost, number>();
+
+/** What a shadow-doorbell driver does: update the shadow tail, then ring the trapped doorbell. */
+function ringShadowSq(h: TestHost, qid = QID): number {
+  const tail = h.queues.get(qid)!.sqTail;
+  h.memory.set32(SHADOW + slot(qid, false), tail);
+  h.ringSq(qid);
+  return tail;
+}
+
+function mmioSq(h: TestHost, value: number, qid = QID): void {
+  h.write32(Reg.DOORBELLS + slot(qid, false), value);
+}
+
+function mmioCq(h: TestHost, value: number, qid = QID): void {
+  h.write32(Reg.DOORBELLS + slot(qid, true), value);
+}
+
+/** Consumes the next CQE of `qid` (waiting for it); publishes the new head in the shadow only. */
+async function reapShadow(h: TestHost, qid = QID, ring = true): Promise<Cqe> {
+  const q = h.queues.get(qid)!;
+  const cqSize = cqSizes.get(h) ?? q.size;
+  let cqe: Cqe | null = null;
+  await until(() => (cqe = peekAt(h, qid, q.cqHead, q.phase)) !== null, `a completion on CQ ${qid}`);
+  q.cqHead = (q.cqHead + 1) % cqSize;
+  if (q.cqHead === 0) q.phase ^= 1;
+  h.memory.set32(SHADOW + slot(qid, true), q.cqHead);
+  if (ring) mmioCq(h, q.cqHead, qid);
+  return cqe!;
+}
+
+/** The CQE in slot `index` if its phase tag is `phase`. */
+function peekAt(h: TestHost, qid: number, index: number, phase: number): Cqe | null {
+  const q = h.queues.get(qid)!;
+  const raw = h.memory.slice(q.cqBase + index * 16, 16);
+  const v = new DataView(raw.buffer);
+  const flags = v.getUint16(14, true);
+  if ((flags & 1) !== phase) return null;
+  return { dw0: v.getUint32(0, true), dw1: v.getUint32(4, true), sqhd: v.getUint16(8, true), sqid: v.getUint16(10, true), cid: v.getUint16(12, true), phase: flags & 1, status: flags >> 1 };
+}
+
+/** Gives the controller plenty of event-loop turns to do anything it (wrongly) wants to do. */
+async function settle(turns = 50): Promise<void> {
+  for (let i = 0; i < turns; i++) await tick();
+}
+
+/** Places `n` flushes, publishes the tail through the shadow + MMIO, and returns their CIDs. */
+function submitBatch(h: TestHost, n: number): number[] {
+  const cids: number[] = [];
+  for (let i = 0; i < n; i++) cids.push(h.place(QID, flush()));
+  ringShadowSq(h);
+  return cids;
+}
+
+async function expectCompletions(h: TestHost, cids: number[]): Promise<void> {
+  for (const cid of cids) {
+    const cqe = await reapShadow(h);
+    expect({ cid: cqe.cid, status: cqe.status, sqid: cqe.sqid }).toEqual({ cid, status: Status.SUCCESS, sqid: QID });
+  }
+}
+
+async function expectNoMoreCompletions(h: TestHost): Promise<void> {
+  await settle();
+  const q = h.queues.get(QID)!;
+  expect(peekAt(h, QID, q.cqHead, q.phase)).toBeNull();
+}
+
+describe('shadow doorbells', () => {
+  it('writes EventIdx: the queue creation value, then the SQ tail the controller has seen', async () => {
+    const h = await shadowHost();
+    await until(() => h.memory.get32(EVENT_IDX + slot(QID, false)) === 0 && h.memory.get32(EVENT_IDX + slot(QID, true)) === 0, 'EventIdx at creation');
+    // Slots of queues that do not exist are not the controller's to write.
+    expect(h.memory.get32(EVENT_IDX + slot(2, false))).toBe(0xffff_ffff);
+    const cids = submitBatch(h, 3);
+    await expectCompletions(h, cids);
+    await until(() => h.memory.get32(EVENT_IDX + slot(QID, false)) === 3, 'EventIdx = SQ tail 3');
+    // Admin queues stay outside the buffer.
+    expect(h.memory.get32(EVENT_IDX + slot(0, false))).toBe(0xffff_ffff);
+  });
+
+  it('a stale SQ tail MMIO doorbell does not move the tail backwards', async () => {
+    const h = await shadowHost({ size: 16 });
+    const N = 5;
+    const cids = submitBatch(h, N);
+    await expectCompletions(h, cids);
+    await until(() => h.memory.get32(EVENT_IDX + slot(QID, false)) === N, 'EventIdx = N');
+    const sq = h.controller.state.submissionQueues[QID]!;
+    expect({ head: sq.head, tail: sq.tail }).toEqual({ head: N, tail: N });
+
+    // The MMIO write the host posted while it had placed only 2 of the 5 commands arrives late.
+    mmioSq(h, 2);
+    await expectNoMoreCompletions(h);
+    expect({ head: sq.head, tail: sq.tail }).toEqual({ head: N, tail: N });
+    // So does an even older one (tail 0 is a valid value, "the ring is empty from 0").
+    mmioSq(h, 0);
+    await expectNoMoreCompletions(h);
+    expect({ head: sq.head, tail: sq.tail }).toEqual({ head: N, tail: N });
+    expect(h.controller.state.errorLog.count).toBe(0);
+
+    // The queue keeps working exactly as before: the next batch, and nothing else, completes.
+    const more = submitBatch(h, 4);
+    await expectCompletions(h, more);
+    await expectNoMoreCompletions(h);
+  });
+
+  it('stale SQ tail doorbells interleaved with newer ones, across ring wraps, lose and invent nothing', async () => {
+    const h = await shadowHost({ size: 8 });
+    const expected: number[] = [];
+    let previous = 0;
+    for (let round = 0; round < 6; round++) {
+      // Place 3, publish; place 2 more, publish; then the first publish's MMIO write again (late).
+      const first = submitBatch(h, 3);
+      const firstTail = h.queues.get(QID)!.sqTail;
+      const second = submitBatch(h, 2);
+      mmioSq(h, firstTail);
+      mmioSq(h, previous);
+      previous = h.queues.get(QID)!.sqTail;
+      expected.push(...first, ...second);
+      await expectCompletions(h, [...first, ...second]);
+      await expectNoMoreCompletions(h);
+    }
+    expect(expected).toHaveLength(30);
+    const sq = h.controller.state.submissionQueues[QID]!;
+    expect(sq.head).toBe(30 % 8);
+    expect(sq.tail).toBe(30 % 8);
+  });
+
+  it('a shadow tail that moved without an MMIO write is picked up at the next ring; the late MMIO value is ignored', async () => {
+    const h = await shadowHost({ size: 16 });
+    // The host publishes tail 2 with an MMIO write, then tails 3 and 4 in the shadow only (EventIdx
+    // had not asked for a ring yet): the MMIO value 2 is stale by the time the controller reads it.
+    const cids = [h.place(QID, flush()), h.place(QID, flush())];
+    h.memory.set32(SHADOW + slot(QID, false), 2);
+    cids.push(h.place(QID, flush()), h.place(QID, flush()));
+    h.memory.set32(SHADOW + slot(QID, false), 4);
+    mmioSq(h, 2);
+    await expectCompletions(h, cids);
+    await expectNoMoreCompletions(h);
+    expect(h.controller.state.submissionQueues[QID]!.tail).toBe(4);
+  });
+
+  it('a stale CQ head MMIO doorbell does not move the CQ head backwards; held completions keep flowing', async () => {
+    // CQ of 4 (3 usable slots) behind an SQ of 16: 8 commands overrun the CQ, 5 are held.
+    const h = await shadowHost({ size: 16, cqSize: 4 });
+    const cids = submitBatch(h, 8);
+    const cq = h.controller.state.completionQueues[QID]!;
+    await until(() => h.controller.state.heldCompletions.length === 5, 'five held completions');
+    expect({ head: cq.head, tail: cq.tail }).toEqual({ head: 0, tail: 3 });
+
+    // The host consumes 2 entries and publishes head 2 through the shadow and MMIO...
+    const got: Cqe[] = [await reapShadow(h, QID, false), await reapShadow(h, QID, false)];
+    mmioCq(h, 2);
+    await until(() => cq.head === 2, 'CQ head 2');
+    // ...then consumes the rest and publishes head 1 (wrapped) in the shadow only; an SQ doorbell
+    // makes the controller look at the shadow CQ head (it has completions waiting).
+    while (got.length < 5) got.push(await reapShadow(h, QID, false));
+    expect(h.queues.get(QID)!.cqHead).toBe(1);
+    mmioSq(h, h.queues.get(QID)!.sqTail);
+    await until(() => got.length < 8 && peekAt(h, QID, 1, 0) !== null, 'released completions after head 1');
+    expect(h.controller.state.heldCompletions).toHaveLength(0);
+    expect({ head: cq.head, tail: cq.tail }).toEqual({ head: 1, tail: 0 });
+    // The CQ is full again from the controller's view: slots 1, 2, 3 are posted and unconsumed.
+    const cqBytes = (): Uint8Array => h.memory.slice(h.queues.get(QID)!.cqBase, 4 * 16);
+    const before = cqBytes();
+
+    // Now MMIO head writes the host posted long ago arrive (late): 2 (really written before the
+    // wrap) and 0. Taken at face value, 0 would mean "the CQ is empty" and the next completions
+    // would overwrite the unconsumed entries in slots 1 and 2.
+    mmioCq(h, 2);
+    mmioCq(h, 0);
+    await settle();
+    expect(cq.head).toBe(1);
+    const later = submitBatch(h, 2);
+    await until(() => h.controller.state.heldCompletions.length === 2, 'two more held completions');
+    await settle();
+    expect(cq.head).toBe(1);
+    expect(cqBytes()).toEqual(before);
+
+    // Consuming the three posted entries and publishing head 0 releases the two held ones.
+    while (got.length < 8) got.push(await reapShadow(h));
+    got.push(await reapShadow(h), await reapShadow(h));
+    expect(got.map((c) => c.cid)).toEqual([...cids, ...later]);
+    expect(got.every((c) => c.status === Status.SUCCESS && c.sqid === QID)).toBe(true);
+    await expectNoMoreCompletions(h);
+    expect(h.controller.state.heldCompletions).toHaveLength(0);
+
+    // And the queue pair still works end to end.
+    const more = submitBatch(h, 2);
+    await expectCompletions(h, more);
+    await expectNoMoreCompletions(h);
+  });
+});
