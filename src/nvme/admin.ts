@@ -168,6 +168,10 @@ function doorbellBufferConfig(c: NvmeController, cmd: Command): void {
   if (shadow === 0 || eventIdx === 0 || shadow % c.pageSize !== 0 || eventIdx % c.pageSize !== 0) {
     throw fail(Status.INVALID_FIELD, 'doorbell buffers must be page aligned');
   }
+  // QEMU lowers a vfio-user device's INTx line only when the guest next touches a BAR (its emulated
+  // EOI). With shadow doorbells the host skips those writes whenever our EventIdx lags, and the
+  // line storms. Hosts treat a refusal as "no doorbell buffer" (Linux warns and goes on).
+  if (c.interruptMode() === 'intx') throw fail(Status.COMMAND_SEQUENCE_ERROR, 'no doorbell buffer while interrupts are INTx');
   c.configureDoorbellBuffer(shadow, eventIdx);
 }
 

@@ -475,11 +475,13 @@ export class NvmeController extends PciFunction implements SubsystemController {
     }
     const cq = this.state.completionQueues[qid];
     if (!cq) return this.invalidDoorbell(AsyncEventInfo.INVALID_DOORBELL_REGISTER, qid);
-    if (!this.validCqHead(cq, value)) return this.invalidDoorbell(AsyncEventInfo.INVALID_DOORBELL_VALUE, qid);
     if (this.usesShadowDoorbells(qid)) {
+      // The shadow head is authoritative and may already be newer than this posted value.
+      if (value >= cq.size) return this.invalidDoorbell(AsyncEventInfo.INVALID_DOORBELL_VALUE, qid);
       void this.refreshShadowHead(cq);
       return;
     }
+    if (!this.validCqHead(cq, value)) return this.invalidDoorbell(AsyncEventInfo.INVALID_DOORBELL_VALUE, qid);
     cq.head = value;
     void this.updateEventIdx(cq.qid, true, value);
     this.releaseHeld(cq);
@@ -848,13 +850,23 @@ export class NvmeController extends PciFunction implements SubsystemController {
     return true;
   }
 
+  /**
+   * Takes the host's CQ head from the shadow doorbell and publishes it as EventIdx, so the host's
+   * next head update rings the trapped doorbell again. That MMIO write is also QEMU's emulated EOI
+   * for INTx: without it a level interrupt would stay asserted.
+   */
   private async refreshShadowHead(cq: CompletionQueueState): Promise<void> {
     if (!this.state.doorbellBuffer || cq.qid === 0) return;
-    const head = await this.readShadow(cq.qid, true);
-    if (head === null || head === cq.head || this.state.completionQueues[cq.qid] !== cq) return;
-    if (!this.validCqHead(cq, head)) return;
-    cq.head = head;
-    this.releaseHeld(cq);
+    for (;;) {
+      const head = await this.readShadow(cq.qid, true);
+      if (head === null || this.state.completionQueues[cq.qid] !== cq) return;
+      if (head === cq.head) return;
+      if (!this.validCqHead(cq, head)) return this.invalidDoorbell(AsyncEventInfo.INVALID_DOORBELL_VALUE, cq.qid);
+      cq.head = head;
+      await this.updateEventIdx(cq.qid, true, head);
+      this.releaseHeld(cq);
+      // The host may have moved the head again before it saw the new EventIdx: look once more.
+    }
   }
 
   // ---- asynchronous events ------------------------------------------------------------------------

@@ -94,7 +94,9 @@ export async function walkPrps(dma: DmaSpace, prp1: number, prp2: number, length
     for (let i = 0; i < count; i++) {
       const entry = u64(entries, i * 8);
       if (chains && i === count - 1) {
-        if (entry % 8 !== 0) throw new CommandError(Status.PRP_OFFSET_INVALID, 'chained PRP list pointer not qword aligned');
+        // Only PRP2 may point into the middle of a page. Chained lists start a page, so every step
+        // after the first consumes data pages and a list that points at itself cannot loop forever.
+        if (entry % pageSize !== 0) throw new CommandError(Status.PRP_OFFSET_INVALID, 'chained PRP list pointer not page aligned');
         list = entry;
         break;
       }

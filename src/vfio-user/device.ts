@@ -84,6 +84,6 @@ export interface VfioDevice {
   attach(context: DeviceContext): void;
   /** The client went away: stop touching guest memory; keep device state. */
   detach(): void;
-  /** The client rewired the eventfds of `index`. */
+  /** The client rewired or unmasked the eventfds of `index`: re-raise what is still pending. */
   irqsChanged?(index: number): void;
 }

@@ -2,7 +2,7 @@
 // a vector's fd whenever it moves the route (KVM irqfd vs userspace), so the old one is closed here.
 
 import { invalid, type IrqInfo, type IrqSink } from './device.js';
-import { SetIrqsFlags } from './protocol.js';
+import { IrqInfoFlags, SetIrqsFlags } from './protocol.js';
 import type { NativeEventFds } from './transport.js';
 
 export interface SetIrqsRequest {
@@ -32,6 +32,9 @@ export class IrqTable implements IrqSink {
     const fd = this.vectors[index]?.[vector];
     if (fd === undefined || this.masked[index]?.[vector]) return false;
     this.native.eventfdWrite(fd, 1n);
+    // An AUTOMASKED (level) interrupt stays masked until the client's UNMASK, which QEMU sends after
+    // the guest's EOI; the device then re-asserts if it still has work pending.
+    if (this.info(index).flags & IrqInfoFlags.AUTOMASKED) this.masked[index]![vector] = true;
     return true;
   }
 
@@ -86,7 +89,8 @@ export class IrqTable implements IrqSink {
         return;
       case SetIrqsFlags.ACTION_MASK:
       case SetIrqsFlags.ACTION_UNMASK:
-        // MASK/UNMASK with an eventfd registers a resample fd (INTx under KVM); we never need one.
+        // MASK/UNMASK with an eventfd registers a resample fd (INTx under KVM irqfd). Not supported
+        // yet: KVM does not run Linux guests on the machines this is tested on.
         if (data === SetIrqsFlags.DATA_EVENTFD) {
           for (const fd of fds) this.native.closeFd(fd);
           return;
@@ -113,6 +117,7 @@ export class IrqTable implements IrqSink {
     const old = this.vectors[index]![vector];
     if (old !== undefined && old !== fd) this.native.closeFd(old);
     this.vectors[index]![vector] = fd;
+    this.masked[index]![vector] = false;
   }
 }
 

@@ -319,9 +319,10 @@ export class Session {
     if (request.argsz < PayloadSize.SET_IRQS) throw new VfioError(Errno.EINVAL, `SET_IRQS argsz ${request.argsz}`);
     if (fds.length > Limits.maxMessageFds) throw new VfioError(Errno.EINVAL, `SET_IRQS with ${fds.length} fds`);
     this.irqs.apply({ ...request, data: request.tail, fds });
-    if ((request.flags & SetIrqsFlags.ACTION_TRIGGER) && (request.flags & SetIrqsFlags.DATA_MASK) !== SetIrqsFlags.DATA_BOOL) {
-      this.device.irqsChanged?.(request.index);
-    }
+    const data = request.flags & SetIrqsFlags.DATA_MASK;
+    const rewired = (request.flags & SetIrqsFlags.ACTION_TRIGGER) !== 0 && data !== SetIrqsFlags.DATA_BOOL;
+    const unmasked = (request.flags & SetIrqsFlags.ACTION_UNMASK) !== 0 && data !== SetIrqsFlags.DATA_EVENTFD;
+    if (rewired || unmasked) this.device.irqsChanged?.(request.index);
   }
 
   private regionRead(payload: Uint8Array): Uint8Array {

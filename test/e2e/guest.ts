@@ -64,6 +64,8 @@ export interface RunGuestOptions {
   accel?: Accel;
   /** Let the guest reboot (see QemuArgsOptions.allowReboot). */
   allowReboot?: boolean;
+  /** Guest RAM without an fd (see QemuArgsOptions.privateRam). */
+  privateRam?: boolean;
 }
 
 export const BEGIN_MARKER = '@@NVTEST-BEGIN@@';
@@ -134,6 +136,11 @@ export interface QemuArgsOptions {
   extraQemuArgs?: string[];
   /** Let a guest reboot (a real machine reset: SeaBIOS and Linux run again) instead of exiting. */
   allowReboot?: boolean;
+  /**
+   * Plain anonymous guest RAM instead of a shared memfd: QEMU then maps RAM for vfio-user devices
+   * without an fd, and every device DMA becomes a DMA_READ/DMA_WRITE message.
+   */
+  privateRam?: boolean;
 }
 
 /** QEMU's command line (without the binary) for a guest whose serial console is on stdio. */
@@ -147,8 +154,9 @@ export function qemuArgsFor(o: QemuArgsOptions): string[] {
     '-monitor', 'none',
     '-serial', 'stdio',
     ...(o.allowReboot ? [] : ['-no-reboot']),
-    '-object', `memory-backend-memfd,id=mem,size=${mem}M,share=on`,
-    '-machine', 'q35,memory-backend=mem',
+    ...(o.privateRam
+      ? ['-machine', 'q35']
+      : ['-object', `memory-backend-memfd,id=mem,size=${mem}M,share=on`, '-machine', 'q35,memory-backend=mem']),
     '-m', `${mem}M`,
     '-smp', String(o.cpus ?? 2),
     ...(o.accel === 'kvm' ? ['-accel', 'kvm', '-cpu', 'host'] : ['-accel', 'tcg', '-cpu', 'max']),
@@ -356,6 +364,7 @@ async function runGuestWith(opts: RunGuestOptions & { accel: Accel; quietAccel?:
     initrd,
     extraQemuArgs: opts.extraQemuArgs,
     allowReboot: opts.allowReboot,
+    privateRam: opts.privateRam,
   });
   if (!opts.quietAccel) {
     console.error(`[guest] accelerator: ${opts.accel}${opts.accel === 'tcg' ? ' (no working KVM: guest CPU is emulated)' : ''}`);

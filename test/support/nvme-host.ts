@@ -219,6 +219,42 @@ export class NvmeHost {
     return { completion, data: this.bytes(page, PAGE).slice() };
   }
 
+  // ---- helpers for hostile-guest tests (raw access, no bookkeeping) ----------------------------
+
+  /** Returns once the server has handled every write posted before (a non-posted read round trip). */
+  async sync(): Promise<void> {
+    await this.read32(Reg.CSTS);
+  }
+
+  /** Submits an Asynchronous Event Request on the admin queue; it stays outstanding. Returns its CID. */
+  aer(): number {
+    return this.admin.submit(AdminOpcode.ASYNC_EVENT_REQUEST);
+  }
+
+  /** The raw CQE in slot `index` of the CQ at `cqAddr`, phase tag included, without consuming it. */
+  cqEntry(cqAddr: number, index: number): Completion & { phase: number } {
+    const view = new DataView(this.ram.bytes.buffer, this.ram.bytes.byteOffset + cqAddr - this.ram.iova + index * CQE_SIZE, CQE_SIZE);
+    const dw3 = view.getUint32(12, true);
+    return {
+      dw0: view.getUint32(0, true),
+      sqHead: view.getUint16(8, true),
+      sqId: view.getUint16(10, true),
+      cid: dw3 & 0xffff,
+      status: dw3 >>> 17,
+      phase: (dw3 >>> 16) & 1,
+    };
+  }
+
+  /** Create I/O Completion Queue with any base address (even outside guest RAM); returns the completion. */
+  createCq(qid: number, addr: number, size: number, vector = qid % this.irqFds.length): Promise<Completion> {
+    return this.admin.run(AdminOpcode.CREATE_IO_CQ, { prp1: addr, cdw10: ((size - 1) << 16) | qid, cdw11: (vector << 16) | 0x3 });
+  }
+
+  /** Create I/O Submission Queue with any base address; returns the completion. */
+  createSq(qid: number, addr: number, size: number, cqid = qid): Promise<Completion> {
+    return this.admin.run(AdminOpcode.CREATE_IO_SQ, { prp1: addr, cdw10: ((size - 1) << 16) | qid, cdw11: (cqid << 16) | 0x1 });
+  }
+
   close(): void {
     this.client.close();
     for (const fd of this.irqFds) native.closeFd(fd);

@@ -8,6 +8,8 @@
 import { describe, expect, it } from 'vitest';
 import { buildCommand } from '../../../src/nvme/command.js';
 import { AdminOpcode, NvmOpcode, Reg, Status } from '../../../src/nvme/spec.js';
+import { Namespace } from '../../../src/nvme/namespace.js';
+import { RamBackend } from '../../../src/nvme/backend.js';
 import { DATA, TestHost, tick, until, type Cqe } from './helpers.js';
 
 const SHADOW = DATA + 0x10000;
@@ -234,5 +236,56 @@ describe('shadow doorbells', () => {
     const more = submitBatch(h, 2);
     await expectCompletions(h, more);
     await expectNoMoreCompletions(h);
+  });
+
+  // Regression: in shadow mode the controller's CQ head can already be newer than a posted MMIO
+  // head write; checking that late value against it reported a bogus "Invalid Doorbell Write
+  // Value" event to the AER Linux always keeps outstanding.
+  it('a late CQ head MMIO doorbell is not reported as an invalid doorbell write', async () => {
+    // Flush number 8 waits for a gate: it completes while the host's MMIO write is "in flight".
+    let open!: () => void;
+    const gate = new Promise<void>((resolve) => (open = resolve));
+    let flushes = 0;
+    class GatedBackend extends RamBackend {
+      override async flush(): Promise<void> {
+        if (++flushes === 8) await gate;
+      }
+    }
+    const h = new TestHost({ namespaces: [new Namespace({ nsid: 1, backend: new GatedBackend(1 << 20) })] }).start();
+    const cq8 = await (async () => {
+      const c = await h.admin({ opcode: AdminOpcode.DOORBELL_BUFFER_CONFIG, prp1: SHADOW, prp2: EVENT_IDX });
+      expect(c.status).toBe(0);
+      const cqBase = 0x100000 + QID * 0x20000;
+      const sqBase = cqBase + 0x10000;
+      expect((await h.admin({ opcode: AdminOpcode.CREATE_IO_CQ, prp1: cqBase, cdw10: (7 << 16) | QID, cdw11: (QID << 16) | 0x3 })).status).toBe(0);
+      expect((await h.admin({ opcode: AdminOpcode.CREATE_IO_SQ, prp1: sqBase, cdw10: (15 << 16) | QID, cdw11: (QID << 16) | 0x1 })).status).toBe(0);
+      h.queues.set(QID, { sqBase, cqBase, size: 16, sqTail: 0, cqHead: 0, phase: 1 });
+      cqSizes.set(h, 8);
+      return h.controller.state.completionQueues[QID]!;
+    })();
+    h.place(0, buildCommand({ opcode: AdminOpcode.ASYNC_EVENT_REQUEST }));
+    h.ringSq(0);
+    await until(() => h.controller.state.asyncEvents.outstanding.length === 1, 'AER outstanding');
+
+    // 8 flushes into a CQ of 8 (7 usable slots): 7 are posted, the 8th waits at the gate.
+    const cids = submitBatch(h, 8);
+    await until(() => cq8.tail === 7, 'seven posted completions');
+    // The host consumes one entry and publishes head 1: shadow write, then an MMIO write that is
+    // still on its way. It consumes two more and publishes head 3 in the shadow only.
+    const got = [await reapShadow(h, QID, false), await reapShadow(h, QID, false), await reapShadow(h, QID, false)];
+    // Flush 8 completes now: the CQ looks full, so the controller reads the shadow head (3) and posts.
+    open();
+    await until(() => cq8.head === 3 && cq8.tail === 0, 'head 3 from the shadow, 8th completion posted');
+    // Only now does the MMIO write of head 1 arrive.
+    mmioCq(h, 1);
+    await settle();
+    expect(cq8.head).toBe(3);
+    while (got.length < 8) got.push(await reapShadow(h));
+    expect(got.map((c) => c.cid)).toEqual(cids);
+    expect(got.every((c) => c.status === Status.SUCCESS)).toBe(true);
+    // Observed: an AER completion with dw0 0x00010100 (Error / Invalid Doorbell Write Value /
+    // log page 01h) and an Error Information log entry for SQID 1.
+    expect(h.peek(0)).toBeNull();
+    expect(h.controller.state.errorLog.count).toBe(0);
   });
 });
