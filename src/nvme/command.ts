@@ -55,21 +55,25 @@ export const field64 = (sqe: Uint8Array, at: number): number => {
   return v.getUint32(at, true) + v.getUint32(at + 4, true) * 0x1_0000_0000;
 };
 
-/** Builds a 64-byte SQE: the in-process callers' and tests' way to write a command. */
-export function buildCommand(fields: {
+export interface CommandFields {
   opcode: number;
   cid?: number;
   nsid?: number;
   flags?: number;
   prp1?: number;
   prp2?: number;
+  /** The whole 16-byte data pointer (an SGL descriptor); replaces prp1/prp2. */
+  dptr?: Uint8Array;
   cdw10?: number;
   cdw11?: number;
   cdw12?: number;
   cdw13?: number;
   cdw14?: number;
   cdw15?: number;
-}): Uint8Array {
+}
+
+/** Builds a 64-byte SQE: the in-process callers' and tests' way to write a command. */
+export function buildCommand(fields: CommandFields): Uint8Array {
   const sqe = new Uint8Array(SQE_SIZE);
   const v = new DataView(sqe.buffer);
   sqe[Sqe.OPCODE] = fields.opcode;
@@ -80,8 +84,11 @@ export function buildCommand(fields: {
     v.setUint32(at, value % 0x1_0000_0000, true);
     v.setUint32(at + 4, Math.floor(value / 0x1_0000_0000), true);
   };
-  set64(Sqe.PRP1, fields.prp1);
-  set64(Sqe.PRP2, fields.prp2);
+  if (fields.dptr) sqe.set(fields.dptr.subarray(0, 16), Sqe.PRP1);
+  else {
+    set64(Sqe.PRP1, fields.prp1);
+    set64(Sqe.PRP2, fields.prp2);
+  }
   v.setUint32(Sqe.CDW10, (fields.cdw10 ?? 0) >>> 0, true);
   v.setUint32(Sqe.CDW11, (fields.cdw11 ?? 0) >>> 0, true);
   v.setUint32(Sqe.CDW12, (fields.cdw12 ?? 0) >>> 0, true);

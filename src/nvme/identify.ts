@@ -19,40 +19,14 @@ import {
   SQE_SIZE_LOG2,
   Sgls,
 } from './spec.js';
-
+import { PageWriter } from './page-writer.js';
 
 const ONCS =
   Oncs.COMPARE | Oncs.DATASET_MANAGEMENT | Oncs.WRITE_ZEROES | Oncs.SAVE_SELECT | Oncs.TIMESTAMP | Oncs.VERIFY;
 
-class Writer {
-  readonly bytes = new Uint8Array(IDENTIFY_SIZE);
-  private readonly view = new DataView(this.bytes.buffer);
-  u8(at: number, v: number): void {
-    this.view.setUint8(at, v);
-  }
-  u16(at: number, v: number): void {
-    this.view.setUint16(at, v, true);
-  }
-  u32(at: number, v: number): void {
-    this.view.setUint32(at, v >>> 0, true);
-  }
-  u64(at: number, v: number): void {
-    this.view.setUint32(at, v % 0x1_0000_0000, true);
-    this.view.setUint32(at + 4, Math.floor(v / 0x1_0000_0000), true);
-  }
-  /** Space-padded ASCII, as the spec wants for SN/MN/FR. */
-  ascii(at: number, length: number, text: string): void {
-    for (let i = 0; i < length; i++) this.bytes[at + i] = i < text.length ? text.charCodeAt(i) & 0x7f : 0x20;
-  }
-  /** NUL-terminated UTF-8 (NQN). */
-  cstring(at: number, length: number, text: string): void {
-    this.bytes.set(new TextEncoder().encode(text).subarray(0, length - 1), at);
-  }
-}
-
 /** CNS 01h: Identify Controller (Base Figure 275). */
 export function identifyController(c: NvmeController): Uint8Array {
-  const w = new Writer();
+  const w = new PageWriter(IDENTIFY_SIZE);
   const sub = c.subsystem;
   w.u16(0, PciIdentity.VENDOR_ID);
   w.u16(2, PciIdentity.SUBSYSTEM_VENDOR_ID);
@@ -93,7 +67,7 @@ export function identifyController(c: NvmeController): Uint8Array {
 
 /** CNS 00h: Identify Namespace, NVM command set (NVM-CS Figure 97). Zeros for an inactive NSID. */
 export function identifyNamespace(c: NvmeController, ns: Namespace | undefined): Uint8Array {
-  const w = new Writer();
+  const w = new PageWriter(IDENTIFY_SIZE);
   if (!ns) return w.bytes;
   const blocks = ns.blockCount;
   w.u64(0, blocks); // NSZE
@@ -117,7 +91,7 @@ export function identifyNamespace(c: NvmeController, ns: Namespace | undefined):
 
 /** CNS 02h / 07h: active NSIDs above `after`, ascending, up to 1024. */
 export function activeNamespaceList(c: NvmeController, after: number): Uint8Array {
-  const w = new Writer();
+  const w = new PageWriter(IDENTIFY_SIZE);
   const ids = c.state.attachedNamespaces.filter((n) => n > after && c.subsystem.namespace(n)).slice(0, IDENTIFY_SIZE / 4);
   ids.forEach((nsid, i) => w.u32(i * 4, nsid));
   return w.bytes;
@@ -125,7 +99,7 @@ export function activeNamespaceList(c: NvmeController, after: number): Uint8Arra
 
 /** CNS 03h: Namespace Identification Descriptor list (Base Figure 291). */
 export function namespaceDescriptors(ns: Namespace): Uint8Array {
-  const w = new Writer();
+  const w = new PageWriter(IDENTIFY_SIZE);
   let at = 0;
   const add = (type: number, value: Uint8Array): void => {
     w.u8(at, type);
@@ -142,7 +116,7 @@ export function namespaceDescriptors(ns: Namespace): Uint8Array {
 
 /** CNS 05h, CSI 00h: I/O Command Set specific Identify Namespace for NVM: nothing beyond CNS 00h. */
 export function nvmSpecificNamespace(): Uint8Array {
-  return new Writer().bytes;
+  return new PageWriter(IDENTIFY_SIZE).bytes;
 }
 
 /**
@@ -150,12 +124,12 @@ export function nvmSpecificNamespace(): Uint8Array {
  * no verify/write-zeroes/write-uncorrectable size limit beyond MDTS semantics, no DSM limits.
  */
 export function nvmSpecificController(): Uint8Array {
-  return new Writer().bytes;
+  return new PageWriter(IDENTIFY_SIZE).bytes;
 }
 
 /** CNS 08h: I/O Command Set Independent Identify Namespace (Base Figure 280). */
 export function csiIndependentNamespace(c: NvmeController, ns: Namespace | undefined): Uint8Array {
-  const w = new Writer();
+  const w = new PageWriter(IDENTIFY_SIZE);
   if (!ns) return w.bytes;
   w.u8(1, c.subsystem.controllers.size > 1 ? 1 : 0); // NMIC
   w.u8(14, 1); // NSTAT: namespace ready
@@ -164,7 +138,7 @@ export function csiIndependentNamespace(c: NvmeController, ns: Namespace | undef
 
 /** CNS 1Ch: I/O Command Set data structure: one combination, the NVM command set alone. */
 export function ioCommandSetCombinations(): Uint8Array {
-  const w = new Writer();
+  const w = new PageWriter(IDENTIFY_SIZE);
   w.u64(0, 1 << Csi.NVM);
   return w.bytes;
 }

@@ -5,32 +5,9 @@ import type { NvmeController } from './controller.js';
 import { COMPOSITE_TEMPERATURE, ERROR_LOG_ENTRIES } from './policy.js';
 import { AdminOpcode, CommandEffect, LogId, NSID_BROADCAST, NvmOpcode, Status } from './spec.js';
 import { CommandError } from './transfer.js';
+import { PageWriter } from './page-writer.js';
 
 const ERROR_ENTRY_SIZE = 64;
-
-class PageWriter {
-  readonly bytes: Uint8Array;
-  private readonly view: DataView;
-  constructor(size: number) {
-    this.bytes = new Uint8Array(size);
-    this.view = new DataView(this.bytes.buffer);
-  }
-  u8(at: number, v: number): void {
-    this.view.setUint8(at, v);
-  }
-  u16(at: number, v: number): void {
-    this.view.setUint16(at, v, true);
-  }
-  u32(at: number, v: number): void {
-    this.view.setUint32(at, v >>> 0, true);
-  }
-  /** 128-bit little-endian counter from a JS number (the low 64 bits carry it). */
-  u128(at: number, v: number): void {
-    const n = Math.max(0, Math.floor(v));
-    this.view.setUint32(at, n % 0x1_0000_0000, true);
-    this.view.setUint32(at + 4, Math.floor(n / 0x1_0000_0000), true);
-  }
-}
 
 /** Error Information (Figure 205): newest first. */
 function errorInformation(c: NvmeController): Uint8Array {

@@ -7,6 +7,7 @@ import { GuestMemory, VfioUserClient } from '../../src/vfio-user/client.js';
 import { PciIrq, PciRegion } from '../../src/vfio-user/protocol.js';
 import { Cfg, Command as PciCommand, MsixCap } from '../../src/pci/registers.js';
 import { AdminOpcode, CC, CQE_SIZE, CSTS, Reg, SQE_SIZE } from '../../src/nvme/spec.js';
+import { buildCommand, type CommandFields } from '../../src/nvme/command.js';
 
 export const PAGE = 4096;
 
@@ -19,20 +20,7 @@ export interface Completion {
   status: number;
 }
 
-export interface SubmitOptions {
-  nsid?: number;
-  prp1?: number;
-  prp2?: number;
-  cdw10?: number;
-  cdw11?: number;
-  cdw12?: number;
-  cdw13?: number;
-  cdw14?: number;
-  cdw15?: number;
-  flags?: number;
-  /** Raw 16-byte data pointer (for SGLs); overrides prp1/prp2. */
-  dptr?: Uint8Array;
-}
+export type SubmitOptions = Omit<CommandFields, 'opcode' | 'cid'>;
 
 export class HostQueue {
   tail = 0;
@@ -52,19 +40,8 @@ export class HostQueue {
   submit(opcode: number, options: SubmitOptions = {}): number {
     const cid = this.nextCid;
     this.nextCid = (this.nextCid + 1) & 0xffff;
-    const sqe = new DataView(new ArrayBuffer(SQE_SIZE));
-    sqe.setUint8(0, opcode);
-    sqe.setUint8(1, options.flags ?? 0);
-    sqe.setUint16(2, cid, true);
-    sqe.setUint32(4, options.nsid ?? 0, true);
-    if (options.dptr) new Uint8Array(sqe.buffer).set(options.dptr, 24);
-    else {
-      sqe.setBigUint64(24, BigInt(options.prp1 ?? 0), true);
-      sqe.setBigUint64(32, BigInt(options.prp2 ?? 0), true);
-    }
-    const dws = [options.cdw10, options.cdw11, options.cdw12, options.cdw13, options.cdw14, options.cdw15];
-    dws.forEach((v, i) => sqe.setUint32(40 + i * 4, (v ?? 0) >>> 0, true));
-    this.host.ram.bytes.set(new Uint8Array(sqe.buffer), this.sqAddr - this.host.ram.iova + this.tail * SQE_SIZE);
+    const sqe = buildCommand({ ...options, opcode, cid });
+    this.host.ram.bytes.set(sqe, this.sqAddr - this.host.ram.iova + this.tail * SQE_SIZE);
     this.tail = (this.tail + 1) % this.size;
     this.host.ringSqDoorbell(this.id, this.tail);
     return cid;
