@@ -54,7 +54,8 @@ export async function startRuntime(config: ServerConfig, log: Logger): Promise<R
     try {
       for (const ns of config.namespaces) {
         const backend = await openBackend(ns);
-        subsystem.addNamespace(new Namespace({ nsid: ns.nsid!, backend, lbaFormat: LBA_FORMAT_INDEX[ns.lbads] }));
+        // Identifiers follow the subsystem's NQN, so the same configuration keeps its EUI-64/NGUID/UUID.
+        subsystem.addNamespace(new Namespace({ nsid: ns.nsid!, backend, lbaFormat: LBA_FORMAT_INDEX[ns.lbads], idSeed: `${subsystem.nqn}#${ns.nsid}` }));
         log.info(`namespace ${ns.nsid}: ${backend.describe()}, ${ns.lbads}-byte blocks`);
       }
     } catch (error) {

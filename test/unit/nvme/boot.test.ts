@@ -7,7 +7,7 @@ import { PciRegion } from '../../../src/vfio-user/protocol.js';
 import { Cfg, Command } from '../../../src/pci/registers.js';
 import { AdminOpcode, CC, CSTS, FeatureId, NvmOpcode, Reg } from '../../../src/nvme/spec.js';
 import { buildCommand } from '../../../src/nvme/command.js';
-import { createSubsystem } from '../../../src/nvme/index.js';
+import { NvmeController, Namespace, RamBackend, Subsystem } from '../../../src/nvme/index.js';
 import { startServer, waitUntil } from '../../integration/helpers.js';
 import { ADMIN_CQ, DATA, PAGE, TestHost, pattern, until } from './helpers.js';
 
@@ -75,7 +75,9 @@ describe('guest boot sequences', () => {
 
 describe('over a real vfio-user socket', () => {
   it('serves Identify and a write/read through region writes and mmapped guest memory', async () => {
-    const { controller, subsystem } = await createSubsystem({ namespaces: [{ kind: 'ram', size: 4 << 20 }] });
+    const subsystem = new Subsystem();
+    subsystem.addNamespace(new Namespace({ nsid: 1, backend: new RamBackend(4 << 20) }));
+    const controller = new NvmeController({ subsystem });
     const harness = startServer(controller);
     const memory = new ClientMemory(0, 16 << 20);
     try {
