@@ -104,8 +104,8 @@ export interface NativeAddon {
   memfdCreate(name: string, size: number): number;
 
   closeFd(fd: number): void;
-  /** fstat().st_size */
-  fdSize(fd: number): number;
+  /** fstat(): size, and st_blksize (what mmap offsets of this fd must align to). */
+  fdStat(fd: number): { size: number; blockSize: number };
   pageSize(): number;
 
   /**

@@ -142,11 +142,15 @@ Napi::Value CloseFd(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
-Napi::Value FdSize(const Napi::CallbackInfo& info) {
+// Size and the block size mappings must align to (2 MiB on hugetlbfs, the page size elsewhere).
+Napi::Value FdStat(const Napi::CallbackInfo& info) {
   int fd = ArgFd(info, 0, "fd");
   struct stat st;
   if (fstat(fd, &st) < 0) throw ErrnoError(info.Env(), errno, "fstat");
-  return Napi::Number::New(info.Env(), static_cast<double>(st.st_size));
+  Napi::Object out = Napi::Object::New(info.Env());
+  out.Set("size", Napi::Number::New(info.Env(), static_cast<double>(st.st_size)));
+  out.Set("blockSize", Napi::Number::New(info.Env(), static_cast<double>(st.st_blksize)));
+  return out;
 }
 
 Napi::Value PageSize(const Napi::CallbackInfo& info) {
@@ -163,7 +167,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("eventfdRead", Napi::Function::New(env, EventfdRead, "eventfdRead"));
   exports.Set("memfdCreate", Napi::Function::New(env, MemfdCreate, "memfdCreate"));
   exports.Set("closeFd", Napi::Function::New(env, CloseFd, "closeFd"));
-  exports.Set("fdSize", Napi::Function::New(env, FdSize, "fdSize"));
+  exports.Set("fdStat", Napi::Function::New(env, FdStat, "fdStat"));
   exports.Set("pageSize", Napi::Function::New(env, PageSize, "pageSize"));
   InitSocket(env, exports, data);
   InitMemory(env, exports, data);

@@ -11,7 +11,7 @@ import { executeAdminCommand } from './admin.js';
 import { DEFERRED, parseCommand, type Command, type HandlerResult } from './command.js';
 import { executeIoCommand } from './io.js';
 import type { Namespace } from './namespace.js';
-import { ASYNC_EVENT_LIMIT, CHANGED_NAMESPACE_LIMIT, ERROR_LOG_ENTRIES } from './policy.js';
+import { ASYNC_EVENT_LIMIT, CHANGED_NAMESPACE_LIMIT, ERROR_LOG_ENTRIES, IN_FLIGHT_DATA_BYTES, MAX_TIMER_MS } from './policy.js';
 import {
   AdminOpcode,
   AQA,
@@ -24,6 +24,7 @@ import {
   CSTS,
   LogId,
   NVME_VERSION_1_4,
+  NvmOpcode,
   PciIdentity,
   Reg,
   SQE_SIZE,
@@ -97,6 +98,39 @@ interface SqRuntime {
   idle: Array<() => void>;
 }
 
+/** A byte budget shared by running commands; waiters are served in arrival order. */
+class ByteBudget {
+  private used = 0;
+  private readonly waiters: { bytes: number; wake: () => void }[] = [];
+
+  constructor(private readonly limit: number) {}
+
+  async acquire(bytes: number): Promise<number> {
+    const granted = Math.min(bytes, this.limit);
+    if (this.waiters.length > 0 || this.used + granted > this.limit) {
+      await new Promise<void>((wake) => this.waiters.push({ bytes: granted, wake }));
+    } else {
+      this.used += granted;
+    }
+    return granted;
+  }
+
+  release(bytes: number): void {
+    this.used -= bytes;
+    while (this.waiters.length > 0 && this.used + this.waiters[0]!.bytes <= this.limit) {
+      const next = this.waiters.shift()!;
+      this.used += next.bytes;
+      next.wake();
+    }
+  }
+}
+
+/** NVM commands whose handlers buffer NLB blocks of data. */
+const DATA_OPCODES = new Set<number>([NvmOpcode.READ, NvmOpcode.WRITE, NvmOpcode.COMPARE, NvmOpcode.VERIFY]);
+
+/** One macrotask hop: lets socket messages, timers and file I/O run between batches of guest work. */
+const yieldToEventLoop = (): Promise<void> => new Promise((resolve) => setImmediate(resolve));
+
 /** Thrown into a command's data transfer when the controller was reset under it. */
 class StaleCommandError extends Error {}
 
@@ -121,6 +155,9 @@ export class NvmeController extends PciFunction implements SubsystemController {
   private vectorsToRaise = new Set<number>();
   private raiseScheduled = false;
   private keepAliveTimer: NodeJS.Timeout | null = null;
+  private readonly dataBudget = new ByteBudget(IN_FLIGHT_DATA_BYTES);
+  /** CQs whose shadow head is being read, and those asked to read it again when done. */
+  private readonly headRefresh = new Map<number, { again: boolean }>();
   private poweredOnAt = Date.now();
   /** When the last controller reset happened (Timestamp counts from here until the host sets it). */
   private resetAt = Date.now();
@@ -271,14 +308,13 @@ export class NvmeController extends PciFunction implements SubsystemController {
     this.state.registers = { cc: 0, csts: 0, aqa: 0, asq: 0, acq: 0, intms: 0 };
   }
 
-  protected override onAttach(): void {
-    // Completions that finished while no client was attached were held; post them now.
-    for (const cq of this.state.completionQueues) if (cq) this.releaseHeld(cq);
-    this.kickAll();
-  }
+  // A new client has not mapped guest memory yet when it attaches: completions held while no
+  // client was there are posted at the host's next doorbell or bus-master enable, not now.
 
   protected override onBusMasterChange(enabled: boolean): void {
-    if (enabled) this.kickAll();
+    if (!enabled) return;
+    for (const cq of this.state.completionQueues) if (cq) this.releaseHeld(cq);
+    this.kickAll();
   }
 
   irqsChanged(index: number): void {
@@ -398,6 +434,10 @@ export class NvmeController extends PciFunction implements SubsystemController {
     if (css !== CC.CSS_NVM) problems.push(`CC.CSS ${css}`);
     if (ams !== CC.AMS_ROUND_ROBIN) problems.push(`CC.AMS ${ams}`);
     if (asqs < 2 || acqs < 2) problems.push(`AQA ${r.aqa.toString(16)}`);
+    // Like QEMU's hw/nvme: entry sizes other than ours would make us misparse every I/O queue.
+    const iosqes = (r.cc >>> CC.IOSQES_SHIFT) & CC.ES_MASK;
+    const iocqes = (r.cc >>> CC.IOCQES_SHIFT) & CC.ES_MASK;
+    if (iosqes !== SQE_SIZE_LOG2 || iocqes !== CQE_SIZE_LOG2) problems.push(`CC.IOSQES/IOCQES ${iosqes}/${iocqes}`);
     if (r.asq % this.pageSize !== 0 || r.acq % this.pageSize !== 0 || r.asq === 0 || r.acq === 0) problems.push('ASQ/ACQ alignment');
     if (r.csts & CSTS.CFS) problems.push('controller fatal status is set');
     if (problems.length > 0) {
@@ -564,11 +604,14 @@ export class NvmeController extends PciFunction implements SubsystemController {
       // The world may have changed while the read was in flight.
       if (generation !== this.generation || this.state.submissionQueues[qid] !== sq || rt.deleting || !this.canFetch()) return;
       for (let i = 0; i < count; i++) {
-        const sqe = entries.slice(i * SQE_SIZE, (i + 1) * SQE_SIZE);
+        const sqe = entries.subarray(i * SQE_SIZE, (i + 1) * SQE_SIZE);
         sq.head = (sq.head + 1) % sq.size;
         rt.outstanding++;
         void this.dispatch(sq, rt, sqe, generation);
       }
+      // With shadow doorbells every step can be an already-settled promise, so a guest that keeps
+      // moving its shadow tail would keep this loop (and the whole process) from yielding.
+      if (this.usesShadowDoorbells(qid)) await yieldToEventLoop();
     }
   }
 
@@ -578,6 +621,7 @@ export class NvmeController extends PciFunction implements SubsystemController {
     rt.executing++;
     this.commandStarted();
     let result: CommandResult | typeof DEFERRED;
+    const budget = isAdmin ? 0 : await this.dataBudget.acquire(this.dataBytes(cmd));
     try {
       const transfer = new GuestDataTransfer({
         dma: this.context!.dma,
@@ -590,12 +634,20 @@ export class NvmeController extends PciFunction implements SubsystemController {
       });
       result = await this.execute(cmd, transfer, isAdmin);
     } finally {
+      if (budget > 0) this.dataBudget.release(budget);
       rt.executing--;
       this.commandFinished();
       if (rt.executing === 0) rt.idle.splice(0).forEach((wake) => wake());
     }
     if (result === DEFERRED || generation !== this.generation) return;
     this.postCompletion({ cqid: sq.cqid, sqid: sq.qid, cid: cmd.cid, ...result });
+  }
+
+  /** Data an I/O command moves (what its handler will allocate), for the in-flight budget. */
+  private dataBytes(cmd: Command): number {
+    if (!DATA_OPCODES.has(cmd.opcode)) return 0;
+    const ns = this.namespace(cmd.nsid);
+    return ns ? ((cmd.cdw12 & 0xffff) + 1) * ns.blockSize : 0;
   }
 
   /** Runs one command through its handler; never throws. */
@@ -857,15 +909,34 @@ export class NvmeController extends PciFunction implements SubsystemController {
    */
   private async refreshShadowHead(cq: CompletionQueueState): Promise<void> {
     if (!this.state.doorbellBuffer || cq.qid === 0) return;
-    for (;;) {
-      const head = await this.readShadow(cq.qid, true);
-      if (head === null || this.state.completionQueues[cq.qid] !== cq) return;
-      if (head === cq.head) return;
-      if (!this.validCqHead(cq, head)) return this.invalidDoorbell(AsyncEventInfo.INVALID_DOORBELL_VALUE, cq.qid);
-      cq.head = head;
-      await this.updateEventIdx(cq.qid, true, head);
-      this.releaseHeld(cq);
-      // The host may have moved the head again before it saw the new EventIdx: look once more.
+    // One reader per CQ: with message-based DMA an older read could resolve after a newer one
+    // and move the head backwards.
+    const running = this.headRefresh.get(cq.qid);
+    if (running) {
+      running.again = true;
+      return;
+    }
+    const state = { again: true };
+    this.headRefresh.set(cq.qid, state);
+    try {
+      while (state.again) {
+        state.again = false;
+        const head = await this.readShadow(cq.qid, true);
+        if (head === null || this.state.completionQueues[cq.qid] !== cq || head === cq.head) continue;
+        if (!this.validCqHead(cq, head)) {
+          this.invalidDoorbell(AsyncEventInfo.INVALID_DOORBELL_VALUE, cq.qid);
+          continue;
+        }
+        cq.head = head;
+        await this.updateEventIdx(cq.qid, true, head);
+        this.releaseHeld(cq);
+        // The host may have moved the head again before it saw the new EventIdx: look once more,
+        // after letting the rest of the process run.
+        state.again = true;
+        await yieldToEventLoop();
+      }
+    } finally {
+      this.headRefresh.delete(cq.qid);
     }
   }
 
@@ -915,10 +986,17 @@ export class NvmeController extends PciFunction implements SubsystemController {
     const timeout = this.state.features.keepAliveTimeoutMs;
     if (timeout === 0 || !this.enabled) return;
     const generation = this.generation;
-    this.keepAliveTimer = setTimeout(() => {
-      if (generation === this.generation) this.fatal(`keep alive timeout (${timeout} ms) expired`);
-    }, timeout);
-    this.keepAliveTimer.unref();
+    const deadline = Date.now() + timeout;
+    const arm = (): void => {
+      const left = deadline - Date.now();
+      this.keepAliveTimer = setTimeout(() => {
+        if (generation !== this.generation) return;
+        if (Date.now() >= deadline) this.fatal(`keep alive timeout (${timeout} ms) expired`);
+        else arm();
+      }, Math.min(Math.max(left, 0), MAX_TIMER_MS));
+      this.keepAliveTimer.unref();
+    };
+    arm();
   }
 
   private stopKeepAlive(): void {

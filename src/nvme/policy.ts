@@ -14,3 +14,11 @@ export const KEEP_ALIVE_GRANULARITY = 10;
 export const COMPOSITE_TEMPERATURE = 313;
 export const WARNING_TEMPERATURE = 343;
 export const CRITICAL_TEMPERATURE = 353;
+/**
+ * Data bytes all of a controller's running commands may hold at once. Fetching goes on, but a
+ * command waits for budget before its handler allocates buffers, so a deep queue of large
+ * transfers cannot grow the process without bound (what a real device's DMA engine limits too).
+ */
+export const IN_FLIGHT_DATA_BYTES = 64 << 20;
+/** Node's timers hold at most 2^31-1 ms; longer Keep Alive timeouts are re-armed in steps. */
+export const MAX_TIMER_MS = 0x7fff_ffff;

@@ -56,10 +56,17 @@ export class DmaTable implements DmaSpace {
     let bytes: Uint8Array | null = null;
     let backing: ArrayBuffer | null = null;
     if (options.fd !== undefined) {
-      const page = BigInt(this.memory.pageSize());
-      const alignedOffset = options.fileOffset - (options.fileOffset % page);
+      const stat = this.memory.fdStat(options.fd);
+      // Touching a mapping past the end of its file is SIGBUS, which would take every controller
+      // of the process down: refuse ranges the fd does not hold.
+      if (options.fileOffset + BigInt(size) > BigInt(stat.size)) {
+        throw new VfioError(Errno.EINVAL, `DMA range ends past its fd (offset 0x${options.fileOffset.toString(16)}+0x${size.toString(16)}, fd size 0x${stat.size.toString(16)})`);
+      }
+      // hugetlbfs wants offsets aligned to its huge page, which st_blksize reports.
+      const block = BigInt(Math.max(stat.blockSize, 4096));
+      const alignedOffset = options.fileOffset - (options.fileOffset % block);
       const slack = Number(options.fileOffset - alignedOffset);
-      const length = roundUp(slack + size, Number(page));
+      const length = Math.min(roundUp(slack + size, Number(block)), Number(BigInt(stat.size) - alignedOffset));
       backing = this.memory.mmap(options.fd, alignedOffset, length, options.writable);
       bytes = new Uint8Array(backing, slack, size);
     }
@@ -99,12 +106,12 @@ export class DmaTable implements DmaSpace {
     const direct = this.view(addr, length, false);
     if (direct) return direct.slice();
     const out = new Uint8Array(length);
-    for (const piece of this.pieces(addr, length, false)) {
-      const data = piece.mapping.bytes
-        ? piece.mapping.bytes.subarray(piece.addr - piece.mapping.iova, piece.addr - piece.mapping.iova + piece.length)
-        : await this.requireRemote(addr, length).read(piece.addr, piece.length);
-      out.set(data, piece.addr - addr);
-    }
+    await this.walk(addr, length, false, async (mapping, at, n) => {
+      const data = mapping.bytes
+        ? mapping.bytes.subarray(at - mapping.iova, at - mapping.iova + n)
+        : await this.requireRemote(addr, length).read(at, n);
+      out.set(data, at - addr);
+    });
     return out;
   }
 
@@ -114,30 +121,36 @@ export class DmaTable implements DmaSpace {
       direct.set(data);
       return;
     }
-    for (const piece of this.pieces(addr, data.length, true)) {
-      const part = data.subarray(piece.addr - addr, piece.addr - addr + piece.length);
-      if (piece.mapping.bytes) piece.mapping.bytes.set(part, piece.addr - piece.mapping.iova);
-      else await this.requireRemote(addr, data.length).write(piece.addr, part);
-    }
+    await this.walk(addr, data.length, true, async (mapping, at, n) => {
+      const part = data.subarray(at - addr, at - addr + n);
+      if (mapping.bytes) mapping.bytes.set(part, at - mapping.iova);
+      else await this.requireRemote(addr, data.length).write(at, part);
+    });
   }
 
-  /** Splits [addr, addr+length) over contiguous mappings; throws DmaError at the first hole. */
-  private pieces(addr: number, length: number, forWrite: boolean): { mapping: DmaMapping; addr: number; length: number }[] {
+  /**
+   * Visits [addr, addr+length) mapping by mapping. Each step looks its mapping up afresh, so a
+   * DMA_UNMAP that lands while a message-based piece is in flight ends the walk with a DmaError
+   * instead of touching a mapping that is gone.
+   */
+  private async walk(
+    addr: number,
+    length: number,
+    forWrite: boolean,
+    visit: (mapping: DmaMapping, at: number, n: number) => Promise<void>,
+  ): Promise<void> {
     if (!Number.isSafeInteger(addr) || addr < 0 || length < 0) throw new DmaError(addr, length, 'invalid range');
-    const out: { mapping: DmaMapping; addr: number; length: number }[] = [];
-    let cursor = addr;
     const end = addr + length;
-    while (cursor < end) {
+    for (let cursor = addr; cursor < end; ) {
       const mapping = this.find(cursor);
       if (!mapping) throw new DmaError(addr, length, 'outside every mapping');
       if (forWrite ? !mapping.writable : !mapping.readable) {
         throw new DmaError(addr, length, forWrite ? 'to a read-only mapping' : 'from a write-only mapping');
       }
       const pieceEnd = Math.min(end, mapping.iova + mapping.size);
-      out.push({ mapping, addr: cursor, length: pieceEnd - cursor });
+      await visit(mapping, cursor, pieceEnd - cursor);
       cursor = pieceEnd;
     }
-    return out;
   }
 
   private requireRemote(addr: number, length: number): RemoteDma {

@@ -21,7 +21,11 @@ export class MessageFramer {
   /** fds not yet given to a message, keyed by the stream offset where their chunk ended. */
   private pendingFds: { chunkEnd: number; fds: number[] }[] = [];
 
-  constructor(private readonly maxMessageSize: number) {}
+  constructor(
+    private readonly maxMessageSize: number,
+    /** fds one message may carry; more waiting for an incomplete message is an fd-exhaustion attack. */
+    private readonly maxMessageFds = Number.MAX_SAFE_INTEGER,
+  ) {}
 
   /**
    * Adds one received chunk and returns every message it completes. `error` is set when a header
@@ -35,6 +39,11 @@ export class MessageFramer {
     }
     if (fds.length > 0) this.pendingFds.push({ chunkEnd: this.consumed + this.buffered, fds: [...fds] });
     const out: Message[] = [];
+    const waiting = this.pendingFds.reduce((n, e) => n + e.fds.length, 0);
+    if (waiting > 2 * this.maxMessageFds) {
+      // Allow the fds of two messages in flight; more means a peer is hoarding our fd table.
+      return { messages: out, error: new FramingError(`${waiting} fds wait for incomplete messages (at most ${this.maxMessageFds} per message)`) };
+    }
     for (;;) {
       if (this.buffered < HEADER_SIZE) break;
       const header = decodeHeader(this.peek(HEADER_SIZE));

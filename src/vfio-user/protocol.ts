@@ -131,4 +131,6 @@ export const Limits = {
   maxDmaMaps: 65535,
   /** Whole-message bound: the largest legal message is a 1 MiB REGION_WRITE. */
   maxMessageSize: (1 << 20) + 64,
+  /** Replies a client may leave unread before we hang up on it. */
+  maxQueuedReplyBytes: 64 << 20,
 } as const;

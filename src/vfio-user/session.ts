@@ -57,7 +57,7 @@ const FD_CARRYING = new Set<number>([Command.DMA_MAP, Command.DEVICE_SET_IRQS]);
 export class Session {
   readonly dma: DmaTable;
   readonly irqs: IrqTable;
-  private readonly framer = new MessageFramer(Limits.maxMessageSize);
+  private readonly framer = new MessageFramer(Limits.maxMessageSize, Limits.maxMessageFds);
   private negotiated: ClientCaps | null = null;
   private closed = false;
   private nextRequestId = 0;
@@ -374,6 +374,11 @@ export class Session {
   private send(header: Omit<codec.HeaderFields, 'size'>, payload?: Uint8Array, fds?: readonly number[]): void {
     if (this.closed) return;
     this.options.transport.send(codec.encodeMessage(header, payload), fds);
+    // A client that sends requests but never reads the replies would grow our queue without end.
+    if (this.options.transport.pendingWriteBytes() > Limits.maxQueuedReplyBytes) {
+      this.log.warn(`client is not reading its replies (${this.options.transport.pendingWriteBytes()} bytes queued); disconnecting`);
+      this.end();
+    }
   }
 
   private request(command: number, payload: Uint8Array): Promise<codec.Message> {
@@ -399,7 +404,7 @@ export class Session {
     this.pending.delete(reply.header.id);
     clearTimeout(pending.timer);
     if (reply.header.flags & HeaderFlags.ERROR) {
-      pending.reject(new DmaError(0, 0, `refused by the client: ${errnoName(reply.header.error)}`));
+      pending.reject(new Error(`refused by the client: ${errnoName(reply.header.error)}`));
     } else {
       pending.resolve(reply);
     }
@@ -413,8 +418,8 @@ export class Session {
     const out = new Uint8Array(length);
     for (let done = 0; done < length; ) {
       const count = Math.min(this.chunkSize(), length - done);
-      const reply = await this.request(Command.DMA_READ, codec.dmaAccess.encode({ address: BigInt(addr + done), count: BigInt(count) }));
-      const { tail } = codec.dmaAccess.decode(reply.payload, 'DMA_READ reply');
+      const reply = await this.dmaRequest(Command.DMA_READ, addr + done, count, codec.dmaAccess.encode({ address: BigInt(addr + done), count: BigInt(count) }));
+      const tail = reply.payload.subarray(PayloadSize.DMA_ACCESS);
       if (tail.length < count) throw new DmaError(addr + done, count, `short DMA_READ reply (${tail.length} bytes)`);
       out.set(tail.subarray(0, count), done);
       done += count;
@@ -426,8 +431,18 @@ export class Session {
     for (let done = 0; done < data.length; ) {
       const count = Math.min(this.chunkSize(), data.length - done);
       const chunk = data.subarray(done, done + count);
-      await this.request(Command.DMA_WRITE, codec.dmaAccess.encode({ address: BigInt(addr + done), count: BigInt(count) }, chunk));
+      await this.dmaRequest(Command.DMA_WRITE, addr + done, count, codec.dmaAccess.encode({ address: BigInt(addr + done), count: BigInt(count) }, chunk));
       done += count;
+    }
+  }
+
+  /** A DMA_READ/DMA_WRITE round trip whose every failure (refusal, timeout, disconnect) is a DmaError. */
+  private async dmaRequest(command: number, addr: number, count: number, payload: Uint8Array): Promise<codec.Message> {
+    try {
+      return await this.request(command, payload);
+    } catch (error) {
+      if (error instanceof DmaError) throw error;
+      throw new DmaError(addr, count, `${commandName(command)} failed: ${(error as Error).message}`);
     }
   }
 

@@ -4,12 +4,14 @@
 export interface Transport {
   send(data: Uint8Array, fds?: readonly number[]): void;
   close(): void;
+  /** Bytes accepted by send() but not yet written to the socket. */
+  pendingWriteBytes(): number;
 }
 
 export interface NativeMemory {
   mmap(fd: number, offset: bigint, length: number, writable: boolean): ArrayBuffer;
   munmap(buffer: ArrayBuffer): void;
-  pageSize(): number;
+  fdStat(fd: number): { size: number; blockSize: number };
 }
 
 export interface NativeEventFds {

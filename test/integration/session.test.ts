@@ -166,6 +166,18 @@ describe('DMA', () => {
     }
   });
 
+  it('refuses a mapping larger than its fd (touching it would be SIGBUS for the whole process)', async () => {
+    const small = native.memfdCreate('small', 4096);
+    try {
+      const { dmaMap } = await import('../../src/vfio-user/codec.js');
+      const payload = dmaMap.encode({ argsz: 32, flags: 3, offset: 0n, iova: 0x100000n, size: 0x100000n });
+      await expect(client.request(Command.DMA_MAP, payload, [small])).rejects.toMatchObject({ errno: Errno.EINVAL });
+      await expect(device.dma.read(0x102000, 4)).rejects.toThrow(/outside every mapping/);
+    } finally {
+      native.closeFd(small);
+    }
+  });
+
   it('refuses overlapping maps, unknown unmaps, and writes to read-only memory', async () => {
     const a = new GuestMemory(0x10000, 0x10000);
     const b = new GuestMemory(0x18000, 0x10000);

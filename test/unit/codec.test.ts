@@ -146,6 +146,15 @@ describe('message framer', () => {
     expect(new MessageFramer(20).push(msg(1, new Array(10).fill(0)), []).error?.message).toMatch(/outside/);
   });
 
+  it('declares the stream unusable when a peer hoards fds on an incomplete message', () => {
+    const framer = new MessageFramer(1 << 20, 16);
+    const big = msg(1, new Array(1000).fill(0));
+    expect(framer.push(big.subarray(0, 20), Array.from({ length: 16 }, (_, i) => i)).error).toBeUndefined();
+    const { error } = framer.push(big.subarray(20, 30), Array.from({ length: 17 }, (_, i) => 100 + i));
+    expect(error?.message).toMatch(/33 fds wait/);
+    expect(framer.drainFds()).toHaveLength(33);
+  });
+
   it('still hands over the good messages (and their fds) that precede a bad header', () => {
     const bad = msg(2, []);
     bad[4] = 3;

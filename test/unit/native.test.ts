@@ -97,8 +97,8 @@ describe('native addon', () => {
     const fds = rx.chunks.flatMap((c) => c.fds);
     expect(fds).toHaveLength(2);
     expect(fds).not.toContain(a);
-    expect(native.fdSize(fds[0]!)).toBe(page);
-    expect(native.fdSize(fds[1]!)).toBe(2 * page);
+    expect(native.fdStat(fds[0]!).size).toBe(page);
+    expect(native.fdStat(fds[1]!).size).toBe(2 * page);
 
     const mine = native.mmap(b, BigInt(page), page, true);
     const theirs = native.mmap(fds[1]!, BigInt(page), page, false);
@@ -138,7 +138,7 @@ describe('native addon', () => {
     // one recvmsg, but never bytes after it: fds belong to the last message
     // that starts in their chunk.
     expect(withFds[0]!.data.at(-1)).toBe('X'.charCodeAt(0));
-    expect(native.fdSize(withFds[0]!.fds[0]!)).toBe(4096);
+    expect(native.fdStat(withFds[0]!.fds[0]!).size).toBe(4096);
     native.closeFd(withFds[0]!.fds[0]!);
   });
 
@@ -180,8 +180,8 @@ describe('native addon', () => {
     expect(e2.message).toContain('bind');
 
     expect(errorOf(() => native.closeFd(-1))).toBeInstanceOf(RangeError);
-    expect(errorOf(() => native.fdSize('3' as unknown as number))).toBeInstanceOf(TypeError);
-    expect(errorOf(() => native.fdSize(999999)).code).toBe('EBADF');
+    expect(errorOf(() => native.fdStat('3' as unknown as number))).toBeInstanceOf(TypeError);
+    expect(errorOf(() => native.fdStat(999999)).code).toBe('EBADF');
     expect(errorOf(() => new (native.Connection as unknown as new () => unknown)())).toBeInstanceOf(TypeError);
   });
 
