@@ -274,6 +274,10 @@ interface DeviceRun {
   bootMs: number | null;
   durationMs: number;
   jobs: Map<string, JobResult>;
+  /** Most QEMU processes not started by us seen while this run's guest was up (sampled every 2 s). */
+  foreignQemu: number;
+  /** 1-minute load average when the run ended. */
+  loadEnd: number;
   /** Set when the run did not produce every workload; the table then shows n/a. */
   error?: string;
 }
@@ -321,6 +325,9 @@ async function runDevice(device: DeviceKind, rep: number, ctx: BenchContext): Pr
   // Boot (~15 s under TCG) + precondition + each job's runtime and fio's own start-up, doubled.
   const timeoutMs = (60 + WORKLOADS.length * (opts.runtimeSec + 10)) * 2 * 1000;
   console.error(`[bench] ${DEVICE_LABEL[device]} run ${rep}: booting the guest`);
+  // Another engineer's guests on the same 2 CPUs explain outliers: note them per run.
+  let foreignQemu = foreignQemuCount();
+  const watch = setInterval(() => (foreignQemu = Math.max(foreignQemu, foreignQemuCount())), 2000);
   let run: GuestRun;
   try {
     run = await runGuest({
@@ -333,6 +340,7 @@ async function runDevice(device: DeviceKind, rep: number, ctx: BenchContext): Pr
       onSerialLine: (line) => cpu.onLine(line),
     });
   } finally {
+    clearInterval(watch);
     const serverAlive = server?.alive() ?? true;
     await server?.stop();
     fs.rmSync(image, { force: true });
@@ -347,7 +355,9 @@ async function runDevice(device: DeviceKind, rep: number, ctx: BenchContext): Pr
   }
   const pre = fio.get('precondition');
   const missing = WORKLOADS.filter((w) => !jobs.has(w.id)).map((w) => w.id);
-  const result: DeviceRun = { device, rep, accel: run.accel, bootMs: run.bootMs, durationMs: run.durationMs, jobs };
+  const result: DeviceRun = {
+    device, rep, accel: run.accel, bootMs: run.bootMs, durationMs: run.durationMs, jobs, foreignQemu, loadEnd: os.loadavg()[0]!,
+  };
   if (run.exitCode !== 0 || missing.length) {
     result.error = `exit ${run.exitCode}${missing.length ? `, missing ${missing.join(', ')}` : ''}`;
     // The tail of the console usually names the reason (fio error, driver timeout, QEMU error).
@@ -455,7 +465,7 @@ function resultsTable(runs: DeviceRun[], devices: DeviceKind[]): string {
 /** CPU-seconds per 1000 I/Os, from the START/END samples and fio's I/O count. */
 function cpuTable(runs: DeviceRun[], devices: DeviceKind[]): string {
   const per1k = (cpuS: number | undefined, ios: number): number | undefined => (cpuS !== undefined && ios > 0 ? (cpuS / ios) * 1000 : undefined);
-  const header = ['workload', 'our server CPU-s (per run)', 'our server CPU-ms / 1k IOs',
+  const header = ['workload', 'our server CPU-s', 'our server CPU-ms / 1k IOs',
     ...devices.map((d) => `QEMU CPU-ms / 1k IOs, ${DEVICE_LABEL[d]}`)];
   const rows = WORKLOADS.map((w) => {
     const row = [w.label];
@@ -471,6 +481,15 @@ function cpuTable(runs: DeviceRun[], devices: DeviceKind[]): string {
     return row;
   });
   return markdownTable(header, rows);
+}
+
+/** One line per guest boot: where the noise came from. */
+function runsTable(runs: DeviceRun[]): string {
+  const rows = runs.map((r) => [
+    DEVICE_LABEL[r.device], String(r.rep), r.bootMs === null ? 'n/a' : (r.bootMs / 1000).toFixed(1),
+    (r.durationMs / 1000).toFixed(1), String(r.foreignQemu), r.loadEnd.toFixed(2), r.error ?? 'ok',
+  ]);
+  return markdownTable(['device', 'run', 'boot s', 'wall s', 'other QEMUs on the host', 'load (1 min) at end', 'result'], rows);
 }
 
 function qemuVersion(): string {
@@ -528,15 +547,22 @@ function report(runs: DeviceRun[], o: Options, meta: Meta): string {
     `- backing: 1 GiB sparse files on /dev/shm; QEMU drives \`format=raw,cache=none,aio=${meta.aio}\`; ours \`serve --namespace file=…,size=1G --log-level warn\``,
     `- ${fioLine}`,
     `- load average before / after: ${meta.loadBefore} / ${meta.loadAfter}; other QEMU processes seen (max): ${meta.foreignQemuMax}` +
-      (meta.foreignQemuMax > 0 ? ' — **another workload shared the 2 CPUs: numbers are noisy**' : ''),
+      // The benchmark itself keeps ~2-3 threads busy; load already there before it started is someone else's.
+      (meta.foreignQemuMax > 0 || Number(meta.loadBefore.split(' ')[0]) >= 1
+        ? ' — **other work shared the CPUs: numbers are noisy**'
+        : ''),
     '',
     'Values are per run ("run 1 / run 2"); ratios compare the means (IOPS, MiB/s: >1 = ours faster; latency: >1 = ours slower).',
     '',
     resultsTable(runs, o.devices),
     '',
-    'CPU time between the START/END markers around each fio job (includes fio start-up in the guest, a second or so):',
+    'CPU time (user+sys from /proc/<pid>/stat) between the START/END markers around each fio job, which include fio start-up ' +
+      'in the guest (a second or so). CPU-ms per 1000 I/Os equals CPU-µs per I/O. Our server runs beside QEMU, so the cost ' +
+      'of our device to the host is the server column plus the QEMU column of "ours".',
     '',
     cpuTable(runs, o.devices),
+    '',
+    runsTable(runs),
     '',
     failed.length ? `Failed runs: ${failed.map((r) => `${r.device} #${r.rep} (${r.error})`).join('; ')}` : 'All runs completed.',
     '',
@@ -551,19 +577,17 @@ async function main(): Promise<void> {
   const workDir = fs.mkdtempSync(path.join(os.tmpdir(), 'nvu-bench-'));
   const startedAt = new Date();
   const loadBefore = os.loadavg().map((l) => l.toFixed(2)).join(' ');
-  let foreignQemuMax = foreignQemuCount();
   try {
     const ctx: BenchContext = { opts, workDir, aio: await probeAio(workDir) };
     const runs: DeviceRun[] = [];
     // Interleaved (A B C A B C) so slow drift in the machine's load spreads over all devices.
     for (let rep = 1; rep <= opts.reps; rep++) {
       for (const device of opts.devices) {
-        foreignQemuMax = Math.max(foreignQemuMax, foreignQemuCount());
         try {
           runs.push(await runDevice(device, rep, ctx));
         } catch (e) {
           console.error(`[bench] ${DEVICE_LABEL[device]} run ${rep}: ${(e as Error).message}`);
-          runs.push({ device, rep, bootMs: null, durationMs: 0, jobs: new Map(), error: (e as Error).message });
+          runs.push({ device, rep, bootMs: null, durationMs: 0, jobs: new Map(), foreignQemu: 0, loadEnd: os.loadavg()[0]!, error: (e as Error).message });
         }
       }
     }
@@ -575,7 +599,7 @@ async function main(): Promise<void> {
       aio: ctx.aio,
       loadBefore,
       loadAfter: os.loadavg().map((l) => l.toFixed(2)).join(' '),
-      foreignQemuMax,
+      foreignQemuMax: Math.max(0, ...runs.map((r) => r.foreignQemu)),
     });
     process.stdout.write(md);
     fs.mkdirSync(path.dirname(opts.out), { recursive: true });
