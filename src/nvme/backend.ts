@@ -139,11 +139,15 @@ export class FileBackend implements BlockBackend {
   }
 
   async read(offset: number, length: number): Promise<Uint8Array> {
-    const out = Buffer.alloc(length);
+    // Not zeroed up front: the read fills it, and only a short read past EOF needs zeros.
+    const out = Buffer.allocUnsafe(length);
     let done = 0;
     while (done < length) {
       const { bytesRead } = await this.handle.read(out, done, length - done, offset + done);
-      if (bytesRead === 0) break; // past EOF of a shorter file: the rest reads as zeros
+      if (bytesRead === 0) {
+        out.fill(0, done); // past EOF of a shorter file: the rest reads as zeros
+        break;
+      }
       done += bytesRead;
     }
     return new Uint8Array(out.buffer, out.byteOffset, out.length);

@@ -19,6 +19,7 @@ import {
   AsyncEventType,
   Cap,
   CC,
+  Cqe,
   CQE_SIZE,
   CQE_SIZE_LOG2,
   CSTS,
@@ -715,12 +716,13 @@ export class NvmeController extends PciFunction implements SubsystemController {
     const sq = this.state.submissionQueues[entry.sqid];
     const cqe = new Uint8Array(CQE_SIZE);
     const v = new DataView(cqe.buffer);
-    v.setUint32(0, entry.dw0 >>> 0, true);
-    v.setUint32(4, entry.dw1 >>> 0, true);
-    v.setUint16(8, sq ? sq.head : 0, true);
-    v.setUint16(10, entry.sqid, true);
-    v.setUint16(12, entry.cid, true);
-    v.setUint16(14, ((entry.status << 1) | cq.phase) & 0xffff, true);
+    v.setUint32(Cqe.DW0, entry.dw0 >>> 0, true);
+    v.setUint32(Cqe.DW1, entry.dw1 >>> 0, true);
+    v.setUint16(Cqe.SQHD, sq ? sq.head : 0, true);
+    v.setUint16(Cqe.SQID, entry.sqid, true);
+    v.setUint16(Cqe.CID, entry.cid, true);
+    // Phase tag and status share the last word, written last: the host polls the phase.
+    v.setUint16(Cqe.STATUS_PHASE, ((entry.status << Cqe.STATUS_SHIFT) | cq.phase) & 0xffff, true);
     const addr = cq.base + cq.tail * CQE_SIZE;
     cq.tail = (cq.tail + 1) % cq.size;
     if (cq.tail === 0) cq.phase ^= 1;

@@ -3,7 +3,7 @@
 
 import type { NvmeController } from './controller.js';
 import { COMPOSITE_TEMPERATURE, ERROR_LOG_ENTRIES } from './policy.js';
-import { AdminOpcode, CommandEffect, LogId, NSID_BROADCAST, NvmOpcode, Status } from './spec.js';
+import { AdminOpcode, CommandEffect, Cqe, LogId, NSID_BROADCAST, NvmOpcode, Status } from './spec.js';
 import { CommandError } from './transfer.js';
 import { PageWriter } from './page-writer.js';
 
@@ -17,7 +17,7 @@ function errorInformation(c: NvmeController): Uint8Array {
     w.u128(at, e.errorCount);
     w.u16(at + 8, e.sqid);
     w.u16(at + 10, e.cid);
-    w.u16(at + 12, (e.status << 1) & 0xffff);
+    w.u16(at + 12, (e.status << Cqe.STATUS_SHIFT) & 0xffff);
     w.u16(at + 14, e.parameterLocation);
     w.u128(at + 16, e.lba);
     w.u32(at + 24, e.nsid);

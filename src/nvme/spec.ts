@@ -117,6 +117,9 @@ export const Sqe = {
   FUSE_MASK: 0x3,
 } as const;
 
+/** Completion queue entry (Base §4.2.1, Figure 89): the status field sits above the phase tag. */
+export const Cqe = { DW0: 0, DW1: 4, SQHD: 8, SQID: 10, CID: 12, STATUS_PHASE: 14, STATUS_SHIFT: 1 } as const;
+
 export const Psdt = { PRP: 0, SGL_MPTR_CONTIGUOUS: 1, SGL_MPTR_SGL: 2 } as const;
 
 export const NSID_BROADCAST = 0xffff_ffff;

@@ -198,10 +198,14 @@ export class GuestDataTransfer implements DataTransfer {
   async toHost(data: Uint8Array): Promise<void> {
     const segments = await this.segments(data.length);
     this.options.guard();
+    const { dma } = this.options;
     let done = 0;
     for (const s of segments) {
       const chunk = data.subarray(done, done + s.length);
-      await dataAccess(() => guestWrite(this.options.dma, s.addr, chunk));
+      // Mapped guest memory is written in place; only message-based DMA needs to wait.
+      const view = dma.view(s.addr, s.length, true);
+      if (view) view.set(chunk);
+      else await dataAccess(() => dma.write(s.addr, chunk));
       done += s.length;
     }
   }
@@ -209,11 +213,13 @@ export class GuestDataTransfer implements DataTransfer {
   async fromHost(length: number): Promise<Uint8Array> {
     const segments = await this.segments(length);
     this.options.guard();
-    if (segments.length === 1) return dataAccess(() => guestRead(this.options.dma, segments[0]!.addr, length));
-    const out = new Uint8Array(length);
+    const { dma } = this.options;
+    // Every byte is overwritten below, so the buffer need not be zeroed first.
+    const out = Buffer.allocUnsafe(length);
     let done = 0;
     for (const s of segments) {
-      out.set(await dataAccess(() => guestRead(this.options.dma, s.addr, s.length)), done);
+      const view = dma.view(s.addr, s.length, false);
+      out.set(view ?? (await dataAccess(() => dma.read(s.addr, s.length))), done);
       done += s.length;
     }
     return out;

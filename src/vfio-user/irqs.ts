@@ -18,6 +18,8 @@ export interface SetIrqsRequest {
 export class IrqTable implements IrqSink {
   private readonly vectors: (number | undefined)[][];
   private readonly masked: boolean[][];
+  /** Per index: level interrupts the client expects us to mask after each trigger. */
+  private readonly automasked: boolean[];
 
   constructor(
     private readonly native: NativeEventFds,
@@ -26,6 +28,7 @@ export class IrqTable implements IrqSink {
   ) {
     this.vectors = Array.from({ length: indexCount }, () => []);
     this.masked = Array.from({ length: indexCount }, () => []);
+    this.automasked = Array.from({ length: indexCount }, (_, i) => (info(i).flags & IrqInfoFlags.AUTOMASKED) !== 0);
   }
 
   trigger(index: number, vector: number): boolean {
@@ -34,7 +37,7 @@ export class IrqTable implements IrqSink {
     this.native.eventfdWrite(fd, 1n);
     // An AUTOMASKED (level) interrupt stays masked until the client's UNMASK, which QEMU sends after
     // the guest's EOI; the device then re-asserts if it still has work pending.
-    if (this.info(index).flags & IrqInfoFlags.AUTOMASKED) this.masked[index]![vector] = true;
+    if (this.automasked[index]) this.masked[index]![vector] = true;
     return true;
   }
 

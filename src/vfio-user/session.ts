@@ -64,10 +64,13 @@ export class Session {
   private readonly pending = new Map<number, PendingRequest>();
   private readonly device: VfioDevice;
   private readonly log: Logger;
+  /** Region sizes never change for a device: looked up once, not on every MMIO access. */
+  private readonly regionSizes: number[];
 
   constructor(private readonly options: SessionOptions) {
     this.device = options.device;
     this.log = options.log;
+    this.regionSizes = Array.from({ length: this.device.deviceInfo().numRegions }, (_, i) => this.device.regionInfo(i).size);
     this.dma = new DmaTable(options.native, Limits.maxDmaMaps, {
       read: (addr, length) => this.remoteDmaRead(addr, length),
       write: (addr, data) => this.remoteDmaWrite(addr, data),
@@ -145,7 +148,7 @@ export class Session {
       if (header.command !== Command.VERSION && !this.negotiated) {
         throw new VfioError(Errno.EINVAL, `${commandName(header.command)} before VERSION`);
       }
-      const reply = this.execute(message);
+      const reply = this.execute(message, noReply);
       if (!noReply) this.sendReply(header, reply.payload, reply.fds);
     } catch (error) {
       this.closeFds(message.fds);
@@ -167,7 +170,7 @@ export class Session {
   }
 
   /** Runs one command; fds in `message` become the handler's to keep or close. */
-  private execute(message: codec.Message): { payload?: Uint8Array; fds?: number[] } {
+  private execute(message: codec.Message, noReply: boolean): { payload?: Uint8Array; fds?: number[] } {
     const { header, payload, fds } = message;
     switch (header.command) {
       case Command.VERSION:
@@ -191,7 +194,7 @@ export class Session {
       case Command.REGION_READ:
         return { payload: this.regionRead(payload) };
       case Command.REGION_WRITE:
-        return { payload: this.regionWrite(payload) };
+        return { payload: this.regionWrite(payload, noReply) };
       case Command.DEVICE_RESET:
         expectEmpty(payload, 'DEVICE_RESET');
         this.device.reset();
@@ -334,14 +337,15 @@ export class Session {
     return codec.regionAccess.encode({ offset: request.offset, region: request.region, count: request.count }, data);
   }
 
-  private regionWrite(payload: Uint8Array): Uint8Array {
+  /** Posted (NO_REPLY) writes are the doorbell hot path: no reply is built for them. */
+  private regionWrite(payload: Uint8Array, noReply: boolean): Uint8Array | undefined {
     const request = codec.regionAccess.decode(payload, 'REGION_WRITE');
     const offset = this.checkRegionAccess(request.region, request.offset, request.count);
     if (request.tail.length !== request.count) {
       throw new VfioError(Errno.EINVAL, `REGION_WRITE count ${request.count} but ${request.tail.length} data bytes`);
     }
     this.device.regionWrite(request.region, offset, request.tail);
-    return codec.regionAccess.encode({ offset: request.offset, region: request.region, count: request.count });
+    return noReply ? undefined : codec.regionAccess.encode({ offset: request.offset, region: request.region, count: request.count });
   }
 
   private regionWriteMulti(payload: Uint8Array): Uint8Array {
@@ -352,14 +356,15 @@ export class Session {
   }
 
   private checkRegionIndex(index: number): void {
-    if (index >= this.device.deviceInfo().numRegions) throw new VfioError(Errno.EINVAL, `region ${index} out of range`);
+    if (index >= this.regionSizes.length) throw new VfioError(Errno.EINVAL, `region ${index} out of range`);
   }
 
   private checkRegionAccess(region: number, offset: bigint, count: number): number {
     this.checkRegionIndex(region);
     if (count === 0 || count > Limits.maxDataTransfer) throw new VfioError(Errno.EINVAL, `region access of ${count} bytes`);
-    const size = BigInt(this.device.regionInfo(region).size);
-    if (offset + BigInt(count) > size) {
+    const size = this.regionSizes[region]!;
+    // Region sizes are far below 2^53: compare as numbers unless the offset is huge.
+    if (offset > BigInt(size) || Number(offset) + count > size) {
       throw new VfioError(Errno.EINVAL, `region ${region} access 0x${offset.toString(16)}+${count} past its size 0x${size.toString(16)}`);
     }
     return Number(offset);

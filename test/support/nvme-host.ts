@@ -74,7 +74,7 @@ export class HostQueue {
       const c = this.poll();
       if (c) return c;
       if (Date.now() > deadline) throw new Error(`queue ${this.id}: no completion within ${timeoutMs} ms`);
-      await new Promise((r) => setTimeout(r, 1));
+      await new Promise((r) => setImmediate(r));
     }
   }
 
