@@ -12,6 +12,10 @@ export interface BlockBackend {
   readonly volatileCache: boolean;
   read(offset: number, length: number): Promise<Uint8Array>;
   write(offset: number, data: Uint8Array): Promise<void>;
+  /** Fills `targets` in order from [offset, offset + their total length): reads straight into guest memory. */
+  readv(offset: number, targets: readonly Uint8Array[]): Promise<void>;
+  /** Stores the concatenation of `sources` at `offset`: writes straight from guest memory. */
+  writev(offset: number, sources: readonly Uint8Array[]): Promise<void>;
   /** Makes every acknowledged write durable. */
   flush(): Promise<void>;
   /** Deallocates the range; later reads return zeros. */
@@ -25,36 +29,85 @@ export interface BlockBackend {
 /** Zeroing/discard works through bounded chunks so a huge range never allocates a huge buffer. */
 const ZERO_CHUNK = 1 << 20;
 
+/** read/write for callers that want a buffer, on top of each backend's scatter/gather. */
+abstract class VectoredBackend implements BlockBackend {
+  abstract readonly size: number;
+  abstract readonly volatileCache: boolean;
+  abstract readv(offset: number, targets: readonly Uint8Array[]): Promise<void>;
+  abstract writev(offset: number, sources: readonly Uint8Array[]): Promise<void>;
+  abstract flush(): Promise<void>;
+  abstract discard(offset: number, length: number): Promise<void>;
+  abstract writeZeroes(offset: number, length: number): Promise<void>;
+  abstract close(): Promise<void>;
+  abstract describe(): string;
+
+  async read(offset: number, length: number): Promise<Uint8Array> {
+    // Not zeroed up front: readv fills every byte.
+    const out = Buffer.allocUnsafe(length);
+    await this.readv(offset, [out]);
+    return new Uint8Array(out.buffer, out.byteOffset, out.length);
+  }
+
+  write(offset: number, data: Uint8Array): Promise<void> {
+    return this.writev(offset, [data]);
+  }
+}
+
+/** The views left once `n` bytes of them were transferred (a short readv/writev). */
+function advance(views: readonly Uint8Array[], n: number): Uint8Array[] {
+  const out: Uint8Array[] = [];
+  let skip = n;
+  for (const v of views) {
+    if (skip >= v.length) {
+      skip -= v.length;
+      continue;
+    }
+    out.push(skip > 0 ? v.subarray(skip) : v);
+    skip = 0;
+  }
+  return out;
+}
+
+const totalLength = (views: readonly Uint8Array[]): number => views.reduce((n, v) => n + v.length, 0);
+
 /** Guest RAM-like storage: sparse chunks allocated on first write, so a large namespace costs nothing until used. */
-export class RamBackend implements BlockBackend {
+export class RamBackend extends VectoredBackend {
   readonly volatileCache = false;
   private readonly chunks = new Map<number, Uint8Array>();
   private static readonly CHUNK = 1 << 20;
 
   constructor(readonly size: number) {
+    super();
     if (!Number.isSafeInteger(size) || size <= 0) throw new RangeError(`RAM backend size ${size} is invalid`);
   }
 
-  async read(offset: number, length: number): Promise<Uint8Array> {
-    this.check(offset, length);
-    const out = new Uint8Array(length);
-    this.each(offset, length, (chunk, at, done, n) => {
-      const data = this.chunks.get(chunk);
-      if (data) out.set(data.subarray(at, at + n), done);
-    });
-    return out;
+  async readv(offset: number, targets: readonly Uint8Array[]): Promise<void> {
+    this.check(offset, totalLength(targets));
+    let pos = offset;
+    for (const target of targets) {
+      this.each(pos, target.length, (chunk, at, done, n) => {
+        const data = this.chunks.get(chunk);
+        if (data) target.set(data.subarray(at, at + n), done);
+        else target.fill(0, done, done + n);
+      });
+      pos += target.length;
+    }
   }
 
-  async write(offset: number, data: Uint8Array): Promise<void> {
-    this.check(offset, data.length);
-    this.each(offset, data.length, (chunk, at, done, n) => {
-      let target = this.chunks.get(chunk);
-      if (!target) {
-        target = new Uint8Array(RamBackend.CHUNK);
-        this.chunks.set(chunk, target);
-      }
-      target.set(data.subarray(done, done + n), at);
-    });
+  async writev(offset: number, sources: readonly Uint8Array[]): Promise<void> {
+    this.check(offset, totalLength(sources));
+    let pos = offset;
+    for (const source of sources) {
+      this.each(pos, source.length, (chunk, at, done, n) => {
+        let target = this.chunks.get(chunk);
+        if (!target) {
+          target = new Uint8Array(RamBackend.CHUNK);
+          this.chunks.set(chunk, target);
+        }
+        target.set(source.subarray(done, done + n), at);
+      });
+      pos += source.length;
+    }
   }
 
   async flush(): Promise<void> {}
@@ -105,7 +158,7 @@ export interface FileBackendOptions {
 }
 
 /** A raw image file. Writes land in the page cache (a volatile write cache); flush() is fdatasync. */
-export class FileBackend implements BlockBackend {
+export class FileBackend extends VectoredBackend {
   readonly volatileCache = true;
   /** Cleared the first time the file system refuses hole punching. */
   private punchHoles = true;
@@ -114,7 +167,9 @@ export class FileBackend implements BlockBackend {
     private readonly handle: FileHandle,
     readonly path: string,
     readonly size: number,
-  ) {}
+  ) {
+    super();
+  }
 
   static async open(path: string, options: FileBackendOptions = {}): Promise<FileBackend> {
     const existing = await stat(path).catch((err: NodeJS.ErrnoException) => {
@@ -138,26 +193,28 @@ export class FileBackend implements BlockBackend {
     }
   }
 
-  async read(offset: number, length: number): Promise<Uint8Array> {
-    // Not zeroed up front: the read fills it, and only a short read past EOF needs zeros.
-    const out = Buffer.allocUnsafe(length);
-    let done = 0;
-    while (done < length) {
-      const { bytesRead } = await this.handle.read(out, done, length - done, offset + done);
+  async readv(offset: number, targets: readonly Uint8Array[]): Promise<void> {
+    let pending = targets.filter((t) => t.length > 0);
+    let pos = offset;
+    while (pending.length > 0) {
+      // libuv passes at most IOV_MAX buffers per call; a short read continues where it stopped.
+      const { bytesRead } = await this.handle.readv(pending, pos);
       if (bytesRead === 0) {
-        out.fill(0, done); // past EOF of a shorter file: the rest reads as zeros
-        break;
+        for (const t of pending) t.fill(0); // past EOF of a shorter file: the rest reads as zeros
+        return;
       }
-      done += bytesRead;
+      pos += bytesRead;
+      pending = advance(pending, bytesRead);
     }
-    return new Uint8Array(out.buffer, out.byteOffset, out.length);
   }
 
-  async write(offset: number, data: Uint8Array): Promise<void> {
-    let done = 0;
-    while (done < data.length) {
-      const { bytesWritten } = await this.handle.write(data, done, data.length - done, offset + done);
-      done += bytesWritten;
+  async writev(offset: number, sources: readonly Uint8Array[]): Promise<void> {
+    let pending = sources.filter((v) => v.length > 0);
+    let pos = offset;
+    while (pending.length > 0) {
+      const { bytesWritten } = await this.handle.writev(pending, pos);
+      pos += bytesWritten;
+      pending = advance(pending, bytesWritten);
     }
   }
 

@@ -470,8 +470,17 @@ export class NvmeController extends PciFunction implements SubsystemController {
     s.features = defaultFeatures(this.maxIoQueues);
     s.asyncEvents = { outstanding: [], queued: [], masked: [] };
     s.doorbellBuffer = null;
-    r.csts = 0;
     r.intms = 0;
+    // Reads land in guest memory straight from the backend: until the commands already running
+    // have finished, CSTS.RDY stays set, so the host (which waits for RDY=0) reuses no buffer we
+    // may still write. Their completions are dropped either way.
+    r.csts = this.inflight > 0 ? CSTS.RDY : 0;
+    if (this.inflight > 0) {
+      const generation = this.generation;
+      void this.waitIdle().then(() => {
+        if (generation === this.generation && !(r.cc & CC.EN)) r.csts &= ~CSTS.RDY;
+      });
+    }
   }
 
   private async shutdown(): Promise<void> {

@@ -57,8 +57,7 @@ function mustFlush(c: NvmeController, ns: Namespace, cmd: Command): boolean {
 const read: IoHandler = async (c, ns, cmd, data) => {
   const r = lbaRange(ns, cmd);
   checkTransferSize(c, r.bytes);
-  const bytes = await media(c, Status.UNRECOVERED_READ_ERROR, () => ns.backend.read(r.offset, r.bytes));
-  await data.toHost(bytes);
+  await data.direct(r.bytes, true, (buffers) => media(c, Status.UNRECOVERED_READ_ERROR, () => ns.backend.readv(r.offset, buffers)));
   c.state.smart.hostReadCommands++;
   c.state.smart.dataUnitsRead += r.bytes / UNITS_512;
 };
@@ -66,11 +65,12 @@ const read: IoHandler = async (c, ns, cmd, data) => {
 const write: IoHandler = async (c, ns, cmd, data) => {
   const r = lbaRange(ns, cmd);
   checkTransferSize(c, r.bytes);
-  const bytes = await data.fromHost(r.bytes);
-  await media(c, Status.WRITE_FAULT, async () => {
-    await ns.backend.write(r.offset, bytes);
-    if (mustFlush(c, ns, cmd)) await ns.backend.flush();
-  });
+  await data.direct(r.bytes, false, (buffers) =>
+    media(c, Status.WRITE_FAULT, async () => {
+      await ns.backend.writev(r.offset, buffers);
+      if (mustFlush(c, ns, cmd)) await ns.backend.flush();
+    }),
+  );
   c.state.smart.hostWriteCommands++;
   c.state.smart.dataUnitsWritten += r.bytes / UNITS_512;
 };

@@ -3,7 +3,7 @@
 // guest's DmaSpace, for in-process callers it is a plain buffer. A bad pointer or descriptor
 // becomes a CommandError with the status the spec names for it.
 
-import { DmaError, type DmaSpace } from '../vfio-user/device.js';
+import { DmaError, type DmaSpace, type PinnedView } from '../vfio-user/device.js';
 import { Psdt, SGL_DESCRIPTOR_SIZE, SGL_SUBTYPE_ADDRESS, SglType, Sqe, Status } from './spec.js';
 
 /** Completes the command with `status` (thrown by handlers and walkers, caught by the dispatcher). */
@@ -24,6 +24,12 @@ export interface DataTransfer {
   toHost(data: Uint8Array): Promise<void>;
   /** Reads the first `length` bytes of the host's data buffer. */
   fromHost(length: number): Promise<Uint8Array>;
+  /**
+   * Runs `io` on the host's data buffer itself (the first `length` bytes, as scatter/gather
+   * pieces), so a backend can read into or write from guest memory with no copy. `toHost` says
+   * which way the data flows. Falls back to a bounce buffer where memory cannot be pinned.
+   */
+  direct(length: number, toHost: boolean, io: (buffers: Uint8Array[]) => Promise<void>): Promise<void>;
 }
 
 /** A guest-physical range. */
@@ -225,6 +231,34 @@ export class GuestDataTransfer implements DataTransfer {
     return out;
   }
 
+  async direct(length: number, toHost: boolean, io: (buffers: Uint8Array[]) => Promise<void>): Promise<void> {
+    const segments = await this.segments(length);
+    this.options.guard();
+    const pins: PinnedView[] = [];
+    try {
+      for (const s of segments) {
+        const pin = this.options.dma.pin(s.addr, s.length, toHost);
+        if (!pin) break;
+        pins.push(pin);
+      }
+      if (pins.length === segments.length) {
+        // Pinned: a DMA_UNMAP meanwhile waits for us instead of pulling the memory away.
+        await io(pins.map((p) => p.bytes));
+        return;
+      }
+    } finally {
+      for (const pin of pins) pin.release();
+    }
+    // Message-based DMA (no fd) or a bad pointer: go through a bounce buffer and the copy path.
+    if (toHost) {
+      const bounce = Buffer.allocUnsafe(length);
+      await io([bounce]);
+      await this.toHost(bounce);
+    } else {
+      await io([await this.fromHost(length)]);
+    }
+  }
+
   private segments(length: number): Promise<Segment[]> {
     const { dma, sqe, pageSize, allowSgl } = this.options;
     const psdt = (sqe[Sqe.FLAGS]! >> Sqe.PSDT_SHIFT) & Sqe.PSDT_MASK;
@@ -250,5 +284,15 @@ export class BufferDataTransfer implements DataTransfer {
       throw new CommandError(Status.DATA_SGL_LENGTH_INVALID, `command needs ${length} bytes of data, caller gave ${this.input?.length ?? 0}`);
     }
     return this.input.slice(0, length);
+  }
+
+  async direct(length: number, toHost: boolean, io: (buffers: Uint8Array[]) => Promise<void>): Promise<void> {
+    if (toHost) {
+      const out = Buffer.allocUnsafe(length);
+      await io([out]);
+      this.output = out;
+    } else {
+      await io([await this.fromHost(length)]);
+    }
   }
 }

@@ -40,10 +40,21 @@ export interface IrqInfo {
   flags: number;
 }
 
+/** A view of guest memory that stays mapped until released, even if the client unmaps it meanwhile. */
+export interface PinnedView {
+  bytes: Uint8Array;
+  release(): void;
+}
+
 /** Guest memory as the device sees it: bounds-checked, by guest-physical address. */
 export interface DmaSpace {
-  /** A zero-copy view when [addr, addr+length) lies in one fd-backed mapping, else null. */
+  /**
+   * A zero-copy view when [addr, addr+length) lies in one fd-backed mapping, else null. Valid only
+   * until the next await: a DMA_UNMAP may take the memory away.
+   */
   view(addr: number, length: number, forWrite: boolean): Uint8Array | null;
+  /** Like view(), but the memory stays mapped until release(): for I/O that outlives this turn. */
+  pin(addr: number, length: number, forWrite: boolean): PinnedView | null;
   read(addr: number, length: number): Promise<Uint8Array>;
   write(addr: number, data: Uint8Array): Promise<void>;
 }

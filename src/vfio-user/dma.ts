@@ -1,7 +1,7 @@
 // The client's DMA table: every guest-physical range the device may touch. fd-backed ranges are
 // mmapped once and accessed in place; ranges without an fd go through DMA_READ/DMA_WRITE messages.
 
-import { DmaError, VfioError, type DmaSpace } from './device.js';
+import { DmaError, VfioError, type DmaSpace, type PinnedView } from './device.js';
 import { Errno } from './protocol.js';
 import type { NativeMemory } from './transport.js';
 
@@ -14,6 +14,9 @@ export interface DmaMapping {
   bytes: Uint8Array | null;
   /** The whole mmapped buffer (page-rounded), kept to unmap it. */
   backing: ArrayBuffer | null;
+  /** Pinned views in use: the munmap of a mapping the client removed waits for them. */
+  pins: number;
+  removed: boolean;
 }
 
 /** Carries DMA for ranges without an fd: the session's DMA_READ/DMA_WRITE requests. */
@@ -77,6 +80,8 @@ export class DmaTable implements DmaSpace {
       writable: options.writable,
       bytes,
       backing,
+      pins: 0,
+      removed: false,
     });
   }
 
@@ -95,11 +100,34 @@ export class DmaTable implements DmaSpace {
   }
 
   view(addr: number, length: number, forWrite: boolean): Uint8Array | null {
-    const mapping = this.find(addr);
-    if (!mapping || !mapping.bytes || addr + length > mapping.iova + mapping.size) return null;
-    if (forWrite ? !mapping.writable : !mapping.readable) return null;
+    const mapping = this.directMapping(addr, length, forWrite);
+    if (!mapping) return null;
     const start = addr - mapping.iova;
-    return mapping.bytes.subarray(start, start + length);
+    return mapping.bytes!.subarray(start, start + length);
+  }
+
+  pin(addr: number, length: number, forWrite: boolean): PinnedView | null {
+    const mapping = this.directMapping(addr, length, forWrite);
+    if (!mapping) return null;
+    mapping.pins++;
+    const start = addr - mapping.iova;
+    let released = false;
+    return {
+      bytes: mapping.bytes!.subarray(start, start + length),
+      release: () => {
+        if (released) return;
+        released = true;
+        mapping.pins--;
+        if (mapping.removed && mapping.pins === 0) this.memory.munmap(mapping.backing!);
+      },
+    };
+  }
+
+  private directMapping(addr: number, length: number, forWrite: boolean): DmaMapping | undefined {
+    const mapping = this.find(addr);
+    if (!mapping || !mapping.bytes || addr + length > mapping.iova + mapping.size) return undefined;
+    if (forWrite ? !mapping.writable : !mapping.readable) return undefined;
+    return mapping;
   }
 
   async read(addr: number, length: number): Promise<Uint8Array> {
@@ -176,8 +204,10 @@ export class DmaTable implements DmaSpace {
     return lo;
   }
 
+  /** Leaves the table now; the memory goes once no pinned view uses it (the protocol's rule). */
   private release(mapping: DmaMapping): void {
-    if (mapping.backing) this.memory.munmap(mapping.backing);
+    mapping.removed = true;
+    if (mapping.backing && mapping.pins === 0) this.memory.munmap(mapping.backing);
   }
 }
 

@@ -166,6 +166,23 @@ describe('DMA', () => {
     }
   });
 
+  it('keeps memory a running I/O pinned mapped across DMA_UNMAP, and unmaps it when released', async () => {
+    const ram = new GuestMemory(0x100000, 0x10000);
+    try {
+      await client.dmaMap(ram);
+      ram.bytes.set([7, 7, 7, 7], 0x100);
+      const pinned = device.dma.pin(0x100100, 4, false)!;
+      await client.dmaUnmap(0x100000, 0x10000);
+      // Gone for new accesses, still there for the I/O that holds it.
+      expect(device.dma.view(0x100100, 4, false)).toBeNull();
+      expect(Array.from(pinned.bytes)).toEqual([7, 7, 7, 7]);
+      pinned.release();
+      expect(pinned.bytes.length).toBe(0); // unmapped and detached: no stale access possible
+    } finally {
+      ram.close();
+    }
+  });
+
   it('refuses a mapping larger than its fd (touching it would be SIGBUS for the whole process)', async () => {
     const small = native.memfdCreate('small', 4096);
     try {

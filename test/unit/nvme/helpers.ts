@@ -1,7 +1,7 @@
 // A fake guest for the NVMe controller: flat guest memory behind DmaSpace, an IrqSink that records
 // what fired, and a tiny "driver" that programs registers, submits commands and reaps completions.
 
-import { DmaError, type DmaSpace, type IrqSink } from '../../../src/vfio-user/device.js';
+import { DmaError, type DmaSpace, type IrqSink, type PinnedView } from '../../../src/vfio-user/device.js';
 import { PciIrq, PciRegion } from '../../../src/vfio-user/protocol.js';
 import { Cfg, Command, MsixCap } from '../../../src/pci/registers.js';
 import { NvmeController, type ControllerOptions } from '../../../src/nvme/controller.js';
@@ -33,10 +33,15 @@ export class GuestMemory implements DmaSpace {
     return addr - this.base;
   }
 
-  view(addr: number, length: number): Uint8Array | null {
+  view(addr: number, length: number, _forWrite?: boolean): Uint8Array | null {
     if (!this.views) return null;
     if (addr < this.base || addr + length > this.base + this.size) return null;
     return this.bytes.subarray(addr - this.base, addr - this.base + length);
+  }
+
+  pin(addr: number, length: number, forWrite: boolean): PinnedView | null {
+    const bytes = this.view(addr, length, forWrite);
+    return bytes ? { bytes, release: () => undefined } : null;
   }
 
   async read(addr: number, length: number): Promise<Uint8Array> {

@@ -45,9 +45,9 @@ class GatedBackend extends RamBackend implements BlockBackend {
   release(): void {
     this.open();
   }
-  override async read(offset: number, length: number): Promise<Uint8Array> {
+  override async readv(offset: number, targets: readonly Uint8Array[]): Promise<void> {
     await this.gate;
-    return super.read(offset, length);
+    return super.readv(offset, targets);
   }
 }
 
@@ -139,7 +139,7 @@ describe('quiesce, reset and state', () => {
     expect((await h.reap(1)).status).toBe(0);
   });
 
-  it('controller reset with a command in flight drops its completion and DMA', async () => {
+  it('controller reset with a command in flight: RDY stays set until it drains, no completion, no DMA after RDY=0', async () => {
     const backend = new GatedBackend(1 << 20);
     await backend.write(0, new Uint8Array(512).fill(0x55));
     const h = new TestHost({ namespaces: [new Namespace({ nsid: 1, backend })] }).start();
@@ -149,10 +149,16 @@ describe('quiesce, reset and state', () => {
     h.ringSq(1);
     await tick();
     h.write32(Reg.CC, 0);
+    // The read may still land in guest memory, so the reset is not done yet.
+    expect(h.read32(Reg.CSTS) & CSTS.RDY).toBe(CSTS.RDY);
     backend.release();
     await new Promise((r) => setTimeout(r, 10));
-    expect(h.memory.slice(DATA, 4).every((b) => b === 0)).toBe(true);
+    expect(h.read32(Reg.CSTS) & CSTS.RDY).toBe(0);
     expect(h.peek(1)).toBeNull();
+    // Once RDY reads 0 the host owns its buffers again: nothing writes them any more.
+    h.memory.bytes.fill(0xaa, DATA, DATA + 512);
+    await new Promise((r) => setTimeout(r, 10));
+    expect(h.memory.slice(DATA, 4).every((b) => b === 0xaa)).toBe(true);
   });
 
   it('deleting an SQ waits for its running commands', async () => {
@@ -258,12 +264,12 @@ describe('in-process admin and DMA paths', () => {
 
   it('an unexpected exception inside a command is Internal Error, logged', async () => {
     const backend = new RamBackend(1 << 20);
-    backend.read = async () => undefined as never; // a broken backend: toHost() throws a TypeError
+    backend.read = async () => undefined as never; // a broken backend: Compare then throws a TypeError
     const lines: string[] = [];
     const logger = createLogger('error', '', (line) => lines.push(line));
     const h = new TestHost({ namespaces: [new Namespace({ nsid: 1, backend })], controller: { logger } }).start();
     await h.createIoQueuePair(1);
-    const cqe = await h.io(1, { opcode: NvmOpcode.READ, nsid: 1, prp1: DATA });
+    const cqe = await h.io(1, { opcode: NvmOpcode.COMPARE, nsid: 1, prp1: DATA });
     expect(code(cqe.status)).toBe(code(Status.INTERNAL_ERROR));
     expect(lines.some((l) => l.includes('failed unexpectedly'))).toBe(true);
     expect(h.read32(Reg.CSTS) & CSTS.CFS).toBe(0);
