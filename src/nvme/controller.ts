@@ -11,7 +11,7 @@ import { executeAdminCommand } from './admin.js';
 import { DEFERRED, parseCommand, type Command, type HandlerResult } from './command.js';
 import { executeIoCommand } from './io.js';
 import type { Namespace } from './namespace.js';
-import { ASYNC_EVENT_LIMIT, CHANGED_NAMESPACE_LIMIT, ERROR_LOG_ENTRIES, IN_FLIGHT_DATA_BYTES, MAX_TIMER_MS } from './policy.js';
+import { ASYNC_EVENT_LIMIT, CHANGED_NAMESPACE_LIMIT, ERROR_LOG_ENTRIES, IN_FLIGHT_DATA_BYTES, INTX_REASSERT_GRACE_MS, MAX_TIMER_MS } from './policy.js';
 import {
   AdminOpcode,
   AQA,
@@ -156,6 +156,7 @@ export class NvmeController extends PciFunction implements SubsystemController {
   private vectorsToRaise = new Set<number>();
   private raiseScheduled = false;
   private keepAliveTimer: NodeJS.Timeout | null = null;
+  private intxRecheck: NodeJS.Timeout | null = null;
   private readonly dataBudget = new ByteBudget(IN_FLIGHT_DATA_BYTES);
   /** CQs whose shadow head is being read, and those asked to read it again when done. */
   private readonly headRefresh = new Map<number, { again: boolean }>();
@@ -319,9 +320,18 @@ export class NvmeController extends PciFunction implements SubsystemController {
   }
 
   irqsChanged(index: number): void {
+    if (index !== PciIrq.INTX || this.interruptMode() !== 'intx' || this.intxRecheck) return;
     // INTx is level-triggered: when the host re-arms it, assert again if completions still wait.
-    if (index !== PciIrq.INTX || this.interruptMode() !== 'intx') return;
-    for (const cq of this.state.completionQueues) if (cq && cq.interruptsEnabled && cq.head !== cq.tail) this.scheduleInterrupt(cq.vector);
+    // QEMU re-arms on *any* BAR access (its emulated EOI), another vCPU's SQ doorbell included,
+    // usually just before the handler consumes what is pending. Re-asserting at once would make
+    // an interrupt per stray EOI; a short grace lets the handler's CQ head arrive first, and still
+    // catches an interrupt the stray EOI cleared before the guest took it.
+    this.intxRecheck = setTimeout(() => {
+      this.intxRecheck = null;
+      if (this.interruptMode() !== 'intx') return;
+      for (const cq of this.state.completionQueues) if (cq && cq.interruptsEnabled && cq.head !== cq.tail) this.scheduleInterrupt(cq.vector);
+    }, INTX_REASSERT_GRACE_MS);
+    this.intxRecheck.unref();
   }
 
   // ---- registers (Base §3.1.4) --------------------------------------------------------------------

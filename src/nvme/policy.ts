@@ -22,3 +22,5 @@ export const CRITICAL_TEMPERATURE = 353;
 export const IN_FLIGHT_DATA_BYTES = 64 << 20;
 /** Node's timers hold at most 2^31-1 ms; longer Keep Alive timeouts are re-armed in steps. */
 export const MAX_TIMER_MS = 0x7fff_ffff;
+/** How long after QEMU re-arms INTx we look again for unconsumed completions (see irqsChanged). */
+export const INTX_REASSERT_GRACE_MS = 1;
