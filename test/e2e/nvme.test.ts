@@ -73,8 +73,8 @@ function expectClean(run: GuestRun & { serverSurvived: boolean }, server: Server
  * NSID, and multipath head devices appear a moment after the controllers: look them up by NSID.
  */
 const GUEST_HELPERS = `
-dev_for_nsid() { for b in /sys/block/nvme$1n*; do [ -e "$b/nsid" ] && [ "$(cat $b/nsid)" = "$2" ] && { echo /dev/\${b##*/}; return 0; }; done; return 1; }
-wait_dev() { i=0; while ! dev_for_nsid $1 $2 >/dev/null; do i=$((i+1)); [ $i -gt 200 ] && { echo "no namespace $2 on nvme$1" >&2; ls /sys/block >&2; return 1; }; sleep 0.1; done; dev_for_nsid $1 $2; }
+dev_for_nsid() { for b in /sys/block/nvme$1n*; do case \${b##*/} in *c*) continue;; esac; [ -e "$b/nsid" ] && [ "$(cat $b/nsid)" = "$2" ] && { echo /dev/\${b##*/}; return 0; }; done; return 1; }
+wait_dev() { i=0; while ! dev_for_nsid "$1" $2 >/dev/null; do i=$((i+1)); [ $i -gt 200 ] && { echo "no namespace $2 on nvme$1" >&2; ls /sys/block >&2; return 1; }; sleep 0.1; done; dev_for_nsid "$1" $2; }
 `;
 
 const fio = (name: string, dev: string, bs: string, depth: number, jobs: number, sizeMiB: number): string =>
@@ -228,14 +228,15 @@ describe('two controllers (two sockets) sharing two namespaces in one guest', ()
     ]);
     const script = `${GUEST_HELPERS}
 for c in nvme0 nvme1; do [ -c /dev/$c ] || { ls /dev; dmesg | grep -i nvme; exit 10; }; done
-m1=$(wait_dev 0 1) && m2=$(wait_dev 0 2) || exit 10
+# Multipath heads are named after the subsystem's instance, which is not always 0.
+m1=$(wait_dev '[0-9]*' 1) && m2=$(wait_dev '[0-9]*' 2) || exit 10
 [ -b $m1 ] && [ -b $m2 ] || exit 11
 echo ctrls=$(ls /sys/class/nvme | tr '\\n' ' ')
 echo subsystems=$(ls /sys/class/nvme-subsystem | wc -l)
 echo cntlids=$(cat /sys/class/nvme/nvme0/cntlid),$(cat /sys/class/nvme/nvme1/cntlid)
-echo round-robin > /sys/class/nvme-subsystem/nvme-subsys0/iopolicy
-echo namespaces=$(ls -d /sys/block/nvme0n* | wc -l)
-echo paths=$(ls -d /sys/block/nvme0c*n* 2>/dev/null | wc -l)
+for p in /sys/class/nvme-subsystem/nvme-subsys*/iopolicy; do echo round-robin > $p; done
+echo namespaces=$(ls /sys/block | grep -cE '^nvme[0-9]+n[0-9]+$')
+echo paths=$(ls /sys/block | grep -cE '^nvme[0-9]+c[0-9]+n[0-9]+$')
 ${fio('m1', '$m1', '4k', 16, 2, 8)} &
 ${fio('m2', '$m2', '64k', 8, 2, 8)} &
 wait
