@@ -15,7 +15,7 @@ import {
   nvmSpecificNamespace,
 } from './identify.js';
 import { buildLogPage } from './logs.js';
-import { AdminOpcode, Cns, Csi, IDENTIFY_SIZE, LBA_FORMATS, NSID_BROADCAST, Sqe, Status } from './spec.js';
+import { AdminOpcode, CmdBits, Cns, Csi, IDENTIFY_SIZE, LBA_FORMATS, NSID_BROADCAST, Sqe, Status } from './spec.js';
 import { CommandError, type DataTransfer } from './transfer.js';
 
 type AdminHandler = (c: NvmeController, cmd: Command, data: DataTransfer) => Promise<HandlerResult> | HandlerResult;
@@ -24,39 +24,40 @@ const fail = (status: number, why: string): CommandError => new CommandError(sta
 
 // ---- queues (Base §5.4, §5.5, §5.6, §5.7) --------------------------------------------------------
 
+/** What Create I/O CQ and Create I/O SQ share: QID and QSIZE (CDW10), PC (CDW11 bit 0), PRP1. */
+function parseQueue(cmd: Command): { qid: number; size: number; contiguous: boolean; base: number } {
+  return { qid: cmd.cdw10 & 0xffff, size: (cmd.cdw10 >>> 16) + 1, contiguous: (cmd.cdw11 & 1) !== 0, base: field64(cmd.sqe, Sqe.PRP1) };
+}
+
+function checkQueueShape(c: NvmeController, kind: 'CQ' | 'SQ', q: ReturnType<typeof parseQueue>): void {
+  if (q.size < 2 || q.size > c.maxQueueEntries) throw fail(Status.INVALID_QUEUE_SIZE, `${kind} size ${q.size}`);
+  // CAP.CQR = 1: queues must be physically contiguous.
+  if (!q.contiguous) throw fail(Status.INVALID_FIELD, `${kind} not physically contiguous`);
+  if (q.base === 0 || q.base % c.pageSize !== 0) throw fail(Status.PRP_OFFSET_INVALID, `${kind} base 0x${q.base.toString(16)}`);
+}
+
 function createIoCompletionQueue(c: NvmeController, cmd: Command): void {
-  const qid = cmd.cdw10 & 0xffff;
-  const size = (cmd.cdw10 >>> 16) + 1;
-  const contiguous = (cmd.cdw11 & 1) !== 0;
+  const q = parseQueue(cmd);
   const interruptsEnabled = (cmd.cdw11 & 2) !== 0;
   const vector = cmd.cdw11 >>> 16;
-  const base = field64(cmd.sqe, Sqe.PRP1);
-  if (qid === 0 || qid > c.state.features.ioCompletionQueues || c.state.completionQueues[qid]) {
-    throw fail(Status.INVALID_QUEUE_IDENTIFIER, `CQ ${qid}`);
+  if (q.qid === 0 || q.qid > c.state.features.ioCompletionQueues || c.state.completionQueues[q.qid]) {
+    throw fail(Status.INVALID_QUEUE_IDENTIFIER, `CQ ${q.qid}`);
   }
-  if (size < 2 || size > c.maxQueueEntries) throw fail(Status.INVALID_QUEUE_SIZE, `CQ size ${size}`);
-  // CAP.CQR = 1: queues must be physically contiguous.
-  if (!contiguous) throw fail(Status.INVALID_FIELD, 'CQ not physically contiguous');
   if (interruptsEnabled && vector >= c.vectors) throw fail(Status.INVALID_INTERRUPT_VECTOR, `vector ${vector}`);
-  if (base === 0 || base % c.pageSize !== 0) throw fail(Status.PRP_OFFSET_INVALID, `CQ base 0x${base.toString(16)}`);
-  c.createCompletionQueue({ qid, base, size, interruptsEnabled, vector: interruptsEnabled ? vector : 0 });
+  checkQueueShape(c, 'CQ', q);
+  c.createCompletionQueue({ qid: q.qid, base: q.base, size: q.size, interruptsEnabled, vector: interruptsEnabled ? vector : 0 });
 }
 
 function createIoSubmissionQueue(c: NvmeController, cmd: Command): void {
-  const qid = cmd.cdw10 & 0xffff;
-  const size = (cmd.cdw10 >>> 16) + 1;
-  const contiguous = (cmd.cdw11 & 1) !== 0;
+  const q = parseQueue(cmd);
   const priority = (cmd.cdw11 >>> 1) & 0x3;
   const cqid = cmd.cdw11 >>> 16;
-  const base = field64(cmd.sqe, Sqe.PRP1);
-  if (qid === 0 || qid > c.state.features.ioSubmissionQueues || c.state.submissionQueues[qid]) {
-    throw fail(Status.INVALID_QUEUE_IDENTIFIER, `SQ ${qid}`);
+  if (q.qid === 0 || q.qid > c.state.features.ioSubmissionQueues || c.state.submissionQueues[q.qid]) {
+    throw fail(Status.INVALID_QUEUE_IDENTIFIER, `SQ ${q.qid}`);
   }
   if (cqid === 0 || !c.state.completionQueues[cqid]) throw fail(Status.COMPLETION_QUEUE_INVALID, `CQ ${cqid}`);
-  if (size < 2 || size > c.maxQueueEntries) throw fail(Status.INVALID_QUEUE_SIZE, `SQ size ${size}`);
-  if (!contiguous) throw fail(Status.INVALID_FIELD, 'SQ not physically contiguous');
-  if (base === 0 || base % c.pageSize !== 0) throw fail(Status.PRP_OFFSET_INVALID, `SQ base 0x${base.toString(16)}`);
-  c.createSubmissionQueue({ qid, base, size, cqid, priority });
+  checkQueueShape(c, 'SQ', q);
+  c.createSubmissionQueue({ qid: q.qid, base: q.base, size: q.size, cqid, priority });
 }
 
 async function deleteIoSubmissionQueue(c: NvmeController, cmd: Command): Promise<void> {
@@ -131,7 +132,7 @@ async function identify(c: NvmeController, cmd: Command, data: DataTransfer): Pr
 
 async function getLogPage(c: NvmeController, cmd: Command, data: DataTransfer): Promise<void> {
   const lid = cmd.cdw10 & 0xff;
-  const retainEvent = (cmd.cdw10 & (1 << 15)) !== 0;
+  const retainEvent = (cmd.cdw10 & CmdBits.LOG_RETAIN_ASYNC_EVENT) !== 0;
   const dwords = (cmd.cdw10 >>> 16) + (cmd.cdw11 & 0xffff) * 0x10000 + 1;
   const offset = cmd.cdw12 + cmd.cdw13 * 0x1_0000_0000;
   const length = dwords * 4;

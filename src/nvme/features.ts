@@ -4,7 +4,7 @@
 
 import type { Command, Completion } from './command.js';
 import type { NvmeController } from './controller.js';
-import { AsyncEventConfig, FeatureId, FeatureSelect, Status } from './spec.js';
+import { AsyncEventConfig, CmdBits, FeatureId, FeatureSelect, Status } from './spec.js';
 import { CHANGEABLE_FEATURES, defaultFeatures, type FeatureValues } from './state.js';
 import { CommandError, type DataTransfer } from './transfer.js';
 
@@ -65,7 +65,7 @@ const FEATURES = new Map<number, Feature>([
       get: (_c, v) => v.errorRecovery,
       set: (c, cmd) => {
         // DULBE needs deallocated-block errors (NSFEAT bit 2), which we do not report.
-        if (cmd.cdw11 & (1 << 16)) throw invalid('DULBE not supported');
+        if (cmd.cdw11 & CmdBits.ERROR_RECOVERY_DULBE) throw invalid('DULBE not supported');
         c.state.features.errorRecovery = cmd.cdw11 & 0xffff;
       },
     },

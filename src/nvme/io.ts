@@ -4,18 +4,15 @@
 import type { Command, HandlerResult } from './command.js';
 import type { NvmeController } from './controller.js';
 import type { Namespace } from './namespace.js';
-import { NSID_BROADCAST, NvmOpcode, Sqe, Status } from './spec.js';
+import { CmdBits, NSID_BROADCAST, NvmOpcode, Sqe, Status } from './spec.js';
 import { CommandError, type DataTransfer } from './transfer.js';
 
 type IoHandler = (c: NvmeController, ns: Namespace, cmd: Command, data: DataTransfer) => Promise<HandlerResult>;
 
 /** Bytes a Verify reads from the backend at a time (it has no data transfer, so no MDTS). */
 const VERIFY_CHUNK = 1 << 20;
-const DSM_RANGE_SIZE = 16;
 const UNITS_512 = 512;
 
-const FUA = 1 << 30;
-const DEALLOCATE = 1 << 25;
 
 interface Range {
   slba: bigint;
@@ -51,7 +48,7 @@ async function media<T>(c: NvmeController, status: number, fn: () => Promise<T>)
 
 /** Writes must be durable at completion with FUA, or always when the host disabled the write cache. */
 function mustFlush(c: NvmeController, ns: Namespace, cmd: Command): boolean {
-  return ns.backend.volatileCache && ((cmd.cdw12 & FUA) !== 0 || !c.state.features.volatileWriteCache);
+  return ns.backend.volatileCache && ((cmd.cdw12 & CmdBits.RW_FUA) !== 0 || !c.state.features.volatileWriteCache);
 }
 
 const read: IoHandler = async (c, ns, cmd, data) => {
@@ -87,7 +84,7 @@ const compare: IoHandler = async (c, ns, cmd, data) => {
 const writeZeroes: IoHandler = async (c, ns, cmd) => {
   const r = lbaRange(ns, cmd);
   await media(c, Status.WRITE_FAULT, async () => {
-    if (cmd.cdw12 & DEALLOCATE) await ns.backend.discard(r.offset, r.bytes);
+    if (cmd.cdw12 & CmdBits.WRITE_ZEROES_DEAC) await ns.backend.discard(r.offset, r.bytes);
     else await ns.backend.writeZeroes(r.offset, r.bytes);
     if (mustFlush(c, ns, cmd)) await ns.backend.flush();
   });
@@ -97,13 +94,13 @@ const writeZeroes: IoHandler = async (c, ns, cmd) => {
 /** Dataset Management: Attribute - Deallocate discards the ranges; the hints are accepted and ignored. */
 const datasetManagement: IoHandler = async (c, ns, cmd, data) => {
   const count = (cmd.cdw10 & 0xff) + 1;
-  const deallocate = (cmd.cdw11 & (1 << 2)) !== 0;
-  const list = await data.fromHost(count * DSM_RANGE_SIZE);
+  const deallocate = (cmd.cdw11 & CmdBits.DSM_ATTRIBUTE_DEALLOCATE) !== 0;
+  const list = await data.fromHost(count * CmdBits.DSM_RANGE_SIZE);
   if (!deallocate) return;
   const view = new DataView(list.buffer, list.byteOffset, list.byteLength);
   const ranges: Range[] = [];
   for (let i = 0; i < count; i++) {
-    const at = i * DSM_RANGE_SIZE;
+    const at = i * CmdBits.DSM_RANGE_SIZE;
     const nlb = view.getUint32(at + 4, true);
     const slba = view.getBigUint64(at + 8, true);
     if (nlb === 0) continue;

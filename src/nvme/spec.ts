@@ -120,6 +120,17 @@ export const Sqe = {
 /** Completion queue entry (Base §4.2.1, Figure 89): the status field sits above the phase tag. */
 export const Cqe = { DW0: 0, DW1: 4, SQHD: 8, SQID: 10, CID: 12, STATUS_PHASE: 14, STATUS_SHIFT: 1 } as const;
 
+/** Command-specific Dword bits (NVM-CS §3.2: Read/Write CDW12, Write Zeroes CDW12, DSM CDW11;
+ * Base §5.16: Get Log Page CDW10; Base §5.27.1.5: Error Recovery CDW11). */
+export const CmdBits = {
+  RW_FUA: 1 << 30,
+  WRITE_ZEROES_DEAC: 1 << 25,
+  DSM_ATTRIBUTE_DEALLOCATE: 1 << 2,
+  DSM_RANGE_SIZE: 16,
+  LOG_RETAIN_ASYNC_EVENT: 1 << 15,
+  ERROR_RECOVERY_DULBE: 1 << 16,
+} as const;
+
 export const Psdt = { PRP: 0, SGL_MPTR_CONTIGUOUS: 1, SGL_MPTR_SGL: 2 } as const;
 
 export const NSID_BROADCAST = 0xffff_ffff;

@@ -4,6 +4,7 @@
 // becomes a CommandError with the status the spec names for it.
 
 import { DmaError, type DmaSpace, type PinnedView } from '../vfio-user/device.js';
+import { field64 } from './command.js';
 import { Psdt, SGL_DESCRIPTOR_SIZE, SGL_SUBTYPE_ADDRESS, SglType, Sqe, Status } from './spec.js';
 
 /** Completes the command with `status` (thrown by handlers and walkers, caught by the dispatcher). */
@@ -61,10 +62,7 @@ async function dataAccess<T>(fn: () => Promise<T>): Promise<T> {
   }
 }
 
-const u64 = (bytes: Uint8Array, at: number): number => {
-  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
-  return view.getUint32(at, true) + view.getUint32(at + 4, true) * 0x1_0000_0000;
-};
+
 
 function pushMerged(segments: Segment[], addr: number, length: number): void {
   const last = segments[segments.length - 1];
@@ -98,7 +96,7 @@ export async function walkPrps(dma: DmaSpace, prp1: number, prp2: number, length
     const count = chains ? slots : pagesLeft;
     const entries = await dataAccess(() => guestRead(dma, list, count * 8));
     for (let i = 0; i < count; i++) {
-      const entry = u64(entries, i * 8);
+      const entry = field64(entries, i * 8);
       if (chains && i === count - 1) {
         // Only PRP2 may point into the middle of a page. Chained lists start a page, so every step
         // after the first consumes data pages and a list that points at itself cannot loop forever.
@@ -130,7 +128,7 @@ interface Descriptor {
 function descriptor(bytes: Uint8Array, at: number): Descriptor {
   const view = new DataView(bytes.buffer, bytes.byteOffset + at, SGL_DESCRIPTOR_SIZE);
   const id = view.getUint8(15);
-  return { addr: u64(bytes, at), length: view.getUint32(8, true), type: id >> 4, subtype: id & 0xf };
+  return { addr: field64(bytes, at), length: view.getUint32(8, true), type: id >> 4, subtype: id & 0xf };
 }
 
 export async function walkSgl(dma: DmaSpace, sgl1: Uint8Array, length: number): Promise<Segment[]> {
@@ -262,7 +260,7 @@ export class GuestDataTransfer implements DataTransfer {
   private segments(length: number): Promise<Segment[]> {
     const { dma, sqe, pageSize, allowSgl } = this.options;
     const psdt = (sqe[Sqe.FLAGS]! >> Sqe.PSDT_SHIFT) & Sqe.PSDT_MASK;
-    if (psdt === Psdt.PRP) return walkPrps(dma, u64(sqe, Sqe.PRP1), u64(sqe, Sqe.PRP2), length, pageSize);
+    if (psdt === Psdt.PRP) return walkPrps(dma, field64(sqe, Sqe.PRP1), field64(sqe, Sqe.PRP2), length, pageSize);
     if (!allowSgl || psdt === 3) return Promise.reject(new CommandError(Status.INVALID_FIELD, `PSDT ${psdt} not allowed here`));
     return walkSgl(dma, sqe.subarray(Sqe.SGL1, Sqe.SGL1 + SGL_DESCRIPTOR_SIZE), length);
   }

@@ -304,9 +304,10 @@ export class Session {
 
   private regionIoFds(payload: Uint8Array): Uint8Array {
     const request = codec.regionIoFds.decode(payload, 'DEVICE_GET_REGION_IO_FDS');
+    if (request.argsz < PayloadSize.REGION_IO_FDS) throw new VfioError(Errno.EINVAL, `GET_REGION_IO_FDS argsz ${request.argsz}`);
     this.checkRegionIndex(request.index);
     // We offer no ioeventfds: every region is served by messages or shared memory.
-    return codec.regionIoFds.encode({ argsz: PayloadSize.IRQ_INFO, flags: 0, index: request.index, count: 0 });
+    return codec.regionIoFds.encode({ argsz: PayloadSize.REGION_IO_FDS, flags: 0, index: request.index, count: 0 });
   }
 
   private irqInfo(payload: Uint8Array): Uint8Array {
