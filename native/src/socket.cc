@@ -376,6 +376,7 @@ class Listener : public Napi::ObjectWrap<Listener> {
     }
     poll_->data = this;
     fd_ = fd;
+    spareFd_ = open("/dev/null", O_RDONLY | O_CLOEXEC);
     onConnection_ = Napi::Persistent(onConnection);
     ctx_ = std::make_unique<Napi::AsyncContext>(env, "VfioListener", Value());
     Ref();  // a listening socket keeps itself (and the process) alive
@@ -390,6 +391,8 @@ class Listener : public Napi::ObjectWrap<Listener> {
     poll_ = nullptr;
     close(fd_);
     fd_ = -1;
+    if (spareFd_ >= 0) close(spareFd_);
+    spareFd_ = -1;
   }
 
   Napi::Value Close(const Napi::CallbackInfo& info) {
@@ -411,7 +414,16 @@ class Listener : public Napi::ObjectWrap<Listener> {
       int fd = accept4(self->fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
       if (fd < 0) {
         if (errno == EINTR || errno == ECONNABORTED) continue;
-        return;  // EAGAIN, or EMFILE & co. (retried on the next event)
+        // Out of fds, the pending connection keeps the socket readable and the loop would spin:
+        // spend the reserved fd to accept it and hang up at once, then reserve one again.
+        if ((errno == EMFILE || errno == ENFILE) && self->spareFd_ >= 0) {
+          close(self->spareFd_);
+          int dropped = accept4(self->fd_, nullptr, nullptr, SOCK_CLOEXEC);
+          if (dropped >= 0) close(dropped);
+          self->spareFd_ = open("/dev/null", O_RDONLY | O_CLOEXEC);
+          continue;
+        }
+        return;  // EAGAIN (or no spare fd left: retried on the next event)
       }
       Napi::HandleScope scope(env);
       Napi::Object conn;
@@ -426,6 +438,8 @@ class Listener : public Napi::ObjectWrap<Listener> {
   }
 
   int fd_ = -1;
+  /** Held in reserve for the EMFILE case in OnPoll. */
+  int spareFd_ = -1;
   uv_poll_t* poll_ = nullptr;
   Napi::FunctionReference onConnection_;
   std::unique_ptr<Napi::AsyncContext> ctx_;
