@@ -1122,4 +1122,3 @@ function newSqRuntime(): SqRuntime {
 export const saveControllerState = (c: NvmeController): ControllerState => c.saveState();
 export const loadControllerState = (c: NvmeController, state: ControllerState): void => c.loadState(state);
 
-export const QUEUE_ENTRY_SIZES = { sqes: SQE_SIZE_LOG2, cqes: CQE_SIZE_LOG2 } as const;

@@ -3,7 +3,6 @@
 // capability), as mirrored by Linux include/uapi/linux/pci_regs.h.
 
 export const CONFIG_SPACE_SIZE = 4096;
-export const LEGACY_CONFIG_SIZE = 256;
 
 export const Cfg = {
   VENDOR_ID: 0x00,

@@ -24,7 +24,6 @@ export const Command = {
   MIG_DATA_READ: 17,
   MIG_DATA_WRITE: 18,
 } as const;
-export type CommandCode = (typeof Command)[keyof typeof Command];
 
 export const commandName = (code: number): string =>
   Object.entries(Command).find(([, value]) => value === code)?.[0] ?? `UNKNOWN(${code})`;
@@ -118,7 +117,6 @@ export const Errno = {
   EMSGSIZE: 90,
   ENOTSUP: 95,
 } as const;
-export type ErrnoName = keyof typeof Errno;
 
 export const errnoName = (value: number): string =>
   Object.entries(Errno).find(([, v]) => v === value)?.[0] ?? `errno ${value}`;
