@@ -9,6 +9,7 @@ import { parseArgs } from 'node:util';
 import { createLogger, type LogLevel } from './log.js';
 import {
   checkDevice,
+  checkInterrupts,
   ConfigError,
   DEFAULT_SOCKET,
   defaults,
@@ -47,12 +48,15 @@ serve options:
   --config FILE       JSON file with any of: device, sockets, namespaces
                       (objects like {"file":"disk.img","size":"1G"} or SPEC
                       strings), nqn, serial, model, ioQueues, queueEntries,
-                      mdts, writeMultiple. Flags given too take precedence.
+                      mdts, interrupts, writeMultiple. Flags given too take
+                      precedence.
   --device KIND       nvme (default) or scratch (a minimal PCI function with
                       BAR0 registers and MSI-X, for plumbing tests).
   --io-queues N       I/O queue pairs per controller (default 8, max 64).
   --queue-entries N   Entries per queue at most (default 1024).
   --mdts N            Max data transfer = 2^N x 4 KiB (default 8: 1 MiB).
+  --interrupts MODE   Best interrupt mode offered: msix (MSI-X, MSI and INTx;
+                      default), msi (MSI and INTx) or intx (INTx only).
   --nqn NQN, --serial S, --model M
                       Subsystem identity shown by Identify Controller.
   --write-multiple    Offer REGION_WRITE_MULTI to clients that support it.
@@ -86,6 +90,7 @@ export function parseServe(args: string[]): ServeOptions | 'help' {
         'io-queues': { type: 'string' },
         'queue-entries': { type: 'string' },
         mdts: { type: 'string' },
+        interrupts: { type: 'string' },
         nqn: { type: 'string' },
         serial: { type: 'string' },
         model: { type: 'string' },
@@ -112,6 +117,7 @@ export function parseServe(args: string[]): ServeOptions | 'help' {
     if (values['io-queues'] !== undefined) config.ioQueues = parsePositive(values['io-queues'], '--io-queues');
     if (values['queue-entries'] !== undefined) config.queueEntries = parsePositive(values['queue-entries'], '--queue-entries');
     if (values.mdts !== undefined) config.mdts = parsePositive(values.mdts, '--mdts');
+    if (values.interrupts !== undefined) config.interrupts = checkInterrupts(values.interrupts);
     if (values.nqn !== undefined) config.nqn = values.nqn;
     if (values.serial !== undefined) config.serial = values.serial;
     if (values.model !== undefined) config.model = values.model;

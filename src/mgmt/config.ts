@@ -4,6 +4,7 @@
 import { readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { isAbsolute, join, resolve } from 'node:path';
+import { INTERRUPT_OFFERS, type InterruptOffer } from '../nvme/controller.js';
 
 export class ConfigError extends Error {
   constructor(message: string) {
@@ -38,6 +39,8 @@ export interface ServerConfig {
   /** Max data transfer: 2^mdts minimum-size pages. */
   mdts: number;
   writeMultiple: boolean;
+  /** Best interrupt mode the controllers offer (MSI-X by default). */
+  interrupts: InterruptOffer;
 }
 
 export const DEFAULT_SOCKET = join(tmpdir(), 'nvme-vfio-user', 'ctrl0.sock');
@@ -51,6 +54,7 @@ export const defaults = (): ServerConfig => ({
   queueEntries: 1024,
   mdts: 8,
   writeMultiple: false,
+  interrupts: 'msix',
 });
 
 const SIZE_UNITS: Record<string, number> = { '': 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40 };
@@ -131,7 +135,7 @@ export function loadConfigFile(path: string): Partial<ServerConfig> {
   if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw new ConfigError(`config ${path}: not a JSON object`);
   const baseDir = resolve(path, '..');
   const input = raw as Record<string, unknown>;
-  const known = ['device', 'sockets', 'namespaces', 'nqn', 'serial', 'model', 'ioQueues', 'queueEntries', 'mdts', 'writeMultiple'];
+  const known = ['device', 'sockets', 'namespaces', 'nqn', 'serial', 'model', 'ioQueues', 'queueEntries', 'mdts', 'writeMultiple', 'interrupts'];
   for (const key of Object.keys(input)) {
     if (!known.includes(key)) throw new ConfigError(`config ${path}: unknown key '${key}' (known: ${known.join(', ')})`);
   }
@@ -157,6 +161,7 @@ export function loadConfigFile(path: string): Partial<ServerConfig> {
     if (input[key] !== undefined) out[key] = parsePositive(String(input[key]), `config ${path}: ${key}`);
   }
   if (input.writeMultiple !== undefined) out.writeMultiple = input.writeMultiple === true;
+  if (input.interrupts !== undefined) out.interrupts = checkInterrupts(String(input.interrupts));
   return out;
 }
 
@@ -172,6 +177,13 @@ function namespaceFromJson(entry: unknown, what: string, baseDir: string): Names
   if (e.size !== undefined) ns.size = typeof e.size === 'number' ? parsePositive(String(e.size), `${what} size`, Number.MAX_SAFE_INTEGER) : parseSize(String(e.size), `${what} size`);
   if (e.nsid !== undefined) ns.nsid = parsePositive(String(e.nsid), `${what} nsid`);
   return checkNamespace(ns, e.ram === true, what);
+}
+
+export function checkInterrupts(value: string): InterruptOffer {
+  if (!(INTERRUPT_OFFERS as readonly string[]).includes(value)) {
+    throw new ConfigError(`unknown interrupt mode '${value}' (expected one of: ${INTERRUPT_OFFERS.join(', ')})`);
+  }
+  return value as InterruptOffer;
 }
 
 export function checkDevice(value: string): DeviceKind {

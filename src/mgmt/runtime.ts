@@ -69,6 +69,7 @@ export async function startRuntime(config: ServerConfig, log: Logger): Promise<R
           maxIoQueues: config.ioQueues,
           maxQueueEntries: config.queueEntries,
           mdts: config.mdts,
+          interrupts: config.interrupts,
           logger: log.child(`ctrl${i}`),
         }),
       );

@@ -47,6 +47,9 @@ import {
 import type { Subsystem, SubsystemController } from './subsystem.js';
 import { BufferDataTransfer, CommandError, GuestDataTransfer, guestRead, guestWrite, type DataTransfer } from './transfer.js';
 
+export type InterruptOffer = 'msix' | 'msi' | 'intx';
+export const INTERRUPT_OFFERS: readonly InterruptOffer[] = ['msix', 'msi', 'intx'];
+
 export interface ControllerOptions {
   subsystem: Subsystem;
   /** Defaults to the subsystem's next free ID. */
@@ -57,6 +60,11 @@ export interface ControllerOptions {
   maxQueueEntries?: number;
   /** Maximum data transfer size as a power of two of the minimum page size (default 8: 1 MiB). */
   mdts?: number;
+  /**
+   * The best interrupt mode the function offers: 'msix' (MSI-X, MSI and INTx; the default), 'msi'
+   * (MSI and INTx) or 'intx' (INTx only), to exercise a guest driver's fallbacks.
+   */
+  interrupts?: InterruptOffer;
   logger?: Logger;
 }
 
@@ -169,7 +177,11 @@ export class NvmeController extends PciFunction implements SubsystemController {
     // Every queue pair needs its two doorbells inside BAR0.
     const doorbellPairs = (BAR0_SIZE - Reg.DOORBELLS) / 8;
     if (!Number.isInteger(maxIoQueues) || maxIoQueues < 1 || maxIoQueues >= doorbellPairs) throw new RangeError(`maxIoQueues ${maxIoQueues}`);
-    const vectors = Math.min(MAX_MSIX_VECTORS, maxIoQueues + 1);
+    const wanted = Math.min(MAX_MSIX_VECTORS, maxIoQueues + 1);
+    const msiVectors = Math.min(32, 1 << Math.ceil(Math.log2(wanted)));
+    const interrupts = options.interrupts ?? 'msix';
+    // What the host may name as a CQ's interrupt vector under the best mode the function offers.
+    const vectors = interrupts === 'msix' ? wanted : interrupts === 'msi' ? msiVectors : 1;
     super({
       identity: {
         vendorId: PciIdentity.VENDOR_ID,
@@ -184,8 +196,8 @@ export class NvmeController extends PciFunction implements SubsystemController {
         { index: MSIX_BAR, size: MSIX_BAR_SIZE, kind: 'mem32' },
       ],
       interruptPin: 1,
-      msiVectors: Math.min(32, 1 << Math.ceil(Math.log2(vectors))),
-      msix: { vectors, tableBar: MSIX_BAR, tableOffset: MSIX_TABLE_OFFSET, pbaBar: MSIX_BAR, pbaOffset: MSIX_PBA_OFFSET },
+      msiVectors: interrupts === 'intx' ? 0 : msiVectors,
+      msix: interrupts === 'msix' ? { vectors, tableBar: MSIX_BAR, tableOffset: MSIX_TABLE_OFFSET, pbaBar: MSIX_BAR, pbaOffset: MSIX_PBA_OFFSET } : null,
     });
     this.subsystem = options.subsystem;
     this.cntlid = options.cntlid ?? this.subsystem.allocateCntlid();

@@ -282,6 +282,16 @@ dmesg | grep -q 'nobody cared' && echo irq.storm=yes || echo irq.storm=no
     expect(Number(f.get('irq.total'))).toBeGreaterThan(0);
   }, 300_000);
 
+  it('MSI (a function offering no MSI-X): I/O verifies on PCI-MSI', async () => {
+    const server = await startServerProcess(join(dir, 'msi.sock'), ['--namespace', 'ram,size=64M', '--interrupts', 'msi']);
+    const run = await runAgainst(server, { script: verifyScript('msi'), vfioUserSockets: [server.socketPath], timeoutMs: 240_000 });
+    expectClean(run, server);
+    const f = fields(run);
+    expect([f.get('msi.rc'), f.get('msi.errors')]).toEqual(['0', '0']);
+    expect(f.get('irq.kind')).toBe('PCI-MSI-0000:00:01.0');
+    expect(Number(f.get('irq.total'))).toBeGreaterThan(0);
+  }, 300_000);
+
   it('guest RAM without an fd: every DMA travels as DMA_READ/DMA_WRITE messages and data still verifies', async () => {
     const server = await startServerProcess(join(dir, 'noshm.sock'), ['--namespace', 'ram,size=64M']);
     const run = await runAgainst(server, { script: verifyScript('msgdma'), vfioUserSockets: [server.socketPath], privateRam: true, timeoutMs: 240_000 });
