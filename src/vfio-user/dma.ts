@@ -28,6 +28,9 @@ export interface RemoteDma {
 export class DmaTable implements DmaSpace {
   /** Sorted by iova, never overlapping. */
   private mappings: DmaMapping[] = [];
+  /** Pinned views outstanding across all mappings, and who waits for them to reach zero. */
+  private pinned = 0;
+  private unpinnedWaiters: (() => void)[] = [];
 
   constructor(
     private readonly memory: NativeMemory,
@@ -110,6 +113,7 @@ export class DmaTable implements DmaSpace {
     const mapping = this.directMapping(addr, length, forWrite);
     if (!mapping) return null;
     mapping.pins++;
+    this.pinned++;
     const start = addr - mapping.iova;
     let released = false;
     return {
@@ -119,8 +123,15 @@ export class DmaTable implements DmaSpace {
         released = true;
         mapping.pins--;
         if (mapping.removed && mapping.pins === 0) this.memory.munmap(mapping.backing!);
+        if (--this.pinned === 0) this.unpinnedWaiters.splice(0).forEach((wake) => wake());
       },
     };
+  }
+
+  /** Resolves once no I/O holds pinned guest memory (it may be writing it right now). */
+  whenUnpinned(): Promise<void> | null {
+    if (this.pinned === 0) return null;
+    return new Promise((resolve) => this.unpinnedWaiters.push(resolve));
   }
 
   private directMapping(addr: number, length: number, forWrite: boolean): DmaMapping | undefined {

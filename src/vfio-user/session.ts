@@ -39,6 +39,11 @@ export interface SessionOptions {
   requestTimeoutMs?: number;
 }
 
+interface Reply {
+  payload?: Uint8Array;
+  fds?: number[];
+}
+
 interface ClientCaps {
   maxDataTransfer: number;
   maxFds: number;
@@ -62,6 +67,9 @@ export class Session {
   private closed = false;
   private nextRequestId = 0;
   private readonly pending = new Map<number, PendingRequest>();
+  /** Commands that arrived while an earlier one still waits to reply (replies are never held). */
+  private backlog: codec.Message[] = [];
+  private waitingForReply = false;
   private readonly device: VfioDevice;
   private readonly log: Logger;
   /** Region sizes never change for a device: looked up once, not on every MMIO access. */
@@ -96,7 +104,10 @@ export class Session {
         this.closeFds(message.fds);
         continue;
       }
-      this.dispatch(message);
+      // Commands run strictly in order, so they wait behind one that has not replied yet; replies
+      // to our own DMA requests never wait (the pending command may depend on them).
+      if (this.waitingForReply && !codec.isReply(message.header.flags)) this.backlog.push(message);
+      else this.dispatch(message);
     }
     if (error && !this.closed) {
       // A bad length field leaves no way to find the next message boundary.
@@ -116,6 +127,8 @@ export class Session {
       request.reject(new Error('client disconnected'));
     }
     this.pending.clear();
+    for (const message of this.backlog) this.closeFds(message.fds);
+    this.backlog = [];
     this.device.detach();
     this.dma.setRemote(null);
     this.dma.unmapAll();
@@ -149,11 +162,28 @@ export class Session {
         throw new VfioError(Errno.EINVAL, `${commandName(header.command)} before VERSION`);
       }
       const reply = this.execute(message, noReply);
+      if (reply instanceof Promise) {
+        this.waitingForReply = true;
+        reply.then(
+          (settled) => {
+            if (!noReply) this.sendReply(header, settled.payload, settled.fds);
+          },
+          (error: unknown) => this.fail(header, noReply, error),
+        ).finally(() => {
+          this.waitingForReply = false;
+          this.drainBacklog();
+        });
+        return;
+      }
       if (!noReply) this.sendReply(header, reply.payload, reply.fds);
     } catch (error) {
       this.closeFds(message.fds);
       this.fail(header, noReply, error);
     }
+  }
+
+  private drainBacklog(): void {
+    while (!this.closed && !this.waitingForReply && this.backlog.length > 0) this.dispatch(this.backlog.shift()!);
   }
 
   private fail(header: codec.HeaderFields, noReply: boolean, error: unknown): void {
@@ -170,7 +200,7 @@ export class Session {
   }
 
   /** Runs one command; fds in `message` become the handler's to keep or close. */
-  private execute(message: codec.Message, noReply: boolean): { payload?: Uint8Array; fds?: number[] } {
+  private execute(message: codec.Message, noReply: boolean): Reply | Promise<Reply> {
     const { header, payload, fds } = message;
     switch (header.command) {
       case Command.VERSION:
@@ -195,10 +225,14 @@ export class Session {
         return { payload: this.regionRead(payload) };
       case Command.REGION_WRITE:
         return { payload: this.regionWrite(payload, noReply) };
-      case Command.DEVICE_RESET:
+      case Command.DEVICE_RESET: {
         expectEmpty(payload, 'DEVICE_RESET');
         this.device.reset();
-        return {};
+        // I/O already reading into pinned guest memory cannot be called back: the reset is done
+        // (and the guest may reuse that memory) only once it has finished.
+        const unpinned = this.dma.whenUnpinned();
+        return unpinned ? unpinned.then(() => ({})) : {};
+      }
       case Command.REGION_WRITE_MULTI:
         return { payload: this.regionWriteMulti(payload) };
       case Command.DEVICE_FEATURE:

@@ -256,6 +256,25 @@ describe('reset and reconnect', () => {
     expect(u16(await client.configRead(Cfg.COMMAND, 2))).toBe(0);
   });
 
+  it('DEVICE_RESET replies only once I/O holding pinned guest memory has finished, and later commands wait in order', async () => {
+    const ram = new GuestMemory(0x100000, 0x10000);
+    try {
+      await client.dmaMap(ram);
+      const pinned = device.dma.pin(0x100000, 4096, true)!;
+      const order: string[] = [];
+      const reset = client.reset().then(() => order.push('reset'));
+      const read = client.read32(PciRegion.BAR0, ScratchReg.MAGIC).then((v) => order.push(`read ${v.toString(16)}`));
+      await new Promise((r) => setTimeout(r, 50));
+      expect(order).toEqual([]); // the reset waits for the pinned I/O, the read waits behind it
+      pinned.bytes.fill(0xee); // the I/O lands
+      pinned.release();
+      await Promise.all([reset, read]);
+      expect(order).toEqual(['reset', `read ${SCRATCH_MAGIC.toString(16)}`]);
+    } finally {
+      ram.close();
+    }
+  });
+
   it('keeps device state for the next client and releases the previous client\'s resources', async () => {
     const ram = new GuestMemory(0x100000, 0x10000);
     const irq = native.eventfd();
