@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # `npm start`: build if needed, then serve the default device on the default socket and print the
-# QEMU command line that attaches it. Arguments are passed to `serve`.
+# QEMU command line that attaches it. Arguments are passed to `serve`; relative paths in them are
+# relative to where the user ran npm (INIT_CWD), not to this repository.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$repo"
 bash scripts/ensure-deps.sh
 npx tsc -p tsconfig.json
-exec node dist/src/cli.js serve "$@"
+cd "${INIT_CWD:-$repo}"
+exec node "$repo/dist/src/cli.js" serve "$@"
