@@ -9,7 +9,7 @@ import { DmaError } from '../vfio-user/device.js';
 import { PciIrq } from '../vfio-user/protocol.js';
 import { executeAdminCommand } from './admin.js';
 import { DEFERRED, parseCommand, type Command, type HandlerResult } from './command.js';
-import { executeIoCommand } from './io.js';
+import { executeIoCommand, numberOfBlocks } from './io.js';
 import type { Namespace } from './namespace.js';
 import { ASYNC_EVENT_LIMIT, CHANGED_NAMESPACE_LIMIT, ERROR_LOG_ENTRIES, IN_FLIGHT_DATA_BYTES, INTX_REASSERT_GRACE_MS, MAX_TIMER_MS } from './policy.js';
 import {
@@ -45,7 +45,7 @@ import {
   type SubmissionQueueState,
 } from './state.js';
 import type { Subsystem, SubsystemController } from './subsystem.js';
-import { BufferDataTransfer, CommandError, GuestDataTransfer, guestRead, guestWrite, type DataTransfer } from './transfer.js';
+import { BufferDataTransfer, CommandError, GuestDataTransfer, type DataTransfer } from './transfer.js';
 
 export type InterruptOffer = 'msix' | 'msi' | 'intx';
 export const INTERRUPT_OFFERS: readonly InterruptOffer[] = ['msix', 'msi', 'intx'];
@@ -625,7 +625,7 @@ export class NvmeController extends PciFunction implements SubsystemController {
       const count = Math.min(available, room, sq.size - sq.head);
       let entries: Uint8Array;
       try {
-        entries = await guestRead(this.context!.dma, sq.base + sq.head * SQE_SIZE, count * SQE_SIZE);
+        entries = await this.context!.dma.read(sq.base + sq.head * SQE_SIZE, count * SQE_SIZE);
       } catch (err) {
         if (err instanceof DmaError) {
           if (generation === this.generation) this.fatal(`SQ ${qid} fetch: ${err.message}`);
@@ -679,7 +679,7 @@ export class NvmeController extends PciFunction implements SubsystemController {
   private dataBytes(cmd: Command): number {
     if (!DATA_OPCODES.has(cmd.opcode)) return 0;
     const ns = this.namespace(cmd.nsid);
-    return ns ? ((cmd.cdw12 & 0xffff) + 1) * ns.blockSize : 0;
+    return ns ? numberOfBlocks(cmd) * ns.blockSize : 0;
   }
 
   /** Runs one command through its handler; never throws. */
@@ -899,7 +899,7 @@ export class NvmeController extends PciFunction implements SubsystemController {
     const bytes = new Uint8Array(4);
     new DataView(bytes.buffer).setUint32(0, value, true);
     try {
-      await guestWrite(this.context.dma, buffer.eventIdx + this.doorbellSlot(qid, completion), bytes);
+      await this.context.dma.write(buffer.eventIdx + this.doorbellSlot(qid, completion), bytes);
     } catch (err) {
       this.fatal(`EventIdx write: ${(err as Error).message}`);
     }
@@ -909,7 +909,7 @@ export class NvmeController extends PciFunction implements SubsystemController {
     const buffer = this.state.doorbellBuffer;
     if (!buffer || qid === 0 || !this.context) return null;
     try {
-      const bytes = await guestRead(this.context.dma, buffer.shadow + this.doorbellSlot(qid, completion), 4);
+      const bytes = await this.context.dma.read(buffer.shadow + this.doorbellSlot(qid, completion), 4);
       return new DataView(bytes.buffer, bytes.byteOffset).getUint32(0, true);
     } catch (err) {
       this.fatal(`shadow doorbell read: ${(err as Error).message}`);

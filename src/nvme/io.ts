@@ -22,10 +22,13 @@ interface Range {
   bytes: number;
 }
 
-/** SLBA in CDW10-11, NLB (0-based) in CDW12 15:0; LBA Out of Range when it leaves the namespace. */
+/** NLB: CDW12 15:0, 0-based. */
+export const numberOfBlocks = (cmd: Command): number => (cmd.cdw12 & 0xffff) + 1;
+
+/** SLBA in CDW10-11, NLB in CDW12; LBA Out of Range when it leaves the namespace. */
 function lbaRange(ns: Namespace, cmd: Command): Range {
   const slba = (BigInt(cmd.cdw11) << 32n) | BigInt(cmd.cdw10);
-  const nlb = (cmd.cdw12 & 0xffff) + 1;
+  const nlb = numberOfBlocks(cmd);
   if (!ns.inRange(slba, nlb)) throw new CommandError(Status.LBA_OUT_OF_RANGE, `LBA ${slba}+${nlb} beyond ${ns.blockCount}`);
   return { slba, nlb, offset: Number(slba) * ns.blockSize, bytes: nlb * ns.blockSize };
 }

@@ -39,19 +39,6 @@ export interface Segment {
   length: number;
 }
 
-// ---- guest memory helpers ------------------------------------------------------------------------
-
-export async function guestRead(dma: DmaSpace, addr: number, length: number): Promise<Uint8Array> {
-  const view = dma.view(addr, length, false);
-  return view ? view.slice() : dma.read(addr, length);
-}
-
-export async function guestWrite(dma: DmaSpace, addr: number, data: Uint8Array): Promise<void> {
-  const view = dma.view(addr, data.length, true);
-  if (view) view.set(data);
-  else await dma.write(addr, data);
-}
-
 /** Runs a data-pointer access; a DMA failure is the command's Data Transfer Error. */
 async function dataAccess<T>(fn: () => Promise<T>): Promise<T> {
   try {
@@ -94,7 +81,7 @@ export async function walkPrps(dma: DmaSpace, prp1: number, prp2: number, length
     const pagesLeft = Math.ceil(remaining / pageSize);
     const chains = pagesLeft > slots;
     const count = chains ? slots : pagesLeft;
-    const entries = await dataAccess(() => guestRead(dma, list, count * 8));
+    const entries = await dataAccess(() => dma.read(list, count * 8));
     for (let i = 0; i < count; i++) {
       const entry = field64(entries, i * 8);
       if (chains && i === count - 1) {
@@ -163,7 +150,7 @@ export async function walkSgl(dma: DmaSpace, sgl1: Uint8Array, length: number): 
     if (seen > MAX_SGL_DESCRIPTORS) throw new CommandError(Status.INVALID_SGL_DESCRIPTOR_COUNT, 'SGL too long');
     const isLast = current.type === SglType.LAST_SEGMENT;
     const at = current.addr;
-    const bytes = await dataAccess(() => guestRead(dma, at, current.length));
+    const bytes = await dataAccess(() => dma.read(at, current.length));
     let next: Descriptor | null = null;
     for (let i = 0; i < count && total < length; i++) {
       const d = descriptor(bytes, i * SGL_DESCRIPTOR_SIZE);
@@ -202,31 +189,13 @@ export class GuestDataTransfer implements DataTransfer {
   async toHost(data: Uint8Array): Promise<void> {
     const segments = await this.segments(data.length);
     this.options.guard();
-    const { dma } = this.options;
-    let done = 0;
-    for (const s of segments) {
-      const chunk = data.subarray(done, done + s.length);
-      // Mapped guest memory is written in place; only message-based DMA needs to wait.
-      const view = dma.view(s.addr, s.length, true);
-      if (view) view.set(chunk);
-      else await dataAccess(() => dma.write(s.addr, chunk));
-      done += s.length;
-    }
+    await this.copyToGuest(segments, data);
   }
 
   async fromHost(length: number): Promise<Uint8Array> {
     const segments = await this.segments(length);
     this.options.guard();
-    const { dma } = this.options;
-    // Every byte is overwritten below, so the buffer need not be zeroed first.
-    const out = Buffer.allocUnsafe(length);
-    let done = 0;
-    for (const s of segments) {
-      const view = dma.view(s.addr, s.length, false);
-      out.set(view ?? (await dataAccess(() => dma.read(s.addr, s.length))), done);
-      done += s.length;
-    }
-    return out;
+    return this.copyFromGuest(segments, length);
   }
 
   async direct(length: number, toHost: boolean, io: (buffers: Uint8Array[]) => Promise<void>): Promise<void> {
@@ -247,14 +216,40 @@ export class GuestDataTransfer implements DataTransfer {
     } finally {
       for (const pin of pins) pin.release();
     }
-    // Message-based DMA (no fd) or a bad pointer: go through a bounce buffer and the copy path.
+    // Message-based DMA (no fd): go through a bounce buffer and the copy path.
     if (toHost) {
       const bounce = Buffer.allocUnsafe(length);
       await io([bounce]);
-      await this.toHost(bounce);
+      await this.copyToGuest(segments, bounce);
     } else {
-      await io([await this.fromHost(length)]);
+      await io([await this.copyFromGuest(segments, length)]);
     }
+  }
+
+  private async copyToGuest(segments: Segment[], data: Uint8Array): Promise<void> {
+    const { dma } = this.options;
+    let done = 0;
+    for (const s of segments) {
+      const chunk = data.subarray(done, done + s.length);
+      // Mapped guest memory is written in place; only message-based DMA needs to wait.
+      const view = dma.view(s.addr, s.length, true);
+      if (view) view.set(chunk);
+      else await dataAccess(() => dma.write(s.addr, chunk));
+      done += s.length;
+    }
+  }
+
+  private async copyFromGuest(segments: Segment[], length: number): Promise<Uint8Array> {
+    const { dma } = this.options;
+    // Every byte is overwritten below, so the buffer need not be zeroed first.
+    const out = Buffer.allocUnsafe(length);
+    let done = 0;
+    for (const s of segments) {
+      const view = dma.view(s.addr, s.length, false);
+      out.set(view ?? (await dataAccess(() => dma.read(s.addr, s.length))), done);
+      done += s.length;
+    }
+    return out;
   }
 
   private segments(length: number): Promise<Segment[]> {

@@ -44,13 +44,21 @@ export class GuestMemory implements DmaSpace {
     return bytes ? { bytes, release: () => undefined } : null;
   }
 
+  /** Like DmaTable: mapped memory is read through its view; `reads` counts the message-style path. */
   async read(addr: number, length: number): Promise<Uint8Array> {
+    const view = this.view(addr, length, false);
+    if (view) return view.slice();
     this.reads++;
     const at = this.check(addr, length);
     return this.bytes.slice(at, at + length);
   }
 
   async write(addr: number, data: Uint8Array): Promise<void> {
+    const view = this.view(addr, data.length, true);
+    if (view) {
+      view.set(data);
+      return;
+    }
     this.writes++;
     const at = this.check(addr, data.length);
     this.bytes.set(data, at);
