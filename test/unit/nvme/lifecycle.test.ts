@@ -111,15 +111,22 @@ describe('SGL data transfers', () => {
   });
 });
 
+/** A controller with one Read of LBA 0 into DATA fetched and held in its backend until release(). */
+async function readHeldInFlight(fill?: number): Promise<{ backend: GatedBackend; h: TestHost }> {
+  const backend = new GatedBackend(1 << 20);
+  if (fill !== undefined) await backend.write(0, new Uint8Array(512).fill(fill));
+  const h = new TestHost({ namespaces: [new Namespace({ nsid: 1, backend })] }).start();
+  await h.createIoQueuePair(1);
+  backend.close_();
+  h.place(1, buildCommand({ opcode: NvmOpcode.READ, nsid: 1, prp1: DATA }));
+  h.ringSq(1);
+  await tick();
+  return { backend, h };
+}
+
 describe('quiesce, reset and state', () => {
   it('quiesce stops fetching, waits for in-flight commands, resume continues', async () => {
-    const backend = new GatedBackend(1 << 20);
-    const h = new TestHost({ namespaces: [new Namespace({ nsid: 1, backend })] }).start();
-    await h.createIoQueuePair(1);
-    backend.close_();
-    h.place(1, buildCommand({ opcode: NvmOpcode.READ, nsid: 1, prp1: DATA }));
-    h.ringSq(1);
-    await tick();
+    const { backend, h } = await readHeldInFlight();
     let quiesced = false;
     const q = h.controller.quiesce().then(() => (quiesced = true));
     // Submitted after quiesce: must not be fetched.
@@ -140,14 +147,7 @@ describe('quiesce, reset and state', () => {
   });
 
   it('controller reset with a command in flight: RDY stays set until it drains, no completion, no DMA after RDY=0', async () => {
-    const backend = new GatedBackend(1 << 20);
-    await backend.write(0, new Uint8Array(512).fill(0x55));
-    const h = new TestHost({ namespaces: [new Namespace({ nsid: 1, backend })] }).start();
-    await h.createIoQueuePair(1);
-    backend.close_();
-    h.place(1, buildCommand({ opcode: NvmOpcode.READ, nsid: 1, prp1: DATA }));
-    h.ringSq(1);
-    await tick();
+    const { backend, h } = await readHeldInFlight(0x55);
     h.write32(Reg.CC, 0);
     // The read may still land in guest memory, so the reset is not done yet.
     expect(h.read32(Reg.CSTS) & CSTS.RDY).toBe(CSTS.RDY);
@@ -162,13 +162,7 @@ describe('quiesce, reset and state', () => {
   });
 
   it('deleting an SQ waits for its running commands', async () => {
-    const backend = new GatedBackend(1 << 20);
-    const h = new TestHost({ namespaces: [new Namespace({ nsid: 1, backend })] }).start();
-    await h.createIoQueuePair(1);
-    backend.close_();
-    h.place(1, buildCommand({ opcode: NvmOpcode.READ, nsid: 1, prp1: DATA }));
-    h.ringSq(1);
-    await tick();
+    const { backend, h } = await readHeldInFlight();
     const cid = h.place(0, buildCommand({ opcode: AdminOpcode.DELETE_IO_SQ, cdw10: 1 }));
     h.ringSq(0);
     await new Promise((r) => setTimeout(r, 10));
