@@ -5,7 +5,7 @@
 
 import type { Logger } from '../log.js';
 import { PciFunction } from '../pci/function.js';
-import { DmaError } from '../vfio-user/device.js';
+import { DmaError, type DmaSpace } from '../vfio-user/device.js';
 import { PciIrq } from '../vfio-user/protocol.js';
 import { executeAdminCommand } from './admin.js';
 import { DEFERRED, parseCommand, type Command, type HandlerResult } from './command.js';
@@ -169,6 +169,8 @@ export class NvmeController extends PciFunction implements SubsystemController {
   /** CQs whose shadow head is being read, and those asked to read it again when done. */
   private readonly headRefresh = new Map<number, { again: boolean }>();
   private poweredOnAt = Date.now();
+  /** Fatal errors after the first, until the host resets the controller (logged then as a count). */
+  private suppressedFatals = 0;
   /** When the last controller reset happened (Timestamp counts from here until the host sets it). */
   private resetAt = Date.now();
 
@@ -480,6 +482,10 @@ export class NvmeController extends PciFunction implements SubsystemController {
     if (r.csts & CSTS.RDY && ((r.csts & CSTS.SHST_MASK) >>> CSTS.SHST_SHIFT) !== CSTS.SHST_COMPLETE) this.state.smart.unsafeShutdowns++;
     this.generation++;
     this.log.debug(`controller reset (${reason})`);
+    if (this.suppressedFatals > 0) {
+      this.log.warn(`${this.suppressedFatals} further fatal errors before this reset were not logged`);
+      this.suppressedFatals = 0;
+    }
     this.sqRuntime = new Map();
     this.vectorsToRaise.clear();
     this.stopKeepAlive();
@@ -522,6 +528,11 @@ export class NvmeController extends PciFunction implements SubsystemController {
 
   /** Sets CSTS.CFS: the host must reset the controller. Processing stops. */
   fatal(reason: string): void {
+    // One line per state change: a broken host can make every queued command fail the same way.
+    if (this.state.registers.csts & CSTS.CFS) {
+      this.suppressedFatals++;
+      return;
+    }
     this.log.error(`controller fatal status: ${reason}`);
     this.state.registers.csts |= CSTS.CFS;
   }
@@ -623,9 +634,12 @@ export class NvmeController extends PciFunction implements SubsystemController {
       if (room <= 0) return; // a completion kicks us again
       const available = (sq.tail - sq.head + sq.size) % sq.size;
       const count = Math.min(available, room, sq.size - sq.head);
+      // Commands keep the DMA space they were fetched through: if the client leaves, that space is
+      // emptied and their data transfers fail cleanly instead of reaching a detached controller.
+      const dma = this.context!.dma;
       let entries: Uint8Array;
       try {
-        entries = await this.context!.dma.read(sq.base + sq.head * SQE_SIZE, count * SQE_SIZE);
+        entries = await dma.read(sq.base + sq.head * SQE_SIZE, count * SQE_SIZE);
       } catch (err) {
         if (err instanceof DmaError) {
           if (generation === this.generation) this.fatal(`SQ ${qid} fetch: ${err.message}`);
@@ -639,7 +653,9 @@ export class NvmeController extends PciFunction implements SubsystemController {
         const sqe = entries.subarray(i * SQE_SIZE, (i + 1) * SQE_SIZE);
         sq.head = (sq.head + 1) % sq.size;
         rt.outstanding++;
-        void this.dispatch(sq, rt, sqe, generation);
+        this.dispatch(sq, rt, sqe, dma, generation).catch((err: unknown) => {
+          this.fatal(`dispatch on SQ ${qid}: ${(err as Error).stack ?? String(err)}`);
+        });
       }
       // With shadow doorbells every step can be an already-settled promise, so a guest that keeps
       // moving its shadow tail would keep this loop (and the whole process) from yielding.
@@ -647,16 +663,17 @@ export class NvmeController extends PciFunction implements SubsystemController {
     }
   }
 
-  private async dispatch(sq: SubmissionQueueState, rt: SqRuntime, sqe: Uint8Array, generation: number): Promise<void> {
+  private async dispatch(sq: SubmissionQueueState, rt: SqRuntime, sqe: Uint8Array, dma: DmaSpace, generation: number): Promise<void> {
     const cmd = parseCommand(sqe, sq.qid);
     const isAdmin = sq.qid === 0;
     rt.executing++;
     this.commandStarted();
     let result: CommandResult | typeof DEFERRED;
-    const budget = isAdmin ? 0 : await this.dataBudget.acquire(this.dataBytes(cmd));
+    let budget = 0;
     try {
+      budget = isAdmin ? 0 : await this.dataBudget.acquire(this.dataBytes(cmd));
       const transfer = new GuestDataTransfer({
-        dma: this.context!.dma,
+        dma,
         sqe,
         pageSize: this.pageSize,
         allowSgl: !isAdmin,
@@ -725,7 +742,8 @@ export class NvmeController extends PciFunction implements SubsystemController {
 
   private postCompletion(entry: HeldCompletion): void {
     const cq = this.state.completionQueues[entry.cqid];
-    if (!cq) {
+    // A fatal controller posts nothing more: the host must reset it, which discards the queues.
+    if (!cq || this.state.registers.csts & CSTS.CFS) {
       this.completionGone(entry);
       return;
     }
