@@ -1,51 +1,49 @@
-// The NVMe controller as a PCI function: BAR0 properties and doorbells, the CC/CSTS state machine,
-// submission-queue fetching, completion posting (phase tags, full queues), interrupts, asynchronous
-// events, quiesce/resume, and the in-process admin entry point. Command semantics live in admin.ts
-// and io.ts; this file moves entries between queues and handlers.
+// The NVMe controller as a PCI function: it maps BAR0 onto the controller properties and doorbells,
+// owns the controller's state, and composes the parts that act on it (queues and fetching,
+// completion posting, doorbells, interrupts, events, clocks, the run-state table). Command
+// semantics live in admin.ts, io.ts and the command sets a controller carries; they see the
+// controller only through ControllerContext.
 
 import type { Logger } from '../log.js';
-import { PciFunction } from '../pci/function.js';
-import { DmaError, type DmaSpace } from '../vfio-user/device.js';
+import { PciFunction, type InterruptMode } from '../pci/function.js';
 import { PciIrq } from '../vfio-user/protocol.js';
 import { executeAdminCommand } from './admin.js';
+import { Clocks } from './clocks.js';
 import { DEFERRED, parseCommand, type Command, type HandlerResult } from './command.js';
+import { CompletionPoster, InFlightWrites } from './completions.js';
+import type {
+  AdminCommandSet,
+  AttachedNamespace,
+  ControllerContext,
+  ControllerIdentity,
+  ControllerLimits,
+  NamespaceView,
+} from './context.js';
+import { Doorbells } from './doorbells.js';
+import { AsyncEvents } from './events.js';
+import { Interrupts } from './interrupts.js';
 import { executeIoCommand, numberOfBlocks } from './io.js';
+import { Lifecycle, type RunState } from './lifecycle.js';
 import type { Namespace } from './namespace.js';
-import { ASYNC_EVENT_LIMIT, CHANGED_NAMESPACE_LIMIT, ERROR_LOG_ENTRIES, IN_FLIGHT_DATA_BYTES, INTX_REASSERT_GRACE_MS, MAX_TIMER_MS } from './policy.js';
+import { ControllerProperties } from './properties.js';
+import { QueueEngine, StaleCommandError, type CommandResult } from './queues.js';
 import {
   AdminOpcode,
   AQA,
-  AsyncEventInfo,
-  AsyncEventType,
   Cap,
   CC,
-  Cqe,
-  CQE_SIZE,
   CQE_SIZE_LOG2,
   CSTS,
-  LogId,
-  NVME_VERSION_1_4,
   NvmOpcode,
   PciIdentity,
   Reg,
-  SQE_SIZE,
   SQE_SIZE_LOG2,
   Status,
   statusName,
-  AsyncEventConfig,
 } from './spec.js';
-import {
-  cloneState,
-  defaultFeatures,
-  initialState,
-  type AsyncEvent,
-  type CompletionQueueState,
-  type ControllerState,
-  type HeldCompletion,
-  type SubmissionQueueState,
-} from './state.js';
+import { cloneState, defaultFeatures, initialState, type ControllerState, type FeatureValues, type SmartCounters } from './state.js';
 import type { Subsystem, SubsystemController } from './subsystem.js';
-import { BufferDataTransfer, CommandError, GuestDataTransfer, type DataTransfer } from './transfer.js';
+import { BufferDataTransfer, CommandError, type DataTransfer } from './transfer.js';
 
 export type InterruptOffer = 'msix' | 'msi' | 'intx';
 export const INTERRUPT_OFFERS: readonly InterruptOffer[] = ['msix', 'msi', 'intx'];
@@ -65,6 +63,8 @@ export interface ControllerOptions {
    * (MSI and INTx) or 'intx' (INTx only), to exercise a guest driver's fallbacks.
    */
   interrupts?: InterruptOffer;
+  /** Admin commands beyond the base set (a primary's virtualization and migration commands). */
+  commandSets?: readonly AdminCommandSet[];
   logger?: Logger;
 }
 
@@ -75,10 +75,21 @@ export interface AdminResult {
   data?: Uint8Array;
 }
 
-export interface CommandResult {
-  status: number;
-  dw0: number;
-  dw1: number;
+/** What a secondary controller may use, as its primary assigned it (Base §8.2.6). */
+export interface SecondaryResources {
+  readonly online: boolean;
+  /** Virtual Queue resources: the admin queue pair and I/O queue pairs. */
+  readonly queues: number;
+  /** Virtual Interrupt resources: interrupt vectors. */
+  readonly interrupts: number;
+}
+
+/** Maps the NSIDs a host uses onto the subsystem's namespaces (a virtual subsystem renumbers and renames). */
+export interface NamespaceResolver {
+  resolve(hostNsid: number): AttachedNamespace | undefined;
+  /** The host NSID under which physical namespace `nsid` appears, if it does. */
+  hostNsid(nsid: number): number | undefined;
+  readonly maxNsid: number;
 }
 
 // BAR layout: registers + doorbells in BAR0; MSI-X table and PBA alone in BAR4 (never mappable).
@@ -95,84 +106,36 @@ const MPSMAX = 4; // 64 KiB
 /** CAP.TO in 500 ms units: how long a host waits for CSTS.RDY to follow CC.EN. */
 const READY_TIMEOUT = 15;
 
-/** Per-SQ bookkeeping that is not state: fetch loop status and command counts. */
-interface SqRuntime {
-  fetching: boolean;
-  again: boolean;
-  /** Fetched and not yet posted (held completions included): bounded by the queue depth. */
-  outstanding: number;
-  /** Handlers running right now. */
-  executing: number;
-  deleting: boolean;
-  idle: Array<() => void>;
-}
-
-/** A byte budget shared by running commands; waiters are served in arrival order. */
-class ByteBudget {
-  private used = 0;
-  private readonly waiters: { bytes: number; wake: () => void }[] = [];
-
-  constructor(private readonly limit: number) {}
-
-  async acquire(bytes: number): Promise<number> {
-    const granted = Math.min(bytes, this.limit);
-    if (this.waiters.length > 0 || this.used + granted > this.limit) {
-      await new Promise<void>((wake) => this.waiters.push({ bytes: granted, wake }));
-    } else {
-      this.used += granted;
-    }
-    return granted;
-  }
-
-  release(bytes: number): void {
-    this.used -= bytes;
-    while (this.waiters.length > 0 && this.used + this.waiters[0]!.bytes <= this.limit) {
-      const next = this.waiters.shift()!;
-      this.used += next.bytes;
-      next.wake();
-    }
-  }
-}
-
 /** NVM commands whose handlers buffer NLB blocks of data. */
 const DATA_OPCODES = new Set<number>([NvmOpcode.READ, NvmOpcode.WRITE, NvmOpcode.COMPARE, NvmOpcode.VERIFY]);
 
-/** One macrotask hop: lets socket messages, timers and file I/O run between batches of guest work. */
-const yieldToEventLoop = (): Promise<void> => new Promise((resolve) => setImmediate(resolve));
-
-/** Thrown into a command's data transfer when the controller was reset under it. */
-class StaleCommandError extends Error {}
-
-export class NvmeController extends PciFunction implements SubsystemController {
+export class NvmeController extends PciFunction implements ControllerContext, SubsystemController {
+  /** The controller's ID in its (physical) subsystem. */
   readonly cntlid: number;
   readonly subsystem: Subsystem;
   readonly log: Logger;
-  readonly maxIoQueues: number;
-  readonly maxQueueEntries: number;
-  readonly mdts: number;
-  readonly vectors: number;
+  readonly commandSets: readonly AdminCommandSet[];
   state: ControllerState;
 
-  /** Bumped by every controller reset: commands of an older generation never touch the guest again. */
-  private generation = 0;
-  private sqRuntime = new Map<number, SqRuntime>();
-  private quiesced = false;
-  /** Handlers running (not counting held Asynchronous Event Requests or in-process calls). */
-  private inflight = 0;
-  private idleWaiters: Array<() => void> = [];
-  private busySince = 0;
-  private vectorsToRaise = new Set<number>();
-  private raiseScheduled = false;
-  private keepAliveTimer: NodeJS.Timeout | null = null;
-  private intxRecheck: NodeJS.Timeout | null = null;
-  private readonly dataBudget = new ByteBudget(IN_FLIGHT_DATA_BYTES);
-  /** CQs whose shadow head is being read, and those asked to read it again when done. */
-  private readonly headRefresh = new Map<number, { again: boolean }>();
-  private poweredOnAt = Date.now();
+  readonly lifecycle = new Lifecycle();
+  readonly writes = new InFlightWrites();
+  readonly interrupts: Interrupts;
+  readonly events: AsyncEvents;
+  readonly poster: CompletionPoster;
+  readonly doorbells: Doorbells;
+  readonly queues: QueueEngine;
+  readonly clocks: Clocks;
+  private readonly properties: ControllerProperties;
+
+  /** What the function was built for; a secondary's assigned resources narrow it. */
+  private readonly hardware: ControllerLimits;
+  private secondaryResources: SecondaryResources | null = null;
+  private identityOverride: ControllerIdentity | null = null;
+  private resolver: NamespaceResolver | null = null;
+  /** Bumped by every Controller Level Reset: commands of an older generation never touch the guest again. */
+  private generationCount = 0;
   /** Fatal errors after the first, until the host resets the controller (logged then as a count). */
   private suppressedFatals = 0;
-  /** When the last controller reset happened (Timestamp counts from here until the host sets it). */
-  private resetAt = Date.now();
 
   constructor(options: ControllerOptions) {
     const maxIoQueues = options.maxIoQueues ?? 8;
@@ -201,22 +164,153 @@ export class NvmeController extends PciFunction implements SubsystemController {
       msiVectors: interrupts === 'intx' ? 0 : msiVectors,
       msix: interrupts === 'msix' ? { vectors, tableBar: MSIX_BAR, tableOffset: MSIX_TABLE_OFFSET, pbaBar: MSIX_BAR, pbaOffset: MSIX_PBA_OFFSET } : null,
     });
+    const maxQueueEntries = options.maxQueueEntries ?? 1024;
+    if (maxQueueEntries < 2 || maxQueueEntries > 0x10000) throw new RangeError(`maxQueueEntries ${maxQueueEntries}`);
+    this.hardware = { maxIoQueues, maxQueueEntries, mdts: options.mdts ?? 8, vectors };
     this.subsystem = options.subsystem;
     this.cntlid = options.cntlid ?? this.subsystem.allocateCntlid();
-    this.maxIoQueues = maxIoQueues;
-    this.maxQueueEntries = options.maxQueueEntries ?? 1024;
-    if (this.maxQueueEntries < 2 || this.maxQueueEntries > 0x10000) throw new RangeError(`maxQueueEntries ${this.maxQueueEntries}`);
-    this.mdts = options.mdts ?? 8;
-    this.vectors = vectors;
+    this.commandSets = options.commandSets ?? [];
     this.log = (options.logger ?? this.subsystem.log).child(`ctrl${this.cntlid}`);
     this.state = initialState(maxIoQueues, [...this.subsystem.namespaces.keys()]);
+
+    // The parts read `state` through getters: loadState() replaces the whole object.
+    const self = this;
+    const touchesHost = (): boolean => this.lifecycle.touchesHost && this.context !== null;
+    this.interrupts = new Interrupts({
+      get state() {
+        return self.state;
+      },
+      interruptMode: () => this.interruptMode(),
+      raise: (vector) => void this.raiseInterrupt(vector),
+      touchesHost,
+    });
+    this.events = new AsyncEvents({
+      get state() {
+        return self.state;
+      },
+      // Events wait from the moment a suspend begins: outstanding requests stay outstanding.
+      touchesHost: () => this.lifecycle.fetches && this.context !== null,
+      completeRequest: (cid, dw0) => this.poster.post({ cqid: 0, sqid: 0, cid, status: Status.SUCCESS, dw0, dw1: 0 }),
+    });
+    this.poster = new CompletionPoster({
+      get state() {
+        return self.state;
+      },
+      interrupts: this.interrupts,
+      writes: this.writes,
+      postingDma: () => (touchesHost() ? this.context!.dma : null),
+      isFatal: () => (this.state.registers.csts & CSTS.CFS) !== 0,
+      generation: () => this.generationCount,
+      completionGone: (entry) => this.queues.completionGone(entry),
+      completionHeld: (cq) => void this.doorbells.refreshShadowHead(cq),
+      fatal: (reason) => this.fatal(reason),
+    });
+    this.doorbells = new Doorbells({
+      get state() {
+        return self.state;
+      },
+      log: this.log,
+      events: this.events,
+      poster: this.poster,
+      interrupts: this.interrupts,
+      writes: this.writes,
+      acceptsDoorbells: () => (this.state.registers.csts & (CSTS.RDY | CSTS.CFS)) === CSTS.RDY && this.online,
+      hostDma: () => (touchesHost() ? this.context!.dma : null),
+      interruptMode: () => this.interruptMode(),
+      kick: (qid) => this.queues.kick(qid),
+      fatal: (reason) => this.fatal(reason),
+    });
+    this.queues = new QueueEngine({
+      get state() {
+        return self.state;
+      },
+      log: this.log,
+      doorbells: this.doorbells,
+      poster: this.poster,
+      get pageSize() {
+        return self.pageSize;
+      },
+      generation: () => this.generationCount,
+      fetchDma: () => (this.canFetch() ? this.context!.dma : null),
+      dataBytes: (cmd) => this.dataBytes(cmd),
+      execute: (cmd, transfer, isAdmin) => this.execute(cmd, transfer, isAdmin),
+      fatal: (reason) => this.fatal(reason),
+    });
+    this.clocks = new Clocks({
+      get state() {
+        return self.state;
+      },
+      keepAliveArmed: () => this.lifecycle.timersRun && this.enabled,
+      keepAliveExpired: (timeout) => this.fatal(`keep alive timeout (${timeout} ms) expired`),
+    });
+    this.properties = new ControllerProperties({
+      get state() {
+        return self.state;
+      },
+      interrupts: this.interrupts,
+      get cap() {
+        return self.cap;
+      },
+      get visibleCsts() {
+        return self.visibleCsts;
+      },
+      enable: () => this.enable(),
+      controllerReset: (reason) => this.controllerReset(reason),
+      shutdown: () => void this.shutdown(),
+    });
     this.subsystem.registerController(this);
   }
 
-  // ---- derived register values ------------------------------------------------------------------
+  // ---- what handlers see (ControllerContext) -----------------------------------------------------
+
+  get limits(): ControllerLimits {
+    const r = this.secondaryResources;
+    if (!r) return this.hardware;
+    return {
+      ...this.hardware,
+      maxIoQueues: Math.max(0, Math.min(this.hardware.maxIoQueues, r.queues - 1)),
+      vectors: Math.min(this.hardware.vectors, r.interrupts),
+    };
+  }
+
+  get identity(): ControllerIdentity {
+    if (this.identityOverride) return this.identityOverride;
+    const sub = this.subsystem;
+    return {
+      cntlid: this.cntlid,
+      nqn: sub.nqn,
+      serial: sub.serial,
+      model: sub.model,
+      firmware: sub.firmware,
+      ieeeOui: 0,
+      multiController: sub.controllers.size > 1,
+    };
+  }
+
+  get namespaces(): NamespaceView {
+    const resolve = (nsid: number): AttachedNamespace | undefined => {
+      if (!this.isAttached(nsid)) return undefined;
+      if (this.resolver) return this.resolver.resolve(nsid);
+      const namespace = this.subsystem.namespace(nsid);
+      return namespace ? { nsid, namespace, ids: namespace.ids } : undefined;
+    };
+    return {
+      get: resolve,
+      list: () => this.state.attachedNamespaces.map(resolve).filter((a): a is AttachedNamespace => a !== undefined),
+      maxNsid: this.resolver?.maxNsid ?? this.subsystem.maxNamespaces,
+    };
+  }
+
+  get features(): FeatureValues {
+    return this.state.features;
+  }
+
+  get smart(): SmartCounters {
+    return this.state.smart;
+  }
 
   get cap(): bigint {
-    const low = (this.maxQueueEntries - 1) | (1 << Cap.CQR_SHIFT) | (READY_TIMEOUT << Cap.TO_SHIFT);
+    const low = (this.hardware.maxQueueEntries - 1) | (1 << Cap.CQR_SHIFT) | (READY_TIMEOUT << Cap.TO_SHIFT);
     const high =
       (Cap.CSS_NVM << (Cap.CSS_SHIFT - 32)) | (MPSMIN << (Cap.MPSMIN_SHIFT - 32)) | (MPSMAX << (Cap.MPSMAX_SHIFT - 32));
     return (BigInt(high >>> 0) << 32n) | BigInt(low >>> 0);
@@ -230,53 +324,87 @@ export class NvmeController extends PciFunction implements SubsystemController {
     return 1 << (MIN_PAGE_SHIFT + ((this.state.registers.cc >>> CC.MPS_SHIFT) & CC.MPS_MASK));
   }
 
-  /** MDTS in bytes. */
   get maxTransferBytes(): number {
-    return (1 << MIN_PAGE_SHIFT) * 2 ** this.mdts;
+    return (1 << MIN_PAGE_SHIFT) * 2 ** this.hardware.mdts;
   }
 
-  /** Whether any attached namespace sits behind a volatile cache (Identify VWC bit 0). */
   get volatileWriteCachePresent(): boolean {
-    return this.attachedNamespaces().some((ns) => ns.backend.volatileCache);
+    return this.namespaces.list().some((a) => a.namespace.backend.volatileCache);
   }
 
-  // ---- namespaces ---------------------------------------------------------------------------------
+  override interruptMode(): InterruptMode {
+    return super.interruptMode();
+  }
 
+  configureDoorbellBuffer(shadow: number, eventIdx: number): void {
+    this.doorbells.configureBuffer(shadow, eventIdx);
+  }
+
+  namespaceAttributesChanged(nsid: number): void {
+    this.subsystem.notifyNamespaceChanged(nsid, this);
+  }
+
+  // ---- roles: what the virtualization layer sets ------------------------------------------------
+
+  /** A secondary's assigned resources (null for a primary or a peer controller). */
+  setSecondaryResources(resources: SecondaryResources | null): void {
+    this.secondaryResources = resources;
+  }
+
+  get isSecondary(): boolean {
+    return this.secondaryResources !== null;
+  }
+
+  /** An offline secondary shows CSTS.CFS to its host and processes nothing. */
+  get online(): boolean {
+    return this.secondaryResources?.online ?? true;
+  }
+
+  /** What the host sees of itself: a virtual subsystem's identity and namespace numbering, or the physical ones. */
+  present(identity: ControllerIdentity | null, resolver: NamespaceResolver | null): void {
+    this.identityOverride = identity;
+    this.resolver = resolver;
+  }
+
+  // ---- namespaces (SubsystemController) ---------------------------------------------------------
+
+  /** Whether the host-visible namespace `nsid` is attached. */
   isAttached(nsid: number): boolean {
     return this.state.attachedNamespaces.includes(nsid);
+  }
+
+  /** Whether the subsystem's namespace `nsid` is visible to this controller's host (under any NSID). */
+  seesNamespace(nsid: number): boolean {
+    const hostNsid = this.resolver ? this.resolver.hostNsid(nsid) : nsid;
+    return hostNsid !== undefined && this.isAttached(hostNsid);
   }
 
   attachNamespace(nsid: number): void {
     if (this.isAttached(nsid)) return;
     this.state.attachedNamespaces.push(nsid);
     this.state.attachedNamespaces.sort((a, b) => a - b);
-    this.namespaceChanged(nsid);
+    this.events.namespaceChanged(nsid);
   }
 
   detachNamespace(nsid: number): void {
     if (!this.isAttached(nsid)) return;
     this.state.attachedNamespaces = this.state.attachedNamespaces.filter((n) => n !== nsid);
-    this.namespaceChanged(nsid);
+    this.events.namespaceChanged(nsid);
   }
 
-  /** The active namespace `nsid` as this controller sees it. */
+  /** The subsystem's namespace `nsid` changed: tell this host under the NSID it knows it by. */
+  namespaceChanged(nsid: number): void {
+    const hostNsid = this.resolver ? this.resolver.hostNsid(nsid) : nsid;
+    if (hostNsid !== undefined) this.events.namespaceChanged(hostNsid);
+  }
+
+  /** The active namespace the host calls `nsid`. */
   namespace(nsid: number): Namespace | undefined {
-    return this.isAttached(nsid) ? this.subsystem.namespace(nsid) : undefined;
+    return this.namespaces.get(nsid)?.namespace;
   }
 
   attachedNamespaces(): Namespace[] {
-    return this.state.attachedNamespaces.map((n) => this.subsystem.namespace(n)).filter((ns): ns is Namespace => ns !== undefined);
-  }
-
-  namespaceChanged(nsid: number): void {
-    const list = this.state.changedNamespaces;
-    if (list[0] !== 0xffff_ffff && !list.includes(nsid)) {
-      if (list.length >= CHANGED_NAMESPACE_LIMIT) this.state.changedNamespaces = [0xffff_ffff];
-      else list.push(nsid);
-    }
-    if (this.state.features.asyncEventConfig & AsyncEventConfig.NAMESPACE_ATTRIBUTE_NOTICES) {
-      this.queueAsyncEvent({ type: AsyncEventType.NOTICE, info: AsyncEventInfo.NAMESPACE_ATTRIBUTE_CHANGED, logPage: LogId.CHANGED_NAMESPACES });
-    }
+    return this.namespaces.list().map((a) => a.namespace);
   }
 
   // ---- PciFunction ------------------------------------------------------------------------------
@@ -287,7 +415,7 @@ export class NvmeController extends PciFunction implements SubsystemController {
     for (let i = 0; i < count; ) {
       const at = offset + i;
       const dword = at & ~3;
-      const value = this.readRegister(dword);
+      const value = dword < Reg.DOORBELLS ? this.properties.read(dword) : 0; // doorbells are write-only
       const within = at - dword;
       const n = Math.min(4 - within, count - i);
       for (let b = 0; b < n; b++) out[i + b] = (value >>> ((within + b) * 8)) & 0xff;
@@ -305,12 +433,13 @@ export class NvmeController extends PciFunction implements SubsystemController {
         const dword = at & ~3;
         const within = at - dword;
         const n = Math.min(4 - within, data.length - i);
-        let value = n === 4 ? 0 : dword < Reg.DOORBELLS ? this.readRegister(dword) : 0;
+        let value = n === 4 ? 0 : dword < Reg.DOORBELLS ? this.properties.read(dword) : 0;
         for (let b = 0; b < n; b++) {
           const shift = (within + b) * 8;
           value = (value & ~(0xff << shift)) | (data[i + b]! << shift);
         }
-        this.writeRegister(dword, value >>> 0);
+        if (dword >= Reg.DOORBELLS) this.doorbells.write((dword - Reg.DOORBELLS) >>> 2, value >>> 0);
+        else this.properties.write(dword, value >>> 0);
         i += n;
       }
     } catch (err) {
@@ -329,122 +458,19 @@ export class NvmeController extends PciFunction implements SubsystemController {
 
   protected override onBusMasterChange(enabled: boolean): void {
     if (!enabled) return;
-    for (const cq of this.state.completionQueues) if (cq) this.releaseHeld(cq);
-    this.kickAll();
+    this.poster.releaseAll();
+    this.queues.kickAll();
   }
 
   irqsChanged(index: number): void {
-    if (index !== PciIrq.INTX || this.interruptMode() !== 'intx' || this.intxRecheck) return;
-    // INTx is level-triggered: when the host re-arms it, assert again if completions still wait.
-    // QEMU re-arms on *any* BAR access (its emulated EOI), another vCPU's SQ doorbell included,
-    // usually just before the handler consumes what is pending. Re-asserting at once would make
-    // an interrupt per stray EOI; a short grace lets the handler's CQ head arrive first, and still
-    // catches an interrupt the stray EOI cleared before the guest took it.
-    this.intxRecheck = setTimeout(() => {
-      this.intxRecheck = null;
-      if (this.interruptMode() !== 'intx') return;
-      for (const cq of this.state.completionQueues) if (cq && cq.interruptsEnabled && cq.head !== cq.tail) this.scheduleInterrupt(cq.vector);
-    }, INTX_REASSERT_GRACE_MS);
-    this.intxRecheck.unref();
+    if (index === PciIrq.INTX) this.interrupts.intxRearmed();
   }
 
-  // ---- registers (Base §3.1.4) --------------------------------------------------------------------
+  // ---- CC/CSTS (Base §3.1.4, §3.5) ---------------------------------------------------------------
 
-  private readRegister(offset: number): number {
-    const r = this.state.registers;
-    const cap = this.cap;
-    switch (offset) {
-      case Reg.CAP:
-        return Number(cap & 0xffff_ffffn);
-      case Reg.CAP + 4:
-        return Number(cap >> 32n);
-      case Reg.VS:
-        return NVME_VERSION_1_4;
-      case Reg.INTMS:
-      case Reg.INTMC:
-        return r.intms;
-      case Reg.CC:
-        return r.cc;
-      case Reg.CSTS:
-        return r.csts;
-      case Reg.AQA:
-        return r.aqa;
-      case Reg.ASQ:
-        return r.asq % 0x1_0000_0000;
-      case Reg.ASQ + 4:
-        return Math.floor(r.asq / 0x1_0000_0000);
-      case Reg.ACQ:
-        return r.acq % 0x1_0000_0000;
-      case Reg.ACQ + 4:
-        return Math.floor(r.acq / 0x1_0000_0000);
-      default:
-        return 0; // reserved, NSSR (no subsystem reset), doorbells (write-only)
-    }
-  }
-
-  private writeRegister(offset: number, value: number): void {
-    const r = this.state.registers;
-    if (offset >= Reg.DOORBELLS) {
-      this.doorbell((offset - Reg.DOORBELLS) >>> 2, value);
-      return;
-    }
-    const adminQueueWritable = (r.cc & CC.EN) === 0;
-    const setLow = (old: number, low: number): number => Math.floor(old / 0x1_0000_0000) * 0x1_0000_0000 + ((low & ~0xfff) >>> 0);
-    switch (offset) {
-      case Reg.INTMS:
-        // Under MSI-X the host masks in the MSI-X table; INTMS/INTMC are for MSI and INTx only.
-        if (this.interruptMode() !== 'msix') r.intms = (r.intms | value) >>> 0;
-        return;
-      case Reg.INTMC:
-        if (this.interruptMode() !== 'msix') this.unmaskInterrupts(value);
-        return;
-      case Reg.CC:
-        this.writeCc(value);
-        return;
-      case Reg.AQA:
-        if (adminQueueWritable) r.aqa = value & ((AQA.ACQS_MASK << AQA.ACQS_SHIFT) | AQA.ASQS_MASK);
-        return;
-      case Reg.ASQ:
-        if (adminQueueWritable) r.asq = setLow(r.asq, value);
-        return;
-      case Reg.ASQ + 4:
-        if (adminQueueWritable) r.asq = value * 0x1_0000_0000 + (r.asq % 0x1_0000_0000);
-        return;
-      case Reg.ACQ:
-        if (adminQueueWritable) r.acq = setLow(r.acq, value);
-        return;
-      case Reg.ACQ + 4:
-        if (adminQueueWritable) r.acq = value * 0x1_0000_0000 + (r.acq % 0x1_0000_0000);
-        return;
-      default:
-        return; // CAP, VS, CSTS, NSSR and reserved space are read-only here
-    }
-  }
-
-  private writeCc(value: number): void {
-    const r = this.state.registers;
-    const next = value & CC.WRITABLE;
-    const wasEnabled = (r.cc & CC.EN) !== 0;
-    const enable = (next & CC.EN) !== 0;
-    if (wasEnabled && !enable) {
-      this.controllerReset('CC.EN cleared');
-      r.cc = next;
-      return;
-    }
-    if (!wasEnabled && enable) {
-      r.cc = next;
-      this.enable();
-      return;
-    }
-    if (wasEnabled) {
-      // While enabled only the shutdown notification may change.
-      const shnMask = CC.SHN_MASK << CC.SHN_SHIFT;
-      const before = r.cc & shnMask;
-      r.cc = (r.cc & ~shnMask) | (next & shnMask);
-      if (before === 0 && (next & shnMask) !== 0) void this.shutdown();
-      return;
-    }
-    r.cc = next;
+  /** CSTS as the host reads it: an offline secondary shows Controller Fatal Status. */
+  get visibleCsts(): number {
+    return this.online ? this.state.registers.csts : this.state.registers.csts | CSTS.CFS;
   }
 
   private enable(): void {
@@ -465,63 +491,67 @@ export class NvmeController extends PciFunction implements SubsystemController {
     if (iosqes !== SQE_SIZE_LOG2 || iocqes !== CQE_SIZE_LOG2) problems.push(`CC.IOSQES/IOCQES ${iosqes}/${iocqes}`);
     if (r.asq % this.pageSize !== 0 || r.acq % this.pageSize !== 0 || r.asq === 0 || r.acq === 0) problems.push('ASQ/ACQ alignment');
     if (r.csts & CSTS.CFS) problems.push('controller fatal status is set');
+    if (!this.online) problems.push('the secondary controller is offline');
     if (problems.length > 0) {
       this.fatal(`enable refused: ${problems.join(', ')}`);
       return;
     }
-    this.state.completionQueues[0] = { qid: 0, base: r.acq, size: acqs, head: 0, tail: 0, phase: 1, interruptsEnabled: true, vector: 0 };
-    this.state.submissionQueues[0] = { qid: 0, base: r.asq, size: asqs, head: 0, tail: 0, cqid: 0, priority: 0 };
-    this.sqRuntime.set(0, newSqRuntime());
+    this.queues.createAdminQueues(r.asq, r.acq, asqs, acqs);
     r.csts = CSTS.RDY;
     this.log.debug(`enabled: admin SQ ${asqs} @0x${r.asq.toString(16)}, CQ ${acqs} @0x${r.acq.toString(16)}, page ${this.pageSize}`);
   }
 
-  /** Controller Level Reset: every queue, command and feature value is gone; AQA/ASQ/ACQ stay. */
-  private controllerReset(reason: string): void {
+  /**
+   * Controller Level Reset: every queue, command and feature value is gone; AQA/ASQ/ACQ stay. It
+   * also ends a suspension (TP4159: a reset of a migratable controller clears its suspended state).
+   */
+  controllerReset(reason: string): void {
     const r = this.state.registers;
     if (r.csts & CSTS.RDY && ((r.csts & CSTS.SHST_MASK) >>> CSTS.SHST_SHIFT) !== CSTS.SHST_COMPLETE) this.state.smart.unsafeShutdowns++;
-    this.generation++;
+    this.generationCount++;
     this.log.debug(`controller reset (${reason})`);
     if (this.suppressedFatals > 0) {
       this.log.warn(`${this.suppressedFatals} further fatal errors before this reset were not logged`);
       this.suppressedFatals = 0;
     }
-    this.sqRuntime = new Map();
-    this.vectorsToRaise.clear();
-    this.stopKeepAlive();
-    this.resetAt = Date.now();
+    if (this.lifecycle.state === 'quiescing' || this.lifecycle.state === 'suspended') this.lifecycle.move('running');
+    this.queues.reset();
+    this.interrupts.reset();
+    this.clocks.reset();
     const s = this.state;
     s.submissionQueues = [];
     s.completionQueues = [];
     s.heldCompletions = [];
     s.pendingInterrupts = [];
-    s.features = defaultFeatures(this.maxIoQueues);
+    s.features = defaultFeatures(this.limits.maxIoQueues);
     s.asyncEvents = { outstanding: [], queued: [], masked: [] };
     s.doorbellBuffer = null;
     r.intms = 0;
+    for (const set of this.commandSets) set.controllerReset?.();
     // Reads land in guest memory straight from the backend: until the commands already running
     // have finished, CSTS.RDY stays set, so the host (which waits for RDY=0) reuses no buffer we
     // may still write. Their completions are dropped either way.
-    r.csts = this.inflight > 0 ? CSTS.RDY : 0;
-    if (this.inflight > 0) {
-      const generation = this.generation;
-      void this.waitIdle().then(() => {
-        if (generation === this.generation && !(r.cc & CC.EN)) r.csts &= ~CSTS.RDY;
+    const running = this.queues.commandsRunning > 0;
+    r.csts = running ? CSTS.RDY : 0;
+    if (running) {
+      const generation = this.generationCount;
+      void this.queues.waitIdle().then(() => {
+        if (generation === this.generationCount && !(r.cc & CC.EN)) r.csts &= ~CSTS.RDY;
       });
     }
   }
 
   private async shutdown(): Promise<void> {
-    const generation = this.generation;
+    const generation = this.generationCount;
     const r = this.state.registers;
     r.csts = (r.csts & ~CSTS.SHST_MASK) | (CSTS.SHST_OCCURRING << CSTS.SHST_SHIFT);
     try {
-      await this.waitIdle();
+      await this.queues.waitIdle();
       for (const ns of this.attachedNamespaces()) await ns.backend.flush();
     } catch (err) {
       this.log.warn(`flush during shutdown failed: ${(err as Error).message}`);
     }
-    if (generation !== this.generation) return;
+    if (generation !== this.generationCount) return;
     r.csts = (r.csts & ~CSTS.SHST_MASK) | (CSTS.SHST_COMPLETE << CSTS.SHST_SHIFT);
     this.log.debug('shutdown complete');
   }
@@ -537,159 +567,17 @@ export class NvmeController extends PciFunction implements SubsystemController {
     this.state.registers.csts |= CSTS.CFS;
   }
 
-  // ---- doorbells ----------------------------------------------------------------------------------
-
-  private doorbell(index: number, value: number): void {
-    const r = this.state.registers;
-    if (!(r.csts & CSTS.RDY) || r.csts & CSTS.CFS) return;
-    const qid = index >>> 1;
-    if ((index & 1) === 0) {
-      const sq = this.state.submissionQueues[qid];
-      if (!sq) return this.invalidDoorbell(AsyncEventInfo.INVALID_DOORBELL_REGISTER, qid);
-      if (value >= sq.size) return this.invalidDoorbell(AsyncEventInfo.INVALID_DOORBELL_VALUE, qid);
-      // With a doorbell buffer the shadow is authoritative: this posted MMIO value may be older than
-      // a shadow value already read, and taking it would move the tail backwards.
-      if (!this.usesShadowDoorbells(qid)) sq.tail = value;
-      this.kick(qid);
-      // With shadow doorbells a CQ head update may have skipped MMIO: look while completions wait.
-      const cq = this.state.completionQueues[sq.cqid];
-      if (cq && this.state.heldCompletions.some((h) => h.cqid === cq.qid)) void this.refreshShadowHead(cq);
-      return;
-    }
-    const cq = this.state.completionQueues[qid];
-    if (!cq) return this.invalidDoorbell(AsyncEventInfo.INVALID_DOORBELL_REGISTER, qid);
-    if (this.usesShadowDoorbells(qid)) {
-      // The shadow head is authoritative and may already be newer than this posted value.
-      if (value >= cq.size) return this.invalidDoorbell(AsyncEventInfo.INVALID_DOORBELL_VALUE, qid);
-      void this.refreshShadowHead(cq);
-      return;
-    }
-    if (!this.validCqHead(cq, value)) return this.invalidDoorbell(AsyncEventInfo.INVALID_DOORBELL_VALUE, qid);
-    cq.head = value;
-    void this.updateEventIdx(cq.qid, true, value);
-    this.releaseHeld(cq);
-    if (this.interruptMode() === 'intx' && cq.interruptsEnabled && cq.head !== cq.tail) this.scheduleInterrupt(cq.vector);
-  }
-
-  /** A CQ head may only move forward over entries the controller posted. */
-  private validCqHead(cq: CompletionQueueState, head: number): boolean {
-    if (head >= cq.size) return false;
-    const posted = (cq.tail - cq.head + cq.size) % cq.size;
-    return (head - cq.head + cq.size) % cq.size <= posted;
-  }
-
-  /** Base §3.1.4 doorbell rules: reported as an error event only while an AER is outstanding. */
-  private invalidDoorbell(info: number, qid: number): void {
-    this.log.debug(`invalid doorbell write (${info === AsyncEventInfo.INVALID_DOORBELL_REGISTER ? 'no such queue' : 'bad value'}) for queue ${qid}`);
-    if (this.state.asyncEvents.outstanding.length === 0) return;
-    this.recordError({ sqid: qid, cid: 0xffff, status: Status.INVALID_FIELD, nsid: 0, lba: 0 });
-    this.queueAsyncEvent({ type: AsyncEventType.ERROR, info, logPage: LogId.ERROR_INFORMATION });
-  }
-
-  // ---- fetching -----------------------------------------------------------------------------------
+  // ---- commands ---------------------------------------------------------------------------------
 
   private canFetch(): boolean {
     const r = this.state.registers;
     return (
       (r.csts & (CSTS.RDY | CSTS.CFS | CSTS.SHST_MASK)) === CSTS.RDY &&
-      !this.quiesced &&
+      this.lifecycle.fetches &&
+      this.online &&
       this.context !== null &&
       this.busMasterEnabled
     );
-  }
-
-  private kickAll(): void {
-    for (const sq of this.state.submissionQueues) if (sq) this.kick(sq.qid);
-  }
-
-  private kick(qid: number): void {
-    const rt = this.sqRuntime.get(qid);
-    if (!rt) return;
-    rt.again = true;
-    if (rt.fetching) return;
-    rt.fetching = true;
-    void (async () => {
-      try {
-        while (rt.again) {
-          rt.again = false;
-          await this.fetch(qid, rt);
-        }
-      } catch (err) {
-        this.fatal(`fetch loop for SQ ${qid}: ${(err as Error).stack ?? String(err)}`);
-      } finally {
-        rt.fetching = false;
-      }
-    })();
-  }
-
-  private async fetch(qid: number, rt: SqRuntime): Promise<void> {
-    const generation = this.generation;
-    for (;;) {
-      const sq = this.state.submissionQueues[qid];
-      if (!sq || rt.deleting || generation !== this.generation || !this.canFetch()) return;
-      // With shadow doorbells the host moves the tail in memory and rings only when EventIdx asks.
-      if (this.usesShadowDoorbells(qid)) await this.refreshShadowTail(sq);
-      if (sq.head === sq.tail) return;
-      const room = sq.size - 1 - rt.outstanding;
-      if (room <= 0) return; // a completion kicks us again
-      const available = (sq.tail - sq.head + sq.size) % sq.size;
-      const count = Math.min(available, room, sq.size - sq.head);
-      // Commands keep the DMA space they were fetched through: if the client leaves, that space is
-      // emptied and their data transfers fail cleanly instead of reaching a detached controller.
-      const dma = this.context!.dma;
-      let entries: Uint8Array;
-      try {
-        entries = await dma.read(sq.base + sq.head * SQE_SIZE, count * SQE_SIZE);
-      } catch (err) {
-        if (err instanceof DmaError) {
-          if (generation === this.generation) this.fatal(`SQ ${qid} fetch: ${err.message}`);
-          return;
-        }
-        throw err;
-      }
-      // The world may have changed while the read was in flight.
-      if (generation !== this.generation || this.state.submissionQueues[qid] !== sq || rt.deleting || !this.canFetch()) return;
-      for (let i = 0; i < count; i++) {
-        const sqe = entries.subarray(i * SQE_SIZE, (i + 1) * SQE_SIZE);
-        sq.head = (sq.head + 1) % sq.size;
-        rt.outstanding++;
-        this.dispatch(sq, rt, sqe, dma, generation).catch((err: unknown) => {
-          this.fatal(`dispatch on SQ ${qid}: ${(err as Error).stack ?? String(err)}`);
-        });
-      }
-      // With shadow doorbells every step can be an already-settled promise, so a guest that keeps
-      // moving its shadow tail would keep this loop (and the whole process) from yielding.
-      if (this.usesShadowDoorbells(qid)) await yieldToEventLoop();
-    }
-  }
-
-  private async dispatch(sq: SubmissionQueueState, rt: SqRuntime, sqe: Uint8Array, dma: DmaSpace, generation: number): Promise<void> {
-    const cmd = parseCommand(sqe, sq.qid);
-    const isAdmin = sq.qid === 0;
-    rt.executing++;
-    this.commandStarted();
-    let result: CommandResult | typeof DEFERRED;
-    let budget = 0;
-    try {
-      budget = isAdmin ? 0 : await this.dataBudget.acquire(this.dataBytes(cmd));
-      const transfer = new GuestDataTransfer({
-        dma,
-        sqe,
-        pageSize: this.pageSize,
-        allowSgl: !isAdmin,
-        guard: () => {
-          if (generation !== this.generation) throw new StaleCommandError('controller was reset');
-        },
-      });
-      result = await this.execute(cmd, transfer, isAdmin);
-    } finally {
-      if (budget > 0) this.dataBudget.release(budget);
-      rt.executing--;
-      this.commandFinished();
-      if (rt.executing === 0) rt.idle.splice(0).forEach((wake) => wake());
-    }
-    if (result === DEFERRED || generation !== this.generation) return;
-    this.postCompletion({ cqid: sq.cqid, sqid: sq.qid, cid: cmd.cid, ...result });
   }
 
   /** Data an I/O command moves (what its handler will allocate), for the in-flight budget. */
@@ -707,390 +595,16 @@ export class NvmeController extends PciFunction implements SubsystemController {
     } catch (err) {
       if (err instanceof CommandError) {
         this.log.debug(`${isAdmin ? 'admin' : 'I/O'} opcode 0x${cmd.opcode.toString(16)} cid ${cmd.cid}: ${statusName(err.status)} ${err.message}`);
-        this.recordError({ sqid: cmd.sqid ?? 0xffff, cid: cmd.cid, status: err.status, nsid: cmd.nsid, lba: 0 });
+        this.events.recordError({ sqid: cmd.sqid ?? 0xffff, cid: cmd.cid, status: err.status, nsid: cmd.nsid, lba: 0 });
         return { status: err.status, dw0: err.dw0, dw1: 0 };
       }
       if (err instanceof StaleCommandError) return { status: Status.ABORT_REQUESTED, dw0: 0, dw1: 0 };
       this.log.error(`opcode 0x${cmd.opcode.toString(16)} cid ${cmd.cid} failed unexpectedly: ${(err as Error).stack ?? String(err)}`);
-      this.recordError({ sqid: cmd.sqid ?? 0xffff, cid: cmd.cid, status: Status.INTERNAL_ERROR, nsid: cmd.nsid, lba: 0 });
+      this.events.recordError({ sqid: cmd.sqid ?? 0xffff, cid: cmd.cid, status: Status.INTERNAL_ERROR, nsid: cmd.nsid, lba: 0 });
       return { status: Status.INTERNAL_ERROR, dw0: 0, dw1: 0 };
     }
     if (outcome === DEFERRED) return DEFERRED;
     return { status: Status.SUCCESS, dw0: (outcome?.dw0 ?? 0) >>> 0, dw1: (outcome?.dw1 ?? 0) >>> 0 };
-  }
-
-  private commandStarted(): void {
-    if (this.inflight++ === 0) this.busySince = Date.now();
-  }
-
-  private commandFinished(): void {
-    if (--this.inflight === 0) {
-      this.state.smart.busyTimeMs += Date.now() - this.busySince;
-      this.idleWaiters.splice(0).forEach((wake) => wake());
-    }
-  }
-
-  /** Called by the AER handler: the command stays outstanding without counting as running. */
-  deferAsyncEventRequest(cid: number): void {
-    const aer = this.state.asyncEvents;
-    if (aer.outstanding.length >= ASYNC_EVENT_LIMIT) throw new CommandError(Status.ASYNC_EVENT_REQUEST_LIMIT_EXCEEDED);
-    aer.outstanding.push(cid);
-    queueMicrotask(() => this.deliverAsyncEvents());
-  }
-
-  // ---- completions --------------------------------------------------------------------------------
-
-  private postCompletion(entry: HeldCompletion): void {
-    const cq = this.state.completionQueues[entry.cqid];
-    // A fatal controller posts nothing more: the host must reset it, which discards the queues.
-    if (!cq || this.state.registers.csts & CSTS.CFS) {
-      this.completionGone(entry);
-      return;
-    }
-    // Keep completion order per CQ: once one waits, later ones wait behind it. Without a client
-    // (detached) there is no guest memory to post to: hold until the next attach.
-    if (!this.context || this.isFull(cq) || this.state.heldCompletions.some((h) => h.cqid === cq.qid)) {
-      this.state.heldCompletions.push(entry);
-      void this.refreshShadowHead(cq);
-      return;
-    }
-    this.writeCompletion(cq, entry);
-  }
-
-  private isFull(cq: CompletionQueueState): boolean {
-    return (cq.tail + 1) % cq.size === cq.head;
-  }
-
-  private writeCompletion(cq: CompletionQueueState, entry: HeldCompletion): void {
-    const sq = this.state.submissionQueues[entry.sqid];
-    const cqe = new Uint8Array(CQE_SIZE);
-    const v = new DataView(cqe.buffer);
-    v.setUint32(Cqe.DW0, entry.dw0 >>> 0, true);
-    v.setUint32(Cqe.DW1, entry.dw1 >>> 0, true);
-    v.setUint16(Cqe.SQHD, sq ? sq.head : 0, true);
-    v.setUint16(Cqe.SQID, entry.sqid, true);
-    v.setUint16(Cqe.CID, entry.cid, true);
-    // Phase tag and status share the last word, written last: the host polls the phase.
-    v.setUint16(Cqe.STATUS_PHASE, ((entry.status << Cqe.STATUS_SHIFT) | cq.phase) & 0xffff, true);
-    const addr = cq.base + cq.tail * CQE_SIZE;
-    cq.tail = (cq.tail + 1) % cq.size;
-    if (cq.tail === 0) cq.phase ^= 1;
-    const generation = this.generation;
-    const done = (): void => {
-      this.completionGone(entry);
-      if (cq.interruptsEnabled) this.scheduleInterrupt(cq.vector);
-    };
-    const dma = this.context!.dma;
-    // The fast path writes in place synchronously; remote DMA is a message round trip.
-    const view = dma.view(addr, CQE_SIZE, true);
-    if (view) {
-      view.set(cqe);
-      done();
-      return;
-    }
-    dma.write(addr, cqe).then(
-      () => {
-        if (generation === this.generation) done();
-      },
-      (err: unknown) => {
-        if (generation === this.generation) this.fatal(`CQ ${cq.qid} post: ${(err as Error).message}`);
-      },
-    );
-  }
-
-  /** A fetched command is fully finished: its SQ slot is free again. */
-  private completionGone(entry: HeldCompletion): void {
-    const rt = this.sqRuntime.get(entry.sqid);
-    if (!rt) return;
-    rt.outstanding = Math.max(0, rt.outstanding - 1);
-    const sq = this.state.submissionQueues[entry.sqid];
-    if (sq && sq.head !== sq.tail) this.kick(entry.sqid);
-  }
-
-  private releaseHeld(cq: CompletionQueueState): void {
-    const held = this.state.heldCompletions;
-    while (this.context && !this.isFull(cq)) {
-      const index = held.findIndex((h) => h.cqid === cq.qid);
-      if (index < 0) return;
-      const [entry] = held.splice(index, 1);
-      this.writeCompletion(cq, entry!);
-    }
-  }
-
-  // ---- interrupts ---------------------------------------------------------------------------------
-
-  /**
-   * Interrupt Coalescing is stored and reported but applied only as batching: completions posted in
-   * the same event-loop turn share one interrupt per vector. Aggregation time/threshold are not
-   * enforced (the spec allows a controller to interrupt earlier than they ask).
-   */
-  private scheduleInterrupt(vector: number): void {
-    this.vectorsToRaise.add(vector);
-    if (this.raiseScheduled) return;
-    this.raiseScheduled = true;
-    queueMicrotask(() => {
-      this.raiseScheduled = false;
-      const vectors = [...this.vectorsToRaise];
-      this.vectorsToRaise.clear();
-      for (const v of vectors) this.fire(v);
-    });
-  }
-
-  private fire(vector: number): void {
-    const mode = this.interruptMode();
-    if (mode === 'none') return;
-    if (mode !== 'msix') {
-      // INTMS masks MSI and INTx per vector; a masked vector is remembered and raised on INTMC.
-      const bit = vector & 31;
-      if (this.state.registers.intms & (1 << bit)) {
-        if (!this.state.pendingInterrupts.includes(bit)) this.state.pendingInterrupts.push(bit);
-        return;
-      }
-    }
-    this.raiseInterrupt(vector);
-  }
-
-  private unmaskInterrupts(bits: number): void {
-    const r = this.state.registers;
-    r.intms = (r.intms & ~bits) >>> 0;
-    const release = this.state.pendingInterrupts.filter((bit) => (bits >>> bit) & 1);
-    this.state.pendingInterrupts = this.state.pendingInterrupts.filter((bit) => !((bits >>> bit) & 1));
-    for (const bit of release) this.raiseInterrupt(bit);
-  }
-
-  // ---- queue management (for the admin handlers) ------------------------------------------------
-
-  createCompletionQueue(cq: Omit<CompletionQueueState, 'head' | 'tail' | 'phase'>): void {
-    this.state.completionQueues[cq.qid] = { ...cq, head: 0, tail: 0, phase: 1 };
-    void this.updateEventIdx(cq.qid, true, 0);
-  }
-
-  createSubmissionQueue(sq: Omit<SubmissionQueueState, 'head' | 'tail'>): void {
-    this.state.submissionQueues[sq.qid] = { ...sq, head: 0, tail: 0 };
-    this.sqRuntime.set(sq.qid, newSqRuntime());
-    void this.updateEventIdx(sq.qid, false, 0);
-  }
-
-  /** Stops fetching, lets running commands finish, drops their completions, removes the queue. */
-  async deleteSubmissionQueue(qid: number): Promise<void> {
-    const rt = this.sqRuntime.get(qid);
-    const sq = this.state.submissionQueues[qid];
-    if (!sq) return;
-    if (rt) {
-      rt.deleting = true;
-      while (rt.executing > 0) await new Promise<void>((resolve) => rt.idle.push(resolve));
-    }
-    if (this.state.submissionQueues[qid] !== sq) return;
-    this.state.heldCompletions = this.state.heldCompletions.filter((h) => h.sqid !== qid);
-    this.state.submissionQueues[qid] = null;
-    this.sqRuntime.delete(qid);
-  }
-
-  deleteCompletionQueue(qid: number): void {
-    this.state.completionQueues[qid] = null;
-    this.state.heldCompletions = this.state.heldCompletions.filter((h) => h.cqid !== qid);
-  }
-
-  hasIoQueues(): boolean {
-    return this.state.submissionQueues.some((q, i) => q && i > 0) || this.state.completionQueues.some((q, i) => q && i > 0);
-  }
-
-  // ---- shadow doorbells (Doorbell Buffer Config, Base §5.8) ------------------------------------
-
-  configureDoorbellBuffer(shadow: number, eventIdx: number): void {
-    this.state.doorbellBuffer = { shadow, eventIdx };
-    for (const sq of this.state.submissionQueues) if (sq && sq.qid > 0) void this.updateEventIdx(sq.qid, false, sq.tail);
-    for (const cq of this.state.completionQueues) if (cq && cq.qid > 0) void this.updateEventIdx(cq.qid, true, cq.head);
-  }
-
-  private doorbellSlot(qid: number, completion: boolean): number {
-    return (2 * qid + (completion ? 1 : 0)) * 4;
-  }
-
-  /**
-   * EventIdx = the last value we saw: the host then rings the (trapped) doorbell for every update,
-   * so trapped doorbells keep working. Admin queues are outside the buffer (as Linux uses it).
-   */
-  private async updateEventIdx(qid: number, completion: boolean, value: number): Promise<void> {
-    const buffer = this.state.doorbellBuffer;
-    if (!buffer || qid === 0 || !this.context) return;
-    const bytes = new Uint8Array(4);
-    new DataView(bytes.buffer).setUint32(0, value, true);
-    try {
-      await this.context.dma.write(buffer.eventIdx + this.doorbellSlot(qid, completion), bytes);
-    } catch (err) {
-      this.fatal(`EventIdx write: ${(err as Error).message}`);
-    }
-  }
-
-  private async readShadow(qid: number, completion: boolean): Promise<number | null> {
-    const buffer = this.state.doorbellBuffer;
-    if (!buffer || qid === 0 || !this.context) return null;
-    try {
-      const bytes = await this.context.dma.read(buffer.shadow + this.doorbellSlot(qid, completion), 4);
-      return new DataView(bytes.buffer, bytes.byteOffset).getUint32(0, true);
-    } catch (err) {
-      this.fatal(`shadow doorbell read: ${(err as Error).message}`);
-      return null;
-    }
-  }
-
-  private usesShadowDoorbells(qid: number): boolean {
-    return this.state.doorbellBuffer !== null && qid > 0;
-  }
-
-  /** Publishes our view of the tail, then re-reads the shadow tail; true when it moved. */
-  private async refreshShadowTail(sq: SubmissionQueueState): Promise<boolean> {
-    if (!this.state.doorbellBuffer || sq.qid === 0) return false;
-    await this.updateEventIdx(sq.qid, false, sq.tail);
-    const tail = await this.readShadow(sq.qid, false);
-    if (tail === null || tail === sq.tail || this.state.submissionQueues[sq.qid] !== sq) return false;
-    if (tail >= sq.size) {
-      this.invalidDoorbell(AsyncEventInfo.INVALID_DOORBELL_VALUE, sq.qid);
-      return false;
-    }
-    sq.tail = tail;
-    return true;
-  }
-
-  /**
-   * Takes the host's CQ head from the shadow doorbell and publishes it as EventIdx, so the host's
-   * next head update rings the trapped doorbell again. That MMIO write is also QEMU's emulated EOI
-   * for INTx: without it a level interrupt would stay asserted.
-   */
-  private async refreshShadowHead(cq: CompletionQueueState): Promise<void> {
-    if (!this.state.doorbellBuffer || cq.qid === 0) return;
-    // One reader per CQ: with message-based DMA an older read could resolve after a newer one
-    // and move the head backwards.
-    const running = this.headRefresh.get(cq.qid);
-    if (running) {
-      running.again = true;
-      return;
-    }
-    const state = { again: true };
-    this.headRefresh.set(cq.qid, state);
-    try {
-      while (state.again) {
-        state.again = false;
-        const head = await this.readShadow(cq.qid, true);
-        if (head === null || this.state.completionQueues[cq.qid] !== cq || head === cq.head) continue;
-        if (!this.validCqHead(cq, head)) {
-          this.invalidDoorbell(AsyncEventInfo.INVALID_DOORBELL_VALUE, cq.qid);
-          continue;
-        }
-        cq.head = head;
-        await this.updateEventIdx(cq.qid, true, head);
-        this.releaseHeld(cq);
-        // The host may have moved the head again before it saw the new EventIdx: look once more,
-        // after letting the rest of the process run.
-        state.again = true;
-        await yieldToEventLoop();
-      }
-    } finally {
-      this.headRefresh.delete(cq.qid);
-    }
-  }
-
-  // ---- asynchronous events ------------------------------------------------------------------------
-
-  queueAsyncEvent(event: AsyncEvent): void {
-    const aer = this.state.asyncEvents;
-    if (!aer.queued.some((e) => e.type === event.type && e.info === event.info && e.logPage === event.logPage)) aer.queued.push(event);
-    this.deliverAsyncEvents();
-  }
-
-  /** The host read `logPage` without Retain Asynchronous Event: events for it may flow again. */
-  logPageRead(logPage: number): void {
-    const aer = this.state.asyncEvents;
-    aer.masked = aer.masked.filter((l) => l !== logPage);
-    if (logPage === LogId.CHANGED_NAMESPACES) this.state.changedNamespaces = [];
-    this.deliverAsyncEvents();
-  }
-
-  private deliverAsyncEvents(): void {
-    const aer = this.state.asyncEvents;
-    while (aer.outstanding.length > 0) {
-      const index = aer.queued.findIndex((e) => !aer.masked.includes(e.logPage));
-      if (index < 0) return;
-      const [event] = aer.queued.splice(index, 1);
-      const cid = aer.outstanding.shift()!;
-      aer.masked.push(event!.logPage);
-      const dw0 = event!.type | (event!.info << 8) | (event!.logPage << 16);
-      this.postCompletion({ cqid: 0, sqid: 0, cid, status: Status.SUCCESS, dw0, dw1: 0 });
-    }
-  }
-
-  // ---- error log ------------------------------------------------------------------------------------
-
-  recordError(entry: { sqid: number; cid: number; status: number; nsid: number; lba: number }): void {
-    const log = this.state.errorLog;
-    log.count++;
-    log.entries.unshift({ errorCount: log.count, parameterLocation: 0xffff, ...entry });
-    if (log.entries.length > ERROR_LOG_ENTRIES) log.entries.length = ERROR_LOG_ENTRIES;
-  }
-
-  // ---- keep alive ---------------------------------------------------------------------------------
-
-  /** (Re)arms the Keep Alive timer; expiry without a Keep Alive command is a controller fatal error. */
-  restartKeepAlive(): void {
-    this.stopKeepAlive();
-    const timeout = this.state.features.keepAliveTimeoutMs;
-    if (timeout === 0 || !this.enabled) return;
-    const generation = this.generation;
-    const deadline = Date.now() + timeout;
-    const arm = (): void => {
-      const left = deadline - Date.now();
-      this.keepAliveTimer = setTimeout(() => {
-        if (generation !== this.generation) return;
-        if (Date.now() >= deadline) this.fatal(`keep alive timeout (${timeout} ms) expired`);
-        else arm();
-      }, Math.min(Math.max(left, 0), MAX_TIMER_MS));
-      this.keepAliveTimer.unref();
-    };
-    arm();
-  }
-
-  private stopKeepAlive(): void {
-    if (this.keepAliveTimer) clearTimeout(this.keepAliveTimer);
-    this.keepAliveTimer = null;
-  }
-
-  // ---- time ---------------------------------------------------------------------------------------
-
-  /** Timestamp feature value now (ms) and whether the host set it. */
-  timestampNow(): { value: number; hostSet: boolean } {
-    const ts = this.state.features.timestamp;
-    if (ts) return { value: ts.value + (Date.now() - ts.setAt), hostSet: true };
-    return { value: Date.now() - this.resetAt, hostSet: false };
-  }
-
-  powerOnMs(): number {
-    return this.state.smart.powerOnMs + (Date.now() - this.poweredOnAt);
-  }
-
-  // ---- public operations --------------------------------------------------------------------------
-
-  /**
-   * Stops fetching new commands and resolves once every fetched command has finished and posted
-   * its completion (or holds it in state because the CQ is full). Held AERs stay outstanding.
-   */
-  async quiesce(): Promise<void> {
-    this.quiesced = true;
-    await this.waitIdle();
-  }
-
-  resume(): void {
-    this.quiesced = false;
-    this.kickAll();
-  }
-
-  get isQuiesced(): boolean {
-    return this.quiesced;
-  }
-
-  private waitIdle(): Promise<void> {
-    if (this.inflight === 0) return Promise.resolve();
-    return new Promise((resolve) => this.idleWaiters.push(resolve));
   }
 
   /**
@@ -1108,47 +622,85 @@ export class NvmeController extends PciFunction implements SubsystemController {
     return { ...result, ...(transfer.output ? { data: transfer.output } : {}) };
   }
 
+  // ---- run state (TP4159 suspend/resume, vfio-user RUNNING/STOP) --------------------------------
+
+  get runState(): RunState {
+    return this.lifecycle.state;
+  }
+
+  /**
+   * Stops fetching, lets every fetched command finish and post (outstanding Asynchronous Event
+   * Requests stay outstanding), waits for message-based writes in flight, then goes silent: no
+   * guest memory access and no interrupt until resume(). Idempotent.
+   */
+  async suspend(): Promise<void> {
+    if (this.lifecycle.state === 'suspended' || this.lifecycle.state === 'stopped') return;
+    if (this.lifecycle.state === 'running') {
+      this.lifecycle.move('quiescing');
+      this.clocks.pause();
+    }
+    for (;;) {
+      await this.queues.waitIdle();
+      const writes = this.writes.whenSettled();
+      if (!writes) break;
+      await writes;
+    }
+    // A controller reset meanwhile ended the suspension.
+    if (this.lifecycle.state === 'quiescing') this.lifecycle.move('suspended');
+  }
+
+  /** Back to running: what waited while silent (completions, events, interrupts, EventIdx) goes out. */
+  resume(): void {
+    if (this.lifecycle.state === 'running' || this.lifecycle.state === 'stopped') return;
+    this.lifecycle.move('running');
+    this.clocks.resume();
+    this.doorbells.publishAll();
+    this.poster.releaseAll();
+    this.events.deliver();
+    this.interrupts.raiseUnconsumed();
+    for (const cq of this.state.completionQueues) {
+      if (cq && this.state.heldCompletions.some((h) => h.cqid === cq.qid)) void this.doorbells.refreshShadowHead(cq);
+    }
+    this.queues.kickAll();
+  }
+
+  /** Same as suspend(): the name the first callers used. */
+  quiesce(): Promise<void> {
+    return this.suspend();
+  }
+
+  get isQuiesced(): boolean {
+    return this.lifecycle.state === 'suspended';
+  }
+
   /** Releases timers and leaves the subsystem; the namespaces stay with the subsystem. */
   dispose(): void {
     this.controllerReset('disposed');
+    this.lifecycle.move('stopped');
+    this.clocks.dispose();
+    this.interrupts.dispose();
     this.subsystem.unregisterController(this);
   }
 
   // ---- state ------------------------------------------------------------------------------------
 
-  /** Plain-data snapshot; meaningful after quiesce() (commands in flight are not part of it). */
+  /** Plain-data snapshot; meaningful once suspended (commands in flight are not part of it). */
   saveState(): ControllerState {
-    const copy = cloneState(this.state);
-    copy.smart.powerOnMs = this.powerOnMs();
-    return copy;
+    this.clocks.normalize();
+    return cloneState(this.state);
   }
 
   /** Replaces the controller's state and rebuilds everything derived from it. */
   loadState(state: ControllerState): void {
-    if (state.version !== 1) throw new Error(`unsupported controller state version ${String(state.version)}`);
-    this.generation++;
-    this.stopKeepAlive();
+    if (state.version !== 2) throw new Error(`unsupported controller state version ${String(state.version)}`);
+    this.generationCount++;
     this.state = cloneState(state);
-    this.poweredOnAt = Date.now();
-    this.sqRuntime = new Map();
-    for (const sq of this.state.submissionQueues) if (sq) this.sqRuntime.set(sq.qid, newSqRuntime());
-    // Held AERs and held completions occupy their SQ slots.
-    const admin = this.sqRuntime.get(0);
-    if (admin) admin.outstanding += this.state.asyncEvents.outstanding.length;
-    for (const h of this.state.heldCompletions) {
-      const rt = this.sqRuntime.get(h.sqid);
-      if (rt) rt.outstanding++;
-    }
-    this.restartKeepAlive();
-    this.kickAll();
+    this.queues.rebuild();
+    this.clocks.rebase();
+    this.queues.kickAll();
   }
-}
-
-function newSqRuntime(): SqRuntime {
-  return { fetching: false, again: false, outstanding: 0, executing: 0, deleting: false, idle: [] };
 }
 
 /** Plain-data snapshot of a controller's state (see NvmeController.saveState). */
 export const saveControllerState = (c: NvmeController): ControllerState => c.saveState();
 export const loadControllerState = (c: NvmeController, state: ControllerState): void => c.loadState(state);
-

@@ -3,17 +3,17 @@
 // and "current" share the code) and how a Set changes it.
 
 import type { Command, Completion } from './command.js';
-import type { NvmeController } from './controller.js';
+import type { ControllerContext } from './context.js';
 import { AsyncEventConfig, CmdBits, FeatureId, FeatureSelect, Status } from './spec.js';
 import { CHANGEABLE_FEATURES, defaultFeatures, type FeatureValues } from './state.js';
 import { CommandError, type DataTransfer } from './transfer.js';
 
 interface Feature {
   /** Dword 0 of a Get; may also transfer a data structure. */
-  get(c: NvmeController, values: FeatureValues, cmd: Command, data: DataTransfer): Promise<number> | number;
-  set(c: NvmeController, cmd: Command, data: DataTransfer): Promise<number | void> | number | void;
+  get(c: ControllerContext, values: FeatureValues, cmd: Command, data: DataTransfer): Promise<number> | number;
+  set(c: ControllerContext, cmd: Command, data: DataTransfer): Promise<number | void> | number | void;
   /** Present only under a condition (e.g. a volatile write cache exists). */
-  available?(c: NvmeController): boolean;
+  available?(c: ControllerContext): boolean;
 }
 
 const invalid = (why: string): CommandError => new CommandError(Status.INVALID_FIELD, why);
@@ -35,7 +35,7 @@ const FEATURES = new Map<number, Feature>([
     FeatureId.ARBITRATION,
     {
       get: (_c, v) => v.arbitration,
-      set: (c, cmd) => void (c.state.features.arbitration = cmd.cdw11 & 0xffff_ff07),
+      set: (c, cmd) => void (c.features.arbitration = cmd.cdw11 & 0xffff_ff07),
     },
   ],
   [
@@ -44,7 +44,7 @@ const FEATURES = new Map<number, Feature>([
       get: (_c, v) => v.powerManagement,
       set: (c, cmd) => {
         if ((cmd.cdw11 & 0x1f) !== 0) throw invalid('only power state 0 exists');
-        c.state.features.powerManagement = cmd.cdw11 & 0xff;
+        c.features.powerManagement = cmd.cdw11 & 0xff;
       },
     },
   ],
@@ -54,8 +54,8 @@ const FEATURES = new Map<number, Feature>([
       get: (_c, v, cmd) => (thresholdSelector(cmd.cdw11) === 'over' ? v.temperatureOver : v.temperatureUnder),
       set: (c, cmd) => {
         const value = cmd.cdw11 & 0xffff;
-        if (thresholdSelector(cmd.cdw11) === 'over') c.state.features.temperatureOver = value;
-        else c.state.features.temperatureUnder = value;
+        if (thresholdSelector(cmd.cdw11) === 'over') c.features.temperatureOver = value;
+        else c.features.temperatureUnder = value;
       },
     },
   ],
@@ -66,7 +66,7 @@ const FEATURES = new Map<number, Feature>([
       set: (c, cmd) => {
         // DULBE needs deallocated-block errors (NSFEAT bit 2), which we do not report.
         if (cmd.cdw11 & CmdBits.ERROR_RECOVERY_DULBE) throw invalid('DULBE not supported');
-        c.state.features.errorRecovery = cmd.cdw11 & 0xffff;
+        c.features.errorRecovery = cmd.cdw11 & 0xffff;
       },
     },
   ],
@@ -75,7 +75,7 @@ const FEATURES = new Map<number, Feature>([
     {
       available: (c) => c.volatileWriteCachePresent,
       get: (_c, v) => (v.volatileWriteCache ? 1 : 0),
-      set: (c, cmd) => void (c.state.features.volatileWriteCache = (cmd.cdw11 & 1) === 1),
+      set: (c, cmd) => void (c.features.volatileWriteCache = (cmd.cdw11 & 1) === 1),
     },
   ],
   [
@@ -86,10 +86,10 @@ const FEATURES = new Map<number, Feature>([
         const nsqr = cmd.cdw11 & 0xffff;
         const ncqr = cmd.cdw11 >>> 16;
         if (nsqr === 0xffff || ncqr === 0xffff) throw invalid('65536 queues requested');
-        if (c.hasIoQueues()) throw new CommandError(Status.COMMAND_SEQUENCE_ERROR, 'I/O queues already exist');
-        const f = c.state.features;
-        f.ioSubmissionQueues = Math.min(nsqr + 1, c.maxIoQueues);
-        f.ioCompletionQueues = Math.min(ncqr + 1, c.maxIoQueues);
+        if (c.queues.hasIoQueues()) throw new CommandError(Status.COMMAND_SEQUENCE_ERROR, 'I/O queues already exist');
+        const f = c.features;
+        f.ioSubmissionQueues = Math.min(nsqr + 1, c.limits.maxIoQueues);
+        f.ioCompletionQueues = Math.min(ncqr + 1, c.limits.maxIoQueues);
         return ((f.ioCompletionQueues - 1) << 16) | (f.ioSubmissionQueues - 1);
       },
     },
@@ -98,7 +98,7 @@ const FEATURES = new Map<number, Feature>([
     FeatureId.INTERRUPT_COALESCING,
     {
       get: (_c, v) => v.interruptCoalescing,
-      set: (c, cmd) => void (c.state.features.interruptCoalescing = cmd.cdw11 & 0xffff),
+      set: (c, cmd) => void (c.features.interruptCoalescing = cmd.cdw11 & 0xffff),
     },
   ],
   [
@@ -106,13 +106,13 @@ const FEATURES = new Map<number, Feature>([
     {
       get: (c, v, cmd) => {
         const iv = cmd.cdw11 & 0xffff;
-        if (iv >= c.vectors) throw invalid(`interrupt vector ${iv}`);
+        if (iv >= c.limits.vectors) throw invalid(`interrupt vector ${iv}`);
         return iv | (v.coalescingDisabled.includes(iv) ? 1 << 16 : 0);
       },
       set: (c, cmd) => {
         const iv = cmd.cdw11 & 0xffff;
-        if (iv >= c.vectors) throw invalid(`interrupt vector ${iv}`);
-        const f = c.state.features;
+        if (iv >= c.limits.vectors) throw invalid(`interrupt vector ${iv}`);
+        const f = c.features;
         f.coalescingDisabled = f.coalescingDisabled.filter((x) => x !== iv);
         if (cmd.cdw11 & (1 << 16)) f.coalescingDisabled.push(iv);
       },
@@ -122,7 +122,7 @@ const FEATURES = new Map<number, Feature>([
     FeatureId.WRITE_ATOMICITY,
     {
       get: (_c, v) => v.writeAtomicityNormal,
-      set: (c, cmd) => void (c.state.features.writeAtomicityNormal = cmd.cdw11 & 1),
+      set: (c, cmd) => void (c.features.writeAtomicityNormal = cmd.cdw11 & 1),
     },
   ],
   [
@@ -131,7 +131,7 @@ const FEATURES = new Map<number, Feature>([
       get: (_c, v) => v.asyncEventConfig,
       set: (c, cmd) => {
         const supported = AsyncEventConfig.SMART_CRITICAL_WARNINGS | AsyncEventConfig.NAMESPACE_ATTRIBUTE_NOTICES;
-        c.state.features.asyncEventConfig = cmd.cdw11 & supported;
+        c.features.asyncEventConfig = cmd.cdw11 & supported;
       },
     },
   ],
@@ -139,7 +139,7 @@ const FEATURES = new Map<number, Feature>([
     FeatureId.TIMESTAMP,
     {
       get: async (c, v, _cmd, data) => {
-        const now = v === c.state.features ? c.timestampNow() : { value: 0, hostSet: false };
+        const now = v === c.features ? c.clocks.timestampNow() : { value: 0, hostSet: false };
         const out = new Uint8Array(TIMESTAMP_SIZE);
         const view = new DataView(out.buffer);
         view.setUint32(0, now.value % 0x1_0000_0000, true);
@@ -152,7 +152,7 @@ const FEATURES = new Map<number, Feature>([
         const bytes = await data.fromHost(TIMESTAMP_SIZE);
         const view = new DataView(bytes.buffer, bytes.byteOffset, TIMESTAMP_SIZE);
         const value = view.getUint32(0, true) + view.getUint16(4, true) * 0x1_0000_0000;
-        c.state.features.timestamp = { value, setAt: Date.now() };
+        c.clocks.setTimestamp(value);
       },
     },
   ],
@@ -161,8 +161,8 @@ const FEATURES = new Map<number, Feature>([
     {
       get: (_c, v) => v.keepAliveTimeoutMs,
       set: (c, cmd) => {
-        c.state.features.keepAliveTimeoutMs = cmd.cdw11 >>> 0;
-        c.restartKeepAlive();
+        c.features.keepAliveTimeoutMs = cmd.cdw11 >>> 0;
+        c.clocks.restartKeepAlive();
       },
     },
   ],
@@ -175,28 +175,28 @@ const FEATURES = new Map<number, Feature>([
       },
       set: async (c, _cmd, data) => {
         const bytes = await data.fromHost(HOST_BEHAVIOR_SIZE);
-        c.state.features.hostBehavior = Array.from(bytes);
+        c.features.hostBehavior = Array.from(bytes);
       },
     },
   ],
 ]);
 
-function lookup(c: NvmeController, fid: number): Feature {
+function lookup(c: ControllerContext, fid: number): Feature {
   const feature = FEATURES.get(fid);
   if (!feature || (feature.available && !feature.available(c))) throw invalid(`feature 0x${fid.toString(16)}`);
   return feature;
 }
 
-export async function getFeatures(c: NvmeController, cmd: Command, data: DataTransfer): Promise<Completion> {
+export async function getFeatures(c: ControllerContext, cmd: Command, data: DataTransfer): Promise<Completion> {
   const fid = cmd.cdw10 & 0xff;
   const select = (cmd.cdw10 >>> 8) & 0x7;
   const feature = lookup(c, fid);
   switch (select) {
     case FeatureSelect.CURRENT:
-      return { dw0: await feature.get(c, c.state.features, cmd, data) };
+      return { dw0: await feature.get(c, c.features, cmd, data) };
     case FeatureSelect.DEFAULT:
     case FeatureSelect.SAVED: // nothing is ever saved, so saved = default
-      return { dw0: await feature.get(c, defaultFeatures(c.maxIoQueues), cmd, data) };
+      return { dw0: await feature.get(c, defaultFeatures(c.limits.maxIoQueues), cmd, data) };
     case FeatureSelect.SUPPORTED_CAPABILITIES:
       // bit 2: changeable; not saveable (bit 0), not namespace specific (bit 1).
       return { dw0: CHANGEABLE_FEATURES.includes(fid) ? 1 << 2 : 0 };
@@ -205,7 +205,7 @@ export async function getFeatures(c: NvmeController, cmd: Command, data: DataTra
   }
 }
 
-export async function setFeatures(c: NvmeController, cmd: Command, data: DataTransfer): Promise<Completion> {
+export async function setFeatures(c: ControllerContext, cmd: Command, data: DataTransfer): Promise<Completion> {
   const fid = cmd.cdw10 & 0xff;
   const save = (cmd.cdw10 >>> 31) !== 0;
   const feature = lookup(c, fid);

@@ -1,8 +1,8 @@
 // Identify data structures (Base §5.17.2; NVM-CS §4.1.5). Each builder returns the 4096-byte
 // structure for one CNS value.
 
-import type { NvmeController } from './controller.js';
-import type { Namespace } from './namespace.js';
+import type { AttachedNamespace, ControllerContext } from './context.js';
+import type { NamespaceIds } from './namespace.js';
 import { ABORT_LIMIT, ASYNC_EVENT_LIMIT, CRITICAL_TEMPERATURE, ERROR_LOG_ENTRIES, KEEP_ALIVE_GRANULARITY, WARNING_TEMPERATURE } from './policy.js';
 import {
   Csi,
@@ -25,18 +25,22 @@ const ONCS =
   Oncs.COMPARE | Oncs.DATASET_MANAGEMENT | Oncs.WRITE_ZEROES | Oncs.SAVE_SELECT | Oncs.TIMESTAMP | Oncs.VERIFY;
 
 /** CNS 01h: Identify Controller (Base Figure 275). */
-export function identifyController(c: NvmeController): Uint8Array {
+export function identifyController(c: ControllerContext): Uint8Array {
   const w = new PageWriter(IDENTIFY_SIZE);
-  const sub = c.subsystem;
+  const id = c.identity;
   w.u16(0, PciIdentity.VENDOR_ID);
   w.u16(2, PciIdentity.SUBSYSTEM_VENDOR_ID);
-  w.ascii(4, 20, sub.serial);
-  w.ascii(24, 40, sub.model);
-  w.ascii(64, 8, sub.firmware);
+  w.ascii(4, 20, id.serial);
+  w.ascii(24, 40, id.model);
+  w.ascii(64, 8, id.firmware);
   w.u8(72, 6); // RAB: 64 commands
-  w.u8(76, sub.controllers.size > 1 ? 0x2 : 0); // CMIC: may hold more than one controller
-  w.u8(77, c.mdts);
-  w.u16(78, c.cntlid);
+  // IEEE OUI Identifier, least significant byte first.
+  w.u8(73, id.ieeeOui & 0xff);
+  w.u8(74, (id.ieeeOui >>> 8) & 0xff);
+  w.u8(75, (id.ieeeOui >>> 16) & 0xff);
+  w.u8(76, id.multiController ? 0x2 : 0); // CMIC: may hold more than one controller
+  w.u8(77, c.limits.mdts);
+  w.u16(78, id.cntlid);
   w.u32(80, NVME_VERSION_1_4);
   w.u32(92, Oaes.NAMESPACE_ATTRIBUTE_NOTICES);
   w.u8(111, 1); // CNTRLTYPE: I/O controller
@@ -49,26 +53,29 @@ export function identifyController(c: NvmeController): Uint8Array {
   w.u8(263, 0); // NPSS: one power state
   w.u16(266, WARNING_TEMPERATURE);
   w.u16(268, CRITICAL_TEMPERATURE);
-  const capacity = c.attachedNamespaces().reduce((sum, ns) => sum + ns.blockCount * ns.blockSize, 0);
+  const capacity = c.namespaces.list().reduce((sum, a) => sum + a.namespace.blockCount * a.namespace.blockSize, 0);
   w.u64(280, capacity); // TNVMCAP
   w.u16(320, KEEP_ALIVE_GRANULARITY);
   w.u8(512, (SQE_SIZE_LOG2 << 4) | SQE_SIZE_LOG2);
   w.u8(513, (CQE_SIZE_LOG2 << 4) | CQE_SIZE_LOG2);
-  w.u32(516, sub.maxNamespaces);
+  w.u32(516, c.namespaces.maxNsid);
   w.u16(520, ONCS);
   // VWC: bit 0 present; bits 2:1 = 11b, Flush with NSID FFFFFFFFh flushes every namespace.
   w.u8(525, c.volatileWriteCachePresent ? 0x7 : 0x6);
   w.u32(536, Sgls.SUPPORTED | Sgls.LONGER_THAN_DATA);
-  w.cstring(768, 256, sub.nqn);
+  w.cstring(768, 256, id.nqn);
   // Power state 0: 25 W max, entry/exit latency not reported.
   w.u16(2048, 2500);
+  const view = new DataView(w.bytes.buffer);
+  for (const set of c.commandSets) set.decorateIdentifyController?.(c, view);
   return w.bytes;
 }
 
 /** CNS 00h: Identify Namespace, NVM command set (NVM-CS Figure 97). Zeros for an inactive NSID. */
-export function identifyNamespace(c: NvmeController, ns: Namespace | undefined): Uint8Array {
+export function identifyNamespace(c: ControllerContext, attached: AttachedNamespace | undefined): Uint8Array {
   const w = new PageWriter(IDENTIFY_SIZE);
-  if (!ns) return w.bytes;
+  if (!attached) return w.bytes;
+  const ns = attached.namespace;
   const blocks = ns.blockCount;
   w.u64(0, blocks); // NSZE
   w.u64(8, blocks); // NCAP
@@ -76,11 +83,11 @@ export function identifyNamespace(c: NvmeController, ns: Namespace | undefined):
   w.u8(24, 0); // NSFEAT: fully provisioned, no per-namespace atomicity
   w.u8(25, LBA_FORMATS.length - 1); // NLBAF (0-based)
   w.u8(26, ns.lbaFormat); // FLBAS
-  w.u8(30, c.subsystem.controllers.size > 1 ? 1 : 0); // NMIC: shared
+  w.u8(30, c.identity.multiController ? 1 : 0); // NMIC: shared
   w.u8(33, 0x1 | 0x8); // DLFEAT: deallocated blocks read as zeros; Write Zeroes may deallocate
   w.u64(48, blocks * ns.blockSize); // NVMCAP (low 8 of 16 bytes)
-  w.bytes.set(ns.ids.nguid, 104);
-  w.bytes.set(ns.ids.eui64, 120);
+  w.bytes.set(attached.ids.nguid, 104);
+  w.bytes.set(attached.ids.eui64, 120);
   LBA_FORMATS.forEach((shift, i) => {
     w.u16(128 + i * 4, 0); // MS: no metadata
     w.u8(128 + i * 4 + 2, shift);
@@ -90,15 +97,15 @@ export function identifyNamespace(c: NvmeController, ns: Namespace | undefined):
 }
 
 /** CNS 02h / 07h: active NSIDs above `after`, ascending, up to 1024. */
-export function activeNamespaceList(c: NvmeController, after: number): Uint8Array {
+export function activeNamespaceList(c: ControllerContext, after: number): Uint8Array {
   const w = new PageWriter(IDENTIFY_SIZE);
-  const ids = c.state.attachedNamespaces.filter((n) => n > after && c.subsystem.namespace(n)).slice(0, IDENTIFY_SIZE / 4);
+  const ids = c.namespaces.list().map((a) => a.nsid).filter((n) => n > after).slice(0, IDENTIFY_SIZE / 4);
   ids.forEach((nsid, i) => w.u32(i * 4, nsid));
   return w.bytes;
 }
 
 /** CNS 03h: Namespace Identification Descriptor list (Base Figure 291). */
-export function namespaceDescriptors(ns: Namespace): Uint8Array {
+export function namespaceDescriptors(ids: NamespaceIds): Uint8Array {
   const w = new PageWriter(IDENTIFY_SIZE);
   let at = 0;
   const add = (type: number, value: Uint8Array): void => {
@@ -107,9 +114,9 @@ export function namespaceDescriptors(ns: Namespace): Uint8Array {
     w.bytes.set(value, at + 4);
     at += 4 + value.length;
   };
-  add(NsIdType.EUI64, ns.ids.eui64);
-  add(NsIdType.NGUID, ns.ids.nguid);
-  add(NsIdType.UUID, ns.ids.uuid);
+  add(NsIdType.EUI64, ids.eui64);
+  add(NsIdType.NGUID, ids.nguid);
+  add(NsIdType.UUID, ids.uuid);
   add(NsIdType.CSI, Uint8Array.of(Csi.NVM));
   return w.bytes;
 }
@@ -128,10 +135,10 @@ export function nvmSpecificController(): Uint8Array {
 }
 
 /** CNS 08h: I/O Command Set Independent Identify Namespace (Base Figure 280). */
-export function csiIndependentNamespace(c: NvmeController, ns: Namespace | undefined): Uint8Array {
+export function csiIndependentNamespace(c: ControllerContext, attached: AttachedNamespace | undefined): Uint8Array {
   const w = new PageWriter(IDENTIFY_SIZE);
-  if (!ns) return w.bytes;
-  w.u8(1, c.subsystem.controllers.size > 1 ? 1 : 0); // NMIC
+  if (!attached) return w.bytes;
+  w.u8(1, c.identity.multiController ? 1 : 0); // NMIC
   w.u8(14, 1); // NSTAT: namespace ready
   return w.bytes;
 }

@@ -2,12 +2,12 @@
 // data through the DataTransfer and the namespace's backend, and count what SMART reports.
 
 import type { Command, HandlerResult } from './command.js';
-import type { NvmeController } from './controller.js';
+import type { ControllerContext } from './context.js';
 import type { Namespace } from './namespace.js';
 import { CmdBits, NSID_BROADCAST, NvmOpcode, Sqe, Status } from './spec.js';
 import { CommandError, type DataTransfer } from './transfer.js';
 
-type IoHandler = (c: NvmeController, ns: Namespace, cmd: Command, data: DataTransfer) => Promise<HandlerResult>;
+type IoHandler = (c: ControllerContext, ns: Namespace, cmd: Command, data: DataTransfer) => Promise<HandlerResult>;
 
 /** Bytes a Verify reads from the backend at a time (it has no data transfer, so no MDTS). */
 const VERIFY_CHUNK = 1 << 20;
@@ -33,33 +33,33 @@ function lbaRange(ns: Namespace, cmd: Command): Range {
   return { slba, nlb, offset: Number(slba) * ns.blockSize, bytes: nlb * ns.blockSize };
 }
 
-function checkTransferSize(c: NvmeController, bytes: number): void {
+function checkTransferSize(c: ControllerContext, bytes: number): void {
   if (bytes > c.maxTransferBytes) throw new CommandError(Status.INVALID_FIELD, `transfer of ${bytes} bytes exceeds MDTS`);
 }
 
 /** Backend failures become media errors, counted for SMART. */
-async function media<T>(c: NvmeController, status: number, fn: () => Promise<T>): Promise<T> {
+async function media<T>(c: ControllerContext, status: number, fn: () => Promise<T>): Promise<T> {
   try {
     return await fn();
   } catch (err) {
     if (err instanceof CommandError) throw err;
-    c.state.smart.mediaErrors++;
+    c.smart.mediaErrors++;
     c.log.warn(`backend error: ${(err as Error).message}`);
     throw new CommandError(status, (err as Error).message);
   }
 }
 
 /** Writes must be durable at completion with FUA, or always when the host disabled the write cache. */
-function mustFlush(c: NvmeController, ns: Namespace, cmd: Command): boolean {
-  return ns.backend.volatileCache && ((cmd.cdw12 & CmdBits.RW_FUA) !== 0 || !c.state.features.volatileWriteCache);
+function mustFlush(c: ControllerContext, ns: Namespace, cmd: Command): boolean {
+  return ns.backend.volatileCache && ((cmd.cdw12 & CmdBits.RW_FUA) !== 0 || !c.features.volatileWriteCache);
 }
 
 const read: IoHandler = async (c, ns, cmd, data) => {
   const r = lbaRange(ns, cmd);
   checkTransferSize(c, r.bytes);
   await data.direct(r.bytes, true, (buffers) => media(c, Status.UNRECOVERED_READ_ERROR, () => ns.backend.readv(r.offset, buffers)));
-  c.state.smart.hostReadCommands++;
-  c.state.smart.dataUnitsRead += r.bytes / UNITS_512;
+  c.smart.hostReadCommands++;
+  c.smart.dataUnitsRead += r.bytes / UNITS_512;
 };
 
 const write: IoHandler = async (c, ns, cmd, data) => {
@@ -71,8 +71,8 @@ const write: IoHandler = async (c, ns, cmd, data) => {
       if (mustFlush(c, ns, cmd)) await ns.backend.flush();
     }),
   );
-  c.state.smart.hostWriteCommands++;
-  c.state.smart.dataUnitsWritten += r.bytes / UNITS_512;
+  c.smart.hostWriteCommands++;
+  c.smart.dataUnitsWritten += r.bytes / UNITS_512;
 };
 
 const compare: IoHandler = async (c, ns, cmd, data) => {
@@ -80,7 +80,7 @@ const compare: IoHandler = async (c, ns, cmd, data) => {
   checkTransferSize(c, r.bytes);
   const host = await data.fromHost(r.bytes);
   const stored = await media(c, Status.UNRECOVERED_READ_ERROR, () => ns.backend.read(r.offset, r.bytes));
-  c.state.smart.hostReadCommands++;
+  c.smart.hostReadCommands++;
   for (let i = 0; i < r.bytes; i++) if (host[i] !== stored[i]) throw new CommandError(Status.COMPARE_FAILURE, `differs at byte ${i}`);
 };
 
@@ -91,7 +91,7 @@ const writeZeroes: IoHandler = async (c, ns, cmd) => {
     else await ns.backend.writeZeroes(r.offset, r.bytes);
     if (mustFlush(c, ns, cmd)) await ns.backend.flush();
   });
-  c.state.smart.hostWriteCommands++;
+  c.smart.hostWriteCommands++;
 };
 
 /** Dataset Management: Attribute - Deallocate discards the ranges; the hints are accepted and ignored. */
@@ -121,7 +121,7 @@ const verify: IoHandler = async (c, ns, cmd) => {
   await media(c, Status.UNRECOVERED_READ_ERROR, async () => {
     for (let done = 0; done < r.bytes; done += VERIFY_CHUNK) await ns.backend.read(r.offset + done, Math.min(VERIFY_CHUNK, r.bytes - done));
   });
-  c.state.smart.hostReadCommands++;
+  c.smart.hostReadCommands++;
 };
 
 const flush: IoHandler = async (c, ns) => {
@@ -138,16 +138,16 @@ const HANDLERS = new Map<number, IoHandler>([
   [NvmOpcode.VERIFY, verify],
 ]);
 
-export async function executeIoCommand(c: NvmeController, cmd: Command, data: DataTransfer): Promise<HandlerResult> {
+export async function executeIoCommand(c: ControllerContext, cmd: Command, data: DataTransfer): Promise<HandlerResult> {
   const handler = HANDLERS.get(cmd.opcode);
   if (!handler) throw new CommandError(Status.INVALID_OPCODE, `I/O opcode 0x${cmd.opcode.toString(16)}`);
   if (cmd.flags & Sqe.FUSE_MASK) throw new CommandError(Status.INVALID_FIELD, 'fused operation');
   // Flush to FFFFFFFFh flushes every attached namespace (Identify VWC bits 2:1 = 11b).
   if (cmd.opcode === NvmOpcode.FLUSH && cmd.nsid === NSID_BROADCAST) {
-    for (const ns of c.attachedNamespaces()) await media(c, Status.WRITE_FAULT, () => ns.backend.flush());
+    for (const { namespace } of c.namespaces.list()) await media(c, Status.WRITE_FAULT, () => namespace.backend.flush());
     return;
   }
-  const ns = c.namespace(cmd.nsid);
+  const ns = c.namespaces.get(cmd.nsid)?.namespace;
   if (!ns) throw new CommandError(Status.INVALID_NAMESPACE, `NSID ${cmd.nsid}`);
   if (ns.formatting) throw new CommandError(Status.FORMAT_IN_PROGRESS, `NSID ${cmd.nsid}`);
   return ns.track(() => handler(c, ns, cmd, data));

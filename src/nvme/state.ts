@@ -76,8 +76,6 @@ export interface FeatureValues {
   coalescingDisabled: number[];
   writeAtomicityNormal: number;
   asyncEventConfig: number;
-  /** Host-set timestamp (ms since the epoch) and when, by our clock, it was set; null = never set. */
-  timestamp: { value: number; setAt: number } | null;
   keepAliveTimeoutMs: number;
   /** Host Behavior Support data structure (512 bytes). */
   hostBehavior: number[];
@@ -96,8 +94,21 @@ export interface SmartCounters {
   mediaErrors: number;
 }
 
+/**
+ * Clocks as relative values, true as of the instant the Clocks component anchors them (a saved
+ * state: the instant it was saved). Nothing here is a host's wall-clock time.
+ */
+export interface ClockValues {
+  /** Since the last Controller Level Reset (the Timestamp counts from here until the host sets it). */
+  sinceResetMs: number;
+  /** The Timestamp feature's value (ms since the epoch, as the host set it and it ran on), or null if never set. */
+  timestampMs: number | null;
+  /** What is left of the Keep Alive timeout; null when no timer runs. */
+  keepAliveRemainingMs: number | null;
+}
+
 export interface ControllerState {
-  version: 1;
+  version: 2;
   registers: { cc: number; csts: number; aqa: number; asq: number; acq: number; intms: number };
   /** Indexed by queue id; null where no queue exists. */
   submissionQueues: (SubmissionQueueState | null)[];
@@ -119,6 +130,7 @@ export interface ControllerState {
   /** Doorbell Buffer Config addresses (shadow doorbells and EventIdx), null when not configured. */
   doorbellBuffer: { shadow: number; eventIdx: number } | null;
   attachedNamespaces: number[];
+  clocks: ClockValues;
 }
 
 
@@ -136,7 +148,6 @@ export function defaultFeatures(maxIoQueues: number): FeatureValues {
     coalescingDisabled: [],
     writeAtomicityNormal: 0,
     asyncEventConfig: 0,
-    timestamp: null,
     keepAliveTimeoutMs: 0,
     hostBehavior: new Array<number>(512).fill(0),
   };
@@ -144,7 +155,7 @@ export function defaultFeatures(maxIoQueues: number): FeatureValues {
 
 export function initialState(maxIoQueues: number, attachedNamespaces: number[]): ControllerState {
   return {
-    version: 1,
+    version: 2,
     registers: { cc: 0, csts: 0, aqa: 0, asq: 0, acq: 0, intms: 0 },
     submissionQueues: [],
     completionQueues: [],
@@ -167,6 +178,7 @@ export function initialState(maxIoQueues: number, attachedNamespaces: number[]):
     changedNamespaces: [],
     doorbellBuffer: null,
     attachedNamespaces: [...attachedNamespaces],
+    clocks: { sinceResetMs: 0, timestampMs: null, keepAliveRemainingMs: null },
   };
 }
 

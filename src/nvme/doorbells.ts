@@ -1,0 +1,186 @@
+// Doorbell writes (Base §3.1.4 "SQyTDBL"/"CQyHDBL") and the Doorbell Buffer (§5.8: shadow
+// doorbells and EventIdx). With a doorbell buffer the shadow values in guest memory are
+// authoritative: posted MMIO writes can arrive after newer shadow values (qemu-11-facts §7) and
+// must never move a queue backwards.
+
+import type { Logger } from '../log.js';
+import type { InterruptMode } from '../pci/function.js';
+import type { DmaSpace } from '../vfio-user/device.js';
+import type { CompletionPoster, InFlightWrites } from './completions.js';
+import type { AsyncEvents } from './events.js';
+import type { Interrupts } from './interrupts.js';
+import { AsyncEventInfo } from './spec.js';
+import type { CompletionQueueState, ControllerState, SubmissionQueueState } from './state.js';
+
+export interface DoorbellHost {
+  readonly state: ControllerState;
+  readonly log: Logger;
+  readonly events: AsyncEvents;
+  readonly poster: CompletionPoster;
+  readonly interrupts: Interrupts;
+  readonly writes: InFlightWrites;
+  /** Doorbells count only while the controller is ready and not fatal. */
+  acceptsDoorbells(): boolean;
+  /** Guest memory, when the controller may touch it now (attached and not suspended). */
+  hostDma(): DmaSpace | null;
+  interruptMode(): InterruptMode;
+  /** New entries may be in `qid`: fetch. */
+  kick(qid: number): void;
+  fatal(reason: string): void;
+}
+
+/** One macrotask hop: lets socket messages, timers and file I/O run between rounds of guest work. */
+export const yieldToEventLoop = (): Promise<void> => new Promise((resolve) => setImmediate(resolve));
+
+export class Doorbells {
+  /** CQs whose shadow head is being read, and whether to read it again when done. */
+  private readonly headRefresh = new Map<number, { again: boolean }>();
+
+  constructor(private readonly host: DoorbellHost) {}
+
+  /** A write to doorbell register `index` (SQ tails even, CQ heads odd). */
+  write(index: number, value: number): void {
+    const host = this.host;
+    if (!host.acceptsDoorbells()) return;
+    const qid = index >>> 1;
+    const state = host.state;
+    if ((index & 1) === 0) {
+      const sq = state.submissionQueues[qid];
+      if (!sq) return this.invalid(AsyncEventInfo.INVALID_DOORBELL_REGISTER, qid);
+      if (value >= sq.size) return this.invalid(AsyncEventInfo.INVALID_DOORBELL_VALUE, qid);
+      // With a doorbell buffer the shadow is authoritative: this posted MMIO value may be older
+      // than a shadow value already read, and taking it would move the tail backwards.
+      if (!this.usesShadow(qid)) sq.tail = value;
+      host.kick(qid);
+      // With shadow doorbells a CQ head update may have skipped MMIO: look while completions wait.
+      const cq = state.completionQueues[sq.cqid];
+      if (cq && state.heldCompletions.some((h) => h.cqid === cq.qid)) void this.refreshShadowHead(cq);
+      return;
+    }
+    const cq = state.completionQueues[qid];
+    if (!cq) return this.invalid(AsyncEventInfo.INVALID_DOORBELL_REGISTER, qid);
+    if (this.usesShadow(qid)) {
+      // The shadow head is authoritative and may already be newer than this posted value.
+      if (value >= cq.size) return this.invalid(AsyncEventInfo.INVALID_DOORBELL_VALUE, qid);
+      void this.refreshShadowHead(cq);
+      return;
+    }
+    if (!validCqHead(cq, value)) return this.invalid(AsyncEventInfo.INVALID_DOORBELL_VALUE, qid);
+    cq.head = value;
+    void this.publishEventIdx(cq.qid, true, value);
+    host.poster.releaseHeld(cq);
+    if (host.interruptMode() === 'intx' && cq.interruptsEnabled && cq.head !== cq.tail) host.interrupts.schedule(cq.vector);
+  }
+
+  configureBuffer(shadow: number, eventIdx: number): void {
+    this.host.state.doorbellBuffer = { shadow, eventIdx };
+    this.publishAll();
+  }
+
+  /** Writes every I/O queue's EventIdx (a new buffer, or a resume after a silent spell). */
+  publishAll(): void {
+    for (const sq of this.host.state.submissionQueues) if (sq && sq.qid > 0) void this.publishEventIdx(sq.qid, false, sq.tail);
+    for (const cq of this.host.state.completionQueues) if (cq && cq.qid > 0) void this.publishEventIdx(cq.qid, true, cq.head);
+  }
+
+  usesShadow(qid: number): boolean {
+    return this.host.state.doorbellBuffer !== null && qid > 0;
+  }
+
+  /**
+   * EventIdx = the last value we saw: the host then rings the (trapped) doorbell for every update,
+   * so trapped doorbells keep working. Admin queues are outside the buffer (as Linux uses it).
+   */
+  async publishEventIdx(qid: number, completion: boolean, value: number): Promise<void> {
+    const buffer = this.host.state.doorbellBuffer;
+    const dma = this.host.hostDma();
+    if (!buffer || qid === 0 || !dma) return;
+    const bytes = new Uint8Array(4);
+    new DataView(bytes.buffer).setUint32(0, value, true);
+    try {
+      await this.host.writes.track(dma.write(buffer.eventIdx + slot(qid, completion), bytes));
+    } catch (err) {
+      this.host.fatal(`EventIdx write: ${(err as Error).message}`);
+    }
+  }
+
+  /** Publishes our view of the tail, then re-reads the shadow tail; true when it moved. */
+  async refreshShadowTail(sq: SubmissionQueueState): Promise<boolean> {
+    if (!this.usesShadow(sq.qid)) return false;
+    await this.publishEventIdx(sq.qid, false, sq.tail);
+    const tail = await this.readShadow(sq.qid, false);
+    if (tail === null || tail === sq.tail || this.host.state.submissionQueues[sq.qid] !== sq) return false;
+    if (tail >= sq.size) {
+      this.invalid(AsyncEventInfo.INVALID_DOORBELL_VALUE, sq.qid);
+      return false;
+    }
+    sq.tail = tail;
+    return true;
+  }
+
+  /**
+   * Takes the host's CQ head from the shadow doorbell and publishes it as EventIdx, so the host's
+   * next head update rings the trapped doorbell again. That MMIO write is also QEMU's emulated EOI
+   * for INTx: without it a level interrupt would stay asserted.
+   */
+  async refreshShadowHead(cq: CompletionQueueState): Promise<void> {
+    if (!this.usesShadow(cq.qid)) return;
+    // One reader per CQ: with message-based DMA an older read could resolve after a newer one
+    // and move the head backwards.
+    const running = this.headRefresh.get(cq.qid);
+    if (running) {
+      running.again = true;
+      return;
+    }
+    const refresh = { again: true };
+    this.headRefresh.set(cq.qid, refresh);
+    try {
+      while (refresh.again) {
+        refresh.again = false;
+        const head = await this.readShadow(cq.qid, true);
+        if (head === null || this.host.state.completionQueues[cq.qid] !== cq || head === cq.head) continue;
+        if (!validCqHead(cq, head)) {
+          this.invalid(AsyncEventInfo.INVALID_DOORBELL_VALUE, cq.qid);
+          continue;
+        }
+        cq.head = head;
+        await this.publishEventIdx(cq.qid, true, head);
+        this.host.poster.releaseHeld(cq);
+        // The host may have moved the head again before it saw the new EventIdx: look once more,
+        // after letting the rest of the process run.
+        refresh.again = true;
+        await yieldToEventLoop();
+      }
+    } finally {
+      this.headRefresh.delete(cq.qid);
+    }
+  }
+
+  private async readShadow(qid: number, completion: boolean): Promise<number | null> {
+    const buffer = this.host.state.doorbellBuffer;
+    const dma = this.host.hostDma();
+    if (!buffer || qid === 0 || !dma) return null;
+    try {
+      const bytes = await dma.read(buffer.shadow + slot(qid, completion), 4);
+      return new DataView(bytes.buffer, bytes.byteOffset).getUint32(0, true);
+    } catch (err) {
+      this.host.fatal(`shadow doorbell read: ${(err as Error).message}`);
+      return null;
+    }
+  }
+
+  private invalid(info: number, qid: number): void {
+    this.host.log.debug(`invalid doorbell write (${info === AsyncEventInfo.INVALID_DOORBELL_REGISTER ? 'no such queue' : 'bad value'}) for queue ${qid}`);
+    this.host.events.invalidDoorbell(info, qid);
+  }
+}
+
+/** Byte offset of a queue's doorbell inside a doorbell buffer (stride 4, as CAP.DSTRD = 0). */
+const slot = (qid: number, completion: boolean): number => (2 * qid + (completion ? 1 : 0)) * 4;
+
+/** A CQ head may only move forward over entries the controller posted. */
+function validCqHead(cq: CompletionQueueState, head: number): boolean {
+  if (head >= cq.size) return false;
+  const posted = (cq.tail - cq.head + cq.size) % cq.size;
+  return (head - cq.head + cq.size) % cq.size <= posted;
+}

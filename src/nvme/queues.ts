@@ -1,0 +1,296 @@
+// Submission and completion queues (Base §3.3): creating and deleting them, fetching entries from
+// each SQ, running each fetched command through its handler and handing the result to the
+// completion poster. Per-SQ fetch loops and counts are derived state, rebuilt after a load.
+
+import type { Logger } from '../log.js';
+import { DmaError, type DmaSpace } from '../vfio-user/device.js';
+import { DEFERRED, parseCommand, type Command } from './command.js';
+import type { CompletionPoster } from './completions.js';
+import type { QueueControl } from './context.js';
+import { yieldToEventLoop, type Doorbells } from './doorbells.js';
+import { IN_FLIGHT_DATA_BYTES } from './policy.js';
+import { SQE_SIZE } from './spec.js';
+import type { CompletionQueueState, ControllerState, HeldCompletion, SubmissionQueueState } from './state.js';
+import { GuestDataTransfer, type DataTransfer } from './transfer.js';
+
+export interface CommandResult {
+  status: number;
+  dw0: number;
+  dw1: number;
+}
+
+export interface QueueHost {
+  readonly state: ControllerState;
+  readonly log: Logger;
+  readonly doorbells: Doorbells;
+  readonly poster: CompletionPoster;
+  readonly pageSize: number;
+  /** Bumped by every Controller Level Reset: commands of an older generation never touch the guest again. */
+  generation(): number;
+  /** Guest memory, when new commands may be fetched now. */
+  fetchDma(): DmaSpace | null;
+  /** Bytes of data `cmd` will buffer (for the in-flight budget). */
+  dataBytes(cmd: Command): number;
+  /** Runs one command through its handler; never throws. */
+  execute(cmd: Command, transfer: DataTransfer, isAdmin: boolean): Promise<CommandResult | typeof DEFERRED>;
+  fatal(reason: string): void;
+}
+
+/** Per-SQ bookkeeping that is not state: fetch loop status and command counts. */
+interface SqRuntime {
+  fetching: boolean;
+  again: boolean;
+  /** Fetched and not yet posted (held completions included): bounded by the queue depth. */
+  outstanding: number;
+  /** Handlers running right now. */
+  executing: number;
+  deleting: boolean;
+  idle: Array<() => void>;
+}
+
+const newRuntime = (): SqRuntime => ({ fetching: false, again: false, outstanding: 0, executing: 0, deleting: false, idle: [] });
+
+/** Thrown into a command's data transfer when the controller was reset under it. */
+export class StaleCommandError extends Error {}
+
+/** A byte budget shared by running commands; waiters are served in arrival order. */
+class ByteBudget {
+  private used = 0;
+  private readonly waiters: { bytes: number; wake: () => void }[] = [];
+
+  constructor(private readonly limit: number) {}
+
+  async acquire(bytes: number): Promise<number> {
+    const granted = Math.min(bytes, this.limit);
+    if (this.waiters.length > 0 || this.used + granted > this.limit) {
+      await new Promise<void>((wake) => this.waiters.push({ bytes: granted, wake }));
+    } else {
+      this.used += granted;
+    }
+    return granted;
+  }
+
+  release(bytes: number): void {
+    this.used -= bytes;
+    while (this.waiters.length > 0 && this.used + this.waiters[0]!.bytes <= this.limit) {
+      const next = this.waiters.shift()!;
+      this.used += next.bytes;
+      next.wake();
+    }
+  }
+}
+
+export class QueueEngine implements QueueControl {
+  private runtime = new Map<number, SqRuntime>();
+  /** Handlers running (not counting held Asynchronous Event Requests or in-process calls). */
+  private running = 0;
+  private idleWaiters: Array<() => void> = [];
+  private busySince = 0;
+  private readonly dataBudget = new ByteBudget(IN_FLIGHT_DATA_BYTES);
+
+  constructor(private readonly host: QueueHost) {}
+
+  get commandsRunning(): number {
+    return this.running;
+  }
+
+  sq(qid: number): SubmissionQueueState | undefined {
+    return this.host.state.submissionQueues[qid] ?? undefined;
+  }
+
+  cq(qid: number): CompletionQueueState | undefined {
+    return this.host.state.completionQueues[qid] ?? undefined;
+  }
+
+  /** CC.EN 0→1: the admin queue pair from AQA/ASQ/ACQ. */
+  createAdminQueues(asq: number, acq: number, sqEntries: number, cqEntries: number): void {
+    const state = this.host.state;
+    state.completionQueues[0] = { qid: 0, base: acq, size: cqEntries, head: 0, tail: 0, phase: 1, interruptsEnabled: true, vector: 0 };
+    state.submissionQueues[0] = { qid: 0, base: asq, size: sqEntries, head: 0, tail: 0, cqid: 0, priority: 0 };
+    this.runtime.set(0, newRuntime());
+  }
+
+  createCompletionQueue(cq: Omit<CompletionQueueState, 'head' | 'tail' | 'phase'>): void {
+    this.host.state.completionQueues[cq.qid] = { ...cq, head: 0, tail: 0, phase: 1 };
+    void this.host.doorbells.publishEventIdx(cq.qid, true, 0);
+  }
+
+  createSubmissionQueue(sq: Omit<SubmissionQueueState, 'head' | 'tail'>): void {
+    this.host.state.submissionQueues[sq.qid] = { ...sq, head: 0, tail: 0 };
+    this.runtime.set(sq.qid, newRuntime());
+    void this.host.doorbells.publishEventIdx(sq.qid, false, 0);
+  }
+
+  async deleteSubmissionQueue(qid: number): Promise<void> {
+    const state = this.host.state;
+    const rt = this.runtime.get(qid);
+    const sq = state.submissionQueues[qid];
+    if (!sq) return;
+    if (rt) {
+      rt.deleting = true;
+      while (rt.executing > 0) await new Promise<void>((resolve) => rt.idle.push(resolve));
+    }
+    if (state.submissionQueues[qid] !== sq) return;
+    state.heldCompletions = state.heldCompletions.filter((h) => h.sqid !== qid);
+    state.submissionQueues[qid] = null;
+    this.runtime.delete(qid);
+  }
+
+  deleteCompletionQueue(qid: number): void {
+    const state = this.host.state;
+    state.completionQueues[qid] = null;
+    state.heldCompletions = state.heldCompletions.filter((h) => h.cqid !== qid);
+  }
+
+  feedsAnySq(cqid: number): boolean {
+    return this.host.state.submissionQueues.some((sq) => sq && sq.cqid === cqid);
+  }
+
+  hasIoQueues(): boolean {
+    const state = this.host.state;
+    return state.submissionQueues.some((q, i) => q && i > 0) || state.completionQueues.some((q, i) => q && i > 0);
+  }
+
+  /** Controller Level Reset: every loop stops (commands of the old generation finish unseen). */
+  reset(): void {
+    this.runtime = new Map();
+  }
+
+  /** After a load: one runtime per SQ; held AERs and held completions occupy their SQ slots. */
+  rebuild(): void {
+    const state = this.host.state;
+    this.runtime = new Map();
+    for (const sq of state.submissionQueues) if (sq) this.runtime.set(sq.qid, newRuntime());
+    const admin = this.runtime.get(0);
+    if (admin) admin.outstanding += state.asyncEvents.outstanding.length;
+    for (const h of state.heldCompletions) {
+      const rt = this.runtime.get(h.sqid);
+      if (rt) rt.outstanding++;
+    }
+  }
+
+  /** Resolves once no handler runs. */
+  waitIdle(): Promise<void> {
+    if (this.running === 0) return Promise.resolve();
+    return new Promise((resolve) => this.idleWaiters.push(resolve));
+  }
+
+  kickAll(): void {
+    for (const sq of this.host.state.submissionQueues) if (sq) this.kick(sq.qid);
+  }
+
+  kick(qid: number): void {
+    const rt = this.runtime.get(qid);
+    if (!rt) return;
+    rt.again = true;
+    if (rt.fetching) return;
+    rt.fetching = true;
+    void (async () => {
+      try {
+        while (rt.again) {
+          rt.again = false;
+          await this.fetch(qid, rt);
+        }
+      } catch (err) {
+        this.host.fatal(`fetch loop for SQ ${qid}: ${(err as Error).stack ?? String(err)}`);
+      } finally {
+        rt.fetching = false;
+      }
+    })();
+  }
+
+  /** A fetched command is fully finished: its SQ slot is free again. */
+  completionGone(entry: HeldCompletion): void {
+    const rt = this.runtime.get(entry.sqid);
+    if (!rt) return;
+    rt.outstanding = Math.max(0, rt.outstanding - 1);
+    const sq = this.host.state.submissionQueues[entry.sqid];
+    if (sq && sq.head !== sq.tail) this.kick(entry.sqid);
+  }
+
+  private async fetch(qid: number, rt: SqRuntime): Promise<void> {
+    const host = this.host;
+    const generation = host.generation();
+    const doorbells = host.doorbells;
+    for (;;) {
+      const sq = host.state.submissionQueues[qid];
+      // Commands keep the DMA space they were fetched through: if the client leaves, that space is
+      // emptied and their data transfers fail cleanly instead of reaching a detached controller.
+      let dma = host.fetchDma();
+      if (!sq || rt.deleting || generation !== host.generation() || !dma) return;
+      // With shadow doorbells the host moves the tail in memory and rings only when EventIdx asks.
+      if (doorbells.usesShadow(qid)) await doorbells.refreshShadowTail(sq);
+      if (sq.head === sq.tail) return;
+      const room = sq.size - 1 - rt.outstanding;
+      if (room <= 0) return; // a completion kicks us again
+      const available = (sq.tail - sq.head + sq.size) % sq.size;
+      const count = Math.min(available, room, sq.size - sq.head);
+      dma = host.fetchDma();
+      if (!dma) return;
+      let entries: Uint8Array;
+      try {
+        entries = await dma.read(sq.base + sq.head * SQE_SIZE, count * SQE_SIZE);
+      } catch (err) {
+        if (err instanceof DmaError) {
+          if (generation === host.generation()) host.fatal(`SQ ${qid} fetch: ${err.message}`);
+          return;
+        }
+        throw err;
+      }
+      // The world may have changed while the read was in flight.
+      if (generation !== host.generation() || host.state.submissionQueues[qid] !== sq || rt.deleting || !host.fetchDma()) return;
+      for (let i = 0; i < count; i++) {
+        const sqe = entries.subarray(i * SQE_SIZE, (i + 1) * SQE_SIZE);
+        sq.head = (sq.head + 1) % sq.size;
+        rt.outstanding++;
+        this.dispatch(sq, rt, sqe, dma, generation).catch((err: unknown) => {
+          host.fatal(`dispatch on SQ ${qid}: ${(err as Error).stack ?? String(err)}`);
+        });
+      }
+      // With shadow doorbells every step can be an already-settled promise, so a guest that keeps
+      // moving its shadow tail would keep this loop (and the whole process) from yielding.
+      if (doorbells.usesShadow(qid)) await yieldToEventLoop();
+    }
+  }
+
+  private async dispatch(sq: SubmissionQueueState, rt: SqRuntime, sqe: Uint8Array, dma: DmaSpace, generation: number): Promise<void> {
+    const host = this.host;
+    const cmd = parseCommand(sqe, sq.qid);
+    const isAdmin = sq.qid === 0;
+    rt.executing++;
+    this.commandStarted();
+    let result: CommandResult | typeof DEFERRED;
+    let budget = 0;
+    try {
+      budget = isAdmin ? 0 : await this.dataBudget.acquire(host.dataBytes(cmd));
+      const transfer = new GuestDataTransfer({
+        dma,
+        sqe,
+        pageSize: host.pageSize,
+        allowSgl: !isAdmin,
+        guard: () => {
+          if (generation !== host.generation()) throw new StaleCommandError('controller was reset');
+        },
+      });
+      result = await host.execute(cmd, transfer, isAdmin);
+    } finally {
+      if (budget > 0) this.dataBudget.release(budget);
+      rt.executing--;
+      this.commandFinished();
+      if (rt.executing === 0) rt.idle.splice(0).forEach((wake) => wake());
+    }
+    if (result === DEFERRED || generation !== host.generation()) return;
+    host.poster.post({ cqid: sq.cqid, sqid: sq.qid, cid: cmd.cid, ...result });
+  }
+
+  private commandStarted(): void {
+    if (this.running++ === 0) this.busySince = Date.now();
+  }
+
+  private commandFinished(): void {
+    if (--this.running === 0) {
+      this.host.state.smart.busyTimeMs += Date.now() - this.busySince;
+      this.idleWaiters.splice(0).forEach((wake) => wake());
+    }
+  }
+}
