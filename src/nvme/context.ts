@@ -107,6 +107,8 @@ export interface ControllerContext {
   namespaceAttributesChanged(nsid: number): void;
 }
 
+export type ResetKind = 'controller' | 'function';
+
 export type AdminHandler = (c: ControllerContext, cmd: Command, data: DataTransfer) => Promise<HandlerResult> | HandlerResult;
 /** Builds an Identify data structure for one CNS value (the caller transfers it). */
 export type IdentifyBuilder = (c: ControllerContext, cmd: Command) => Uint8Array;
@@ -124,6 +126,11 @@ export interface AdminCommandSet {
   readonly effects?: ReadonlyMap<number, number>;
   /** Adds this set's fields to Identify Controller (OACS bits, limits). */
   decorateIdentifyController?(c: ControllerContext, page: DataView): void;
-  /** A Controller Level Reset of the carrying controller. */
-  controllerReset?(): void;
+  /**
+   * A Controller Level Reset of the carrying controller: 'controller' for CC.EN 1→0 (a Controller
+   * Reset), 'function' for the others (function-level, device reset).
+   */
+  controllerReset?(kind: ResetKind): void;
+  /** The carrying controller stopped being enabled: a reset or shutdown of an enabled controller. */
+  controllerDisabled?(): void;
 }

@@ -18,13 +18,14 @@ import type {
   ControllerIdentity,
   ControllerLimits,
   NamespaceView,
+  ResetKind,
 } from './context.js';
 import { Doorbells } from './doorbells.js';
 import { AsyncEvents } from './events.js';
 import { Interrupts } from './interrupts.js';
 import { executeIoCommand, numberOfBlocks } from './io.js';
 import { Lifecycle, type RunState } from './lifecycle.js';
-import type { Namespace } from './namespace.js';
+import type { Namespace, NamespaceIds } from './namespace.js';
 import { ControllerProperties } from './properties.js';
 import { QueueEngine, StaleCommandError, type CommandResult } from './queues.js';
 import {
@@ -84,11 +85,16 @@ export interface SecondaryResources {
   readonly interrupts: number;
 }
 
-/** Maps the NSIDs a host uses onto the subsystem's namespaces (a virtual subsystem renumbers and renames). */
-export interface NamespaceResolver {
-  resolve(hostNsid: number): AttachedNamespace | undefined;
-  /** The host NSID under which physical namespace `nsid` appears, if it does. */
-  hostNsid(nsid: number): number | undefined;
+/**
+ * How a host numbers and names the subsystem's namespaces. A virtual subsystem renumbers them and
+ * derives their identifiers from its own definition; without one, hosts see the physical ones.
+ */
+export interface NamespaceNaming {
+  /** The subsystem NSID behind host NSID `hostNsid`. */
+  physical(hostNsid: number): number | undefined;
+  /** The host NSID of the subsystem's namespace `nsid`, if the host can see it at all. */
+  host(nsid: number): number | undefined;
+  ids(hostNsid: number, namespace: Namespace): NamespaceIds;
   readonly maxNsid: number;
 }
 
@@ -114,7 +120,7 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
   readonly cntlid: number;
   readonly subsystem: Subsystem;
   readonly log: Logger;
-  readonly commandSets: readonly AdminCommandSet[];
+  private readonly carriedSets: AdminCommandSet[] = [];
   state: ControllerState;
 
   readonly lifecycle = new Lifecycle();
@@ -131,7 +137,7 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
   private readonly hardware: ControllerLimits;
   private secondaryResources: SecondaryResources | null = null;
   private identityOverride: ControllerIdentity | null = null;
-  private resolver: NamespaceResolver | null = null;
+  private naming: NamespaceNaming | null = null;
   /** Bumped by every Controller Level Reset: commands of an older generation never touch the guest again. */
   private generationCount = 0;
   /** Fatal errors after the first, until the host resets the controller (logged then as a count). */
@@ -169,7 +175,7 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
     this.hardware = { maxIoQueues, maxQueueEntries, mdts: options.mdts ?? 8, vectors };
     this.subsystem = options.subsystem;
     this.cntlid = options.cntlid ?? this.subsystem.allocateCntlid();
-    this.commandSets = options.commandSets ?? [];
+    this.carriedSets.push(...(options.commandSets ?? []));
     this.log = (options.logger ?? this.subsystem.log).child(`ctrl${this.cntlid}`);
     this.state = initialState(maxIoQueues, [...this.subsystem.namespaces.keys()]);
 
@@ -263,6 +269,15 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
 
   // ---- what handlers see (ControllerContext) -----------------------------------------------------
 
+  get commandSets(): readonly AdminCommandSet[] {
+    return this.carriedSets;
+  }
+
+  /** Gives the controller more admin commands (a primary gets its management and migration sets). */
+  addCommandSet(set: AdminCommandSet): void {
+    this.carriedSets.push(set);
+  }
+
   get limits(): ControllerLimits {
     const r = this.secondaryResources;
     if (!r) return this.hardware;
@@ -288,16 +303,26 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
   }
 
   get namespaces(): NamespaceView {
-    const resolve = (nsid: number): AttachedNamespace | undefined => {
-      if (!this.isAttached(nsid)) return undefined;
-      if (this.resolver) return this.resolver.resolve(nsid);
-      const namespace = this.subsystem.namespace(nsid);
-      return namespace ? { nsid, namespace, ids: namespace.ids } : undefined;
+    const naming = this.naming;
+    const attached = (hostNsid: number, nsid: number): AttachedNamespace | undefined => {
+      const namespace = this.isAttached(nsid) ? this.subsystem.namespace(nsid) : undefined;
+      if (!namespace) return undefined;
+      return { nsid: hostNsid, namespace, ids: naming ? naming.ids(hostNsid, namespace) : namespace.ids };
     };
     return {
-      get: resolve,
-      list: () => this.state.attachedNamespaces.map(resolve).filter((a): a is AttachedNamespace => a !== undefined),
-      maxNsid: this.resolver?.maxNsid ?? this.subsystem.maxNamespaces,
+      get: (hostNsid) => {
+        const nsid = naming ? naming.physical(hostNsid) : hostNsid;
+        return nsid === undefined ? undefined : attached(hostNsid, nsid);
+      },
+      list: () =>
+        this.state.attachedNamespaces
+          .map((nsid) => {
+            const hostNsid = naming ? naming.host(nsid) : nsid;
+            return hostNsid === undefined ? undefined : attached(hostNsid, nsid);
+          })
+          .filter((a): a is AttachedNamespace => a !== undefined)
+          .sort((a, b) => a.nsid - b.nsid),
+      maxNsid: naming?.maxNsid ?? this.subsystem.maxNamespaces,
     };
   }
 
@@ -360,47 +385,44 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
     return this.secondaryResources?.online ?? true;
   }
 
-  /** What the host sees of itself: a virtual subsystem's identity and namespace numbering, or the physical ones. */
-  present(identity: ControllerIdentity | null, resolver: NamespaceResolver | null): void {
+  /** What the host sees of itself: a virtual subsystem's identity and namespace naming, or the physical ones. */
+  present(identity: ControllerIdentity | null, naming: NamespaceNaming | null): void {
     this.identityOverride = identity;
-    this.resolver = resolver;
+    this.naming = naming;
   }
 
-  // ---- namespaces (SubsystemController) ---------------------------------------------------------
+  get presentsVirtualIdentity(): boolean {
+    return this.identityOverride !== null;
+  }
 
-  /** Whether the host-visible namespace `nsid` is attached. */
+  // ---- namespaces (SubsystemController; NSIDs here are the subsystem's) --------------------------
+
   isAttached(nsid: number): boolean {
     return this.state.attachedNamespaces.includes(nsid);
-  }
-
-  /** Whether the subsystem's namespace `nsid` is visible to this controller's host (under any NSID). */
-  seesNamespace(nsid: number): boolean {
-    const hostNsid = this.resolver ? this.resolver.hostNsid(nsid) : nsid;
-    return hostNsid !== undefined && this.isAttached(hostNsid);
   }
 
   attachNamespace(nsid: number): void {
     if (this.isAttached(nsid)) return;
     this.state.attachedNamespaces.push(nsid);
     this.state.attachedNamespaces.sort((a, b) => a - b);
-    this.events.namespaceChanged(nsid);
+    this.namespaceChanged(nsid);
   }
 
   detachNamespace(nsid: number): void {
     if (!this.isAttached(nsid)) return;
     this.state.attachedNamespaces = this.state.attachedNamespaces.filter((n) => n !== nsid);
-    this.events.namespaceChanged(nsid);
+    this.namespaceChanged(nsid);
   }
 
-  /** The subsystem's namespace `nsid` changed: tell this host under the NSID it knows it by. */
+  /** The subsystem's namespace `nsid` changed: tell this host, under the NSID it knows it by. */
   namespaceChanged(nsid: number): void {
-    const hostNsid = this.resolver ? this.resolver.hostNsid(nsid) : nsid;
+    const hostNsid = this.naming ? this.naming.host(nsid) : nsid;
     if (hostNsid !== undefined) this.events.namespaceChanged(hostNsid);
   }
 
   /** The active namespace the host calls `nsid`. */
-  namespace(nsid: number): Namespace | undefined {
-    return this.namespaces.get(nsid)?.namespace;
+  namespace(hostNsid: number): Namespace | undefined {
+    return this.namespaces.get(hostNsid)?.namespace;
   }
 
   attachedNamespaces(): Namespace[] {
@@ -449,7 +471,12 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
   }
 
   protected resetDevice(): void {
-    this.controllerReset('function-level reset');
+    this.resetController('function-level reset');
+  }
+
+  /** Back to a powered-on, disabled controller (registers included); PCI config space is untouched. */
+  resetController(reason: string): void {
+    this.controllerReset(reason, 'function');
     this.state.registers = { cc: 0, csts: 0, aqa: 0, asq: 0, acq: 0, intms: 0 };
   }
 
@@ -505,9 +532,10 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
    * Controller Level Reset: every queue, command and feature value is gone; AQA/ASQ/ACQ stay. It
    * also ends a suspension (TP4159: a reset of a migratable controller clears its suspended state).
    */
-  controllerReset(reason: string): void {
+  controllerReset(reason: string, kind: ResetKind = 'controller'): void {
     const r = this.state.registers;
-    if (r.csts & CSTS.RDY && ((r.csts & CSTS.SHST_MASK) >>> CSTS.SHST_SHIFT) !== CSTS.SHST_COMPLETE) this.state.smart.unsafeShutdowns++;
+    const wasEnabled = (r.csts & CSTS.RDY) !== 0;
+    if (wasEnabled && ((r.csts & CSTS.SHST_MASK) >>> CSTS.SHST_SHIFT) !== CSTS.SHST_COMPLETE) this.state.smart.unsafeShutdowns++;
     this.generationCount++;
     this.log.debug(`controller reset (${reason})`);
     if (this.suppressedFatals > 0) {
@@ -527,7 +555,10 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
     s.asyncEvents = { outstanding: [], queued: [], masked: [] };
     s.doorbellBuffer = null;
     r.intms = 0;
-    for (const set of this.commandSets) set.controllerReset?.();
+    for (const set of this.commandSets) {
+      set.controllerReset?.(kind);
+      if (wasEnabled) set.controllerDisabled?.();
+    }
     // Reads land in guest memory straight from the backend: until the commands already running
     // have finished, CSTS.RDY stays set, so the host (which waits for RDY=0) reuses no buffer we
     // may still write. Their completions are dropped either way.
@@ -553,6 +584,7 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
     }
     if (generation !== this.generationCount) return;
     r.csts = (r.csts & ~CSTS.SHST_MASK) | (CSTS.SHST_COMPLETE << CSTS.SHST_SHIFT);
+    for (const set of this.commandSets) set.controllerDisabled?.();
     this.log.debug('shutdown complete');
   }
 

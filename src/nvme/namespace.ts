@@ -89,7 +89,8 @@ export class Namespace {
   }
 }
 
-function deriveIds(seed: string): NamespaceIds {
+/** EUI-64, NGUID and UUID from a seed: the same seed always names a namespace the same way. */
+export function deriveIds(seed: string): NamespaceIds {
   const digest = createHash('sha256').update(seed).digest();
   const eui64 = new Uint8Array(digest.subarray(0, 8));
   eui64[0] = (eui64[0]! & 0xfc) | 0x02; // locally administered, unicast: not a real OUI

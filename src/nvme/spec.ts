@@ -163,6 +163,29 @@ export const NvmOpcode = {
   VERIFY: 0x0c,
 } as const;
 
+/**
+ * Admin commands only a primary controller carries (Base §5 Figure 28: Namespace Attachment 15h,
+ * Virtualization Management 1Ch; TP4159: Track Send 3Dh, Track Receive 3Eh, Migration Send 41h,
+ * Migration Receive 42h, Controller Data Queue 45h). Kept apart from AdminOpcode, which every
+ * controller supports.
+ */
+export const PrimaryOpcode = {
+  NAMESPACE_ATTACHMENT: 0x15,
+  VIRTUALIZATION_MANAGEMENT: 0x1c,
+  TRACK_SEND: 0x3d,
+  TRACK_RECEIVE: 0x3e,
+  MIGRATION_SEND: 0x41,
+  MIGRATION_RECEIVE: 0x42,
+  CONTROLLER_DATA_QUEUE: 0x45,
+} as const;
+
+/** Virtualization Management CDW10 (Base §5.22): ACT 3:0, RT 10:8, CNTLID 31:16. */
+export const VirtAction = { PRIMARY_FLEXIBLE_ALLOCATION: 0x1, SECONDARY_OFFLINE: 0x7, SECONDARY_ASSIGN: 0x8, SECONDARY_ONLINE: 0x9 } as const;
+export const VirtResource = { QUEUE: 0, INTERRUPT: 1 } as const;
+
+/** Namespace Attachment CDW10 SEL (Base §5.19). */
+export const NamespaceAttachSelect = { ATTACH: 0x0, DETACH: 0x1 } as const;
+
 // ---- Completion status (Base §4.6.1.2 "Status Code Type" and Figures 101–104) -----------------
 
 export const StatusCodeType = { GENERIC: 0, COMMAND_SPECIFIC: 1, MEDIA: 2, PATH: 3 } as const;
@@ -203,6 +226,20 @@ export const Status = {
   INVALID_QUEUE_DELETION: status(StatusCodeType.COMMAND_SPECIFIC, 0x0c),
   FEATURE_NOT_SAVEABLE: status(StatusCodeType.COMMAND_SPECIFIC, 0x0d),
   FEATURE_NOT_CHANGEABLE: status(StatusCodeType.COMMAND_SPECIFIC, 0x0e),
+  NAMESPACE_ALREADY_ATTACHED: status(StatusCodeType.COMMAND_SPECIFIC, 0x18),
+  NAMESPACE_IS_PRIVATE: status(StatusCodeType.COMMAND_SPECIFIC, 0x19),
+  NAMESPACE_NOT_ATTACHED: status(StatusCodeType.COMMAND_SPECIFIC, 0x1a),
+  CONTROLLER_LIST_INVALID: status(StatusCodeType.COMMAND_SPECIFIC, 0x1c),
+  INVALID_CONTROLLER_IDENTIFIER: status(StatusCodeType.COMMAND_SPECIFIC, 0x1f),
+  INVALID_SECONDARY_CONTROLLER_STATE: status(StatusCodeType.COMMAND_SPECIFIC, 0x20),
+  INVALID_NUMBER_OF_CONTROLLER_RESOURCES: status(StatusCodeType.COMMAND_SPECIFIC, 0x21),
+  INVALID_RESOURCE_IDENTIFIER: status(StatusCodeType.COMMAND_SPECIFIC, 0x22),
+  // Host Managed Live Migration (TP4159; Base 2.1 Figure 103)
+  INVALID_CONTROLLER_DATA_QUEUE: status(StatusCodeType.COMMAND_SPECIFIC, 0x37),
+  NOT_ENOUGH_RESOURCES: status(StatusCodeType.COMMAND_SPECIFIC, 0x38),
+  CONTROLLER_SUSPENDED: status(StatusCodeType.COMMAND_SPECIFIC, 0x39),
+  CONTROLLER_NOT_SUSPENDED: status(StatusCodeType.COMMAND_SPECIFIC, 0x3a),
+  CONTROLLER_DATA_QUEUE_FULL: status(StatusCodeType.COMMAND_SPECIFIC, 0x3b),
   // Media and data integrity errors
   WRITE_FAULT: status(StatusCodeType.MEDIA, 0x80, false),
   UNRECOVERED_READ_ERROR: status(StatusCodeType.MEDIA, 0x81, false),
@@ -228,7 +265,13 @@ export const Cns = {
   CSI_CONTROLLER: 0x06,
   CSI_ACTIVE_NAMESPACES: 0x07,
   CSI_INDEPENDENT_NAMESPACE: 0x08,
+  ATTACHED_CONTROLLERS: 0x12,
+  CONTROLLER_LIST: 0x13,
+  PRIMARY_CONTROLLER_CAPABILITIES: 0x14,
+  SECONDARY_CONTROLLER_LIST: 0x15,
   IO_COMMAND_SET: 0x1c,
+  /** TP4159: Supported Controller State Formats. */
+  SUPPORTED_CONTROLLER_STATE_FORMATS: 0x20,
 } as const;
 
 /** Command Set Identifiers (Base §5.17.2.1 / Figure 286). */
@@ -295,7 +338,14 @@ export const SGL_SUBTYPE_ADDRESS = 0x0;
 
 // ---- Identify Controller capability bits (Base §5.17.2.1, Figure 275) -------------------------
 
-export const Oacs = { FORMAT_NVM: 1 << 1, DOORBELL_BUFFER_CONFIG: 1 << 8 } as const;
+export const Oacs = {
+  FORMAT_NVM: 1 << 1,
+  NAMESPACE_MANAGEMENT: 1 << 3,
+  VIRTUALIZATION_MANAGEMENT: 1 << 7,
+  DOORBELL_BUFFER_CONFIG: 1 << 8,
+  /** TP4159: Host Managed Live Migration Support (the controller is a Migration Management Controller). */
+  HOST_MANAGED_LIVE_MIGRATION: 1 << 11,
+} as const;
 export const Oncs = {
   COMPARE: 1 << 0,
   DATASET_MANAGEMENT: 1 << 2,

@@ -146,12 +146,21 @@ export class TestHost {
   readonly queues = new Map<number, QueuePair>();
   private nextCid = 1;
 
-  constructor(options: { memory?: GuestMemory; subsystem?: Subsystem; controller?: Partial<ControllerOptions>; namespaces?: Namespace[] } = {}) {
+  constructor(
+    options: {
+      memory?: GuestMemory;
+      subsystem?: Subsystem;
+      controller?: Partial<ControllerOptions>;
+      namespaces?: Namespace[];
+      /** Drive this controller (e.g. a secondary) instead of creating one. */
+      use?: NvmeController;
+    } = {},
+  ) {
     this.memory = options.memory ?? new GuestMemory();
-    this.subsystem = options.subsystem ?? new Subsystem();
-    const namespaces = options.namespaces ?? (options.subsystem ? [] : [new Namespace({ nsid: 1, backend: new RamBackend(16 << 20) })]);
+    this.subsystem = options.use?.subsystem ?? options.subsystem ?? new Subsystem();
+    const namespaces = options.namespaces ?? (options.subsystem || options.use ? [] : [new Namespace({ nsid: 1, backend: new RamBackend(16 << 20) })]);
     for (const ns of namespaces) this.subsystem.addNamespace(ns);
-    this.controller = new NvmeController({ subsystem: this.subsystem, ...options.controller });
+    this.controller = options.use ?? new NvmeController({ subsystem: this.subsystem, ...options.controller });
     this.controller.attach({ dma: this.memory, irqs: this.irqs });
   }
 

@@ -1,0 +1,172 @@
+// The control protocol's messages (control.proto) as TypeScript types, their protobuf encoding,
+// and the length-prefixed framing both ends use.
+
+import { existsSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
+import protobuf from 'protobufjs';
+
+export const CONTROL_PROTOCOL_VERSION = 1;
+/** A frame longer than this is a broken or hostile peer: the connection is dropped. */
+export const MAX_FRAME_BYTES = 16 << 20;
+const LENGTH_PREFIX = 4;
+
+export interface AdminCommandRequest {
+  command: Uint8Array;
+  data?: Uint8Array;
+}
+
+export interface NamespaceAddRequest {
+  nsid?: number;
+  file?: string;
+  size?: number;
+  blockSize?: number;
+  attachAll?: boolean;
+}
+
+export interface ControlRequest {
+  version: number;
+  id: number;
+  token?: string;
+  admin?: AdminCommandRequest;
+  namespaceAdd?: NamespaceAddRequest;
+  namespaceRemove?: { nsid: number };
+  export?: { cntlid: number; socket: string };
+  unexport?: { cntlid: number };
+  status?: Record<string, never>;
+}
+
+export type Operation = 'admin' | 'namespaceAdd' | 'namespaceRemove' | 'export' | 'unexport' | 'status';
+export const OPERATIONS: readonly Operation[] = ['admin', 'namespaceAdd', 'namespaceRemove', 'export', 'unexport', 'status'];
+
+export interface AdminResultMessage {
+  status: number;
+  statusName: string;
+  dw0: number;
+  dw1: number;
+  data: Uint8Array;
+}
+
+export interface ControllerStatus {
+  cntlid: number;
+  role: 'primary' | 'secondary' | 'peer';
+  online: boolean;
+  vq: number;
+  vi: number;
+  socket: string;
+  clientConnected: boolean;
+  virtualNqn: string;
+  virtualCntlid: number;
+  runState: string;
+  enabled: boolean;
+  namespaces: number[];
+}
+
+export interface NamespaceStatus {
+  nsid: number;
+  backend: string;
+  size: number;
+  blockSize: number;
+}
+
+export interface VirtualSubsystemStatus {
+  nqn: string;
+  serial: string;
+  model: string;
+  firmware: string;
+  controllers: { cntlid: number; virtualCntlid: number }[];
+}
+
+export interface ServerStatus {
+  nqn: string;
+  control: string;
+  controllers: ControllerStatus[];
+  namespaces: NamespaceStatus[];
+  virtualSubsystems: VirtualSubsystemStatus[];
+}
+
+export interface ControlResponse {
+  version: number;
+  id: number;
+  error?: string;
+  admin?: AdminResultMessage;
+  status?: ServerStatus;
+  nsid?: number;
+}
+
+/** control.proto sits beside this module in src/ and is copied beside it into dist/ by the build. */
+function protoPath(): string {
+  const path = fileURLToPath(new URL('./control.proto', import.meta.url));
+  if (!existsSync(path)) throw new Error(`control protocol definition missing: ${path}`);
+  return path;
+}
+
+let types: { request: protobuf.Type; response: protobuf.Type } | null = null;
+
+function messageTypes(): { request: protobuf.Type; response: protobuf.Type } {
+  if (!types) {
+    const root = protobuf.loadSync(protoPath());
+    types = { request: root.lookupType('nvme_vfio_user.control.v1.Request'), response: root.lookupType('nvme_vfio_user.control.v1.Response') };
+  }
+  return types;
+}
+
+const TO_OBJECT: protobuf.IConversionOptions = { longs: Number, defaults: false, arrays: true };
+
+export function encodeRequest(request: ControlRequest): Uint8Array {
+  const { request: type } = messageTypes();
+  return frame(type.encode(type.fromObject(request)).finish());
+}
+
+export function encodeResponse(response: ControlResponse): Uint8Array {
+  const { response: type } = messageTypes();
+  return frame(type.encode(type.fromObject(response)).finish());
+}
+
+/** Decodes one Request body; throws on bytes that are not one. */
+export function decodeRequest(body: Uint8Array): ControlRequest {
+  const { request: type } = messageTypes();
+  const object = type.toObject(type.decode(body), TO_OBJECT) as ControlRequest;
+  return { ...object, version: object.version ?? 0, id: object.id ?? 0 };
+}
+
+export function decodeResponse(body: Uint8Array): ControlResponse {
+  const { response: type } = messageTypes();
+  // Defaults on: an admin result of status 0 and no data still has every field.
+  return type.toObject(type.decode(body), { ...TO_OBJECT, defaults: true }) as ControlResponse;
+}
+
+/** Which operation a request asks for (exactly one), or null. */
+export function operationOf(request: ControlRequest): Operation | null {
+  const present = OPERATIONS.filter((op) => request[op] !== undefined && request[op] !== null);
+  return present.length === 1 ? present[0]! : null;
+}
+
+function frame(body: Uint8Array): Uint8Array {
+  const out = new Uint8Array(LENGTH_PREFIX + body.length);
+  new DataView(out.buffer).setUint32(0, body.length, true);
+  out.set(body, LENGTH_PREFIX);
+  return out;
+}
+
+/** Splits a byte stream into frame bodies. */
+export class FrameReader {
+  private buffer = new Uint8Array(0);
+
+  /** Returns the complete bodies; throws when a length cannot be trusted. */
+  push(chunk: Uint8Array): Uint8Array[] {
+    const merged = new Uint8Array(this.buffer.length + chunk.length);
+    merged.set(this.buffer);
+    merged.set(chunk, this.buffer.length);
+    const bodies: Uint8Array[] = [];
+    let at = 0;
+    while (merged.length - at >= LENGTH_PREFIX) {
+      const length = new DataView(merged.buffer, at).getUint32(0, true);
+      if (length > MAX_FRAME_BYTES) throw new Error(`frame of ${length} bytes exceeds ${MAX_FRAME_BYTES}`);
+      if (merged.length - at - LENGTH_PREFIX < length) break;
+      bodies.push(merged.slice(at + LENGTH_PREFIX, at + LENGTH_PREFIX + length));
+      at += LENGTH_PREFIX + length;
+    }
+    this.buffer = merged.slice(at);
+    return bodies;
+  }
+}
