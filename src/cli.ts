@@ -19,9 +19,10 @@ import {
   parsePositive,
   type ServerConfig,
 } from './mgmt/config.js';
-import { startRuntime, type Runtime } from './mgmt/runtime.js';
+import { ServerHost } from './mgmt/host.js';
+import { DEFAULT_CONTROL, isManagementVerb, runVerb, UsageError, VerbError, VERB_HELP } from './mgmt/verbs.js';
 
-export class UsageError extends Error {}
+export { UsageError };
 
 const LOG_LEVELS: LogLevel[] = ['debug', 'info', 'warn', 'error', 'silent'];
 
@@ -32,6 +33,11 @@ Commands:
                    sockets until SIGTERM/SIGINT.
   help             Show this help.
   version          Print the version.
+
+Management (clients of a running server's control socket; each takes
+--control PATH|tcp:HOST:PORT (default: ${DEFAULT_CONTROL}),
+--control-token FILE and --json):
+${VERB_HELP}
 
 serve options:
   --socket PATH       Unix socket of one controller; repeat for more
@@ -60,6 +66,18 @@ serve options:
   --nqn NQN, --serial S, --model M
                       Subsystem identity shown by Identify Controller.
   --write-multiple    Offer REGION_WRITE_MULTI to clients that support it.
+  --secondaries N     A controlling function instead of peer controllers: a
+                      primary controller (CNTLID 0) and N secondary
+                      controllers (1..N). Nothing is exported until
+                      provisioned (see Management), except the primary with
+                      --primary-socket.
+  --primary-socket PATH
+                      Export the primary controller (a management VM runs
+                      nvme-cli against it).
+  --control PATH      The control socket (unix, 0600), or tcp:HOST:PORT.
+                      Default: control.sock beside the first socket.
+  --state-dir DIR     Record provisioning in DIR and come back from it after a
+                      restart (it then wins over flags and --config).
   --log-level L       ${LOG_LEVELS.join(', ')} (default: info). Logs go to stderr.
   -h, --help          Show this help.
 
@@ -95,6 +113,10 @@ export function parseServe(args: string[]): ServeOptions | 'help' {
         serial: { type: 'string' },
         model: { type: 'string' },
         'write-multiple': { type: 'boolean' },
+        secondaries: { type: 'string' },
+        'primary-socket': { type: 'string' },
+        control: { type: 'string' },
+        'state-dir': { type: 'string' },
         'log-level': { type: 'string', default: 'info' },
         help: { type: 'boolean', short: 'h', default: false },
       },
@@ -122,6 +144,10 @@ export function parseServe(args: string[]): ServeOptions | 'help' {
     if (values.serial !== undefined) config.serial = values.serial;
     if (values.model !== undefined) config.model = values.model;
     if (values['write-multiple'] !== undefined) config.writeMultiple = values['write-multiple'];
+    if (values.secondaries !== undefined) config.secondaries = parsePositive(values.secondaries, '--secondaries', 127);
+    if (values['primary-socket'] !== undefined) config.primarySocket = resolve(values['primary-socket']);
+    if (values.control !== undefined) config.control = values.control.startsWith('tcp:') ? values.control : resolve(values.control.replace(/^unix:/, ''));
+    if (values['state-dir'] !== undefined) config.stateDir = resolve(values['state-dir']);
     return { config: finalize(config), logLevel: values['log-level'] as LogLevel };
   } catch (error) {
     if (error instanceof ConfigError) throw new UsageError(`serve: ${error.message}`);
@@ -132,16 +158,17 @@ export function parseServe(args: string[]): ServeOptions | 'help' {
 async function serve(options: ServeOptions): Promise<void> {
   const log = createLogger(options.logLevel);
   for (const socket of options.config.sockets) mkdirSync(dirname(socket), { recursive: true });
-  let runtime: Runtime;
+  let runtime: ServerHost;
   try {
-    runtime = await startRuntime(options.config, log);
+    runtime = await ServerHost.start(options.config, log);
   } catch (error) {
     process.stderr.write(`nvme-vfio-user: cannot start: ${(error as Error).message}\n`);
-    process.exit(1);
+    process.exit(error instanceof ConfigError ? 2 : 1);
   }
   // One line per socket on stdout once it accepts clients: scripts wait for it before starting QEMU.
-  for (const socket of options.config.sockets) process.stdout.write(`listening on ${socket}\n`);
-  process.stdout.write(attachHint(options.config.sockets));
+  for (const socket of runtime.sockets) process.stdout.write(`listening on ${socket}\n`);
+  if (runtime.controlPath) process.stdout.write(`control on ${runtime.controlPath}\n`);
+  if (runtime.sockets.length > 0) process.stdout.write(attachHint(runtime.sockets));
   let stopping = false;
   const stop = (signal: string): void => {
     if (stopping) return;
@@ -204,6 +231,20 @@ export function main(argv: string[]): void {
         process.stdout.write(`${packageVersion()}\n`);
         return;
       default:
+        if (isManagementVerb(argv)) {
+          runVerb(argv, { out: (text) => process.stdout.write(text) }).then(
+            () => process.exit(0),
+            (error: unknown) => {
+              if (error instanceof UsageError || error instanceof VerbError) {
+                process.stderr.write(`nvme-vfio-user: ${error.message}\n`);
+                process.exit(error instanceof UsageError ? 2 : 1);
+              }
+              process.stderr.write(`nvme-vfio-user: ${(error as Error).stack ?? String(error)}\n`);
+              process.exit(1);
+            },
+          );
+          return;
+        }
         throw new UsageError(`unknown command '${command}' (try --help)`);
     }
   } catch (error) {

@@ -3,8 +3,9 @@
 
 import { readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { isAbsolute, join, resolve } from 'node:path';
+import { dirname, isAbsolute, join, resolve } from 'node:path';
 import { INTERRUPT_OFFERS, type InterruptOffer } from '../nvme/controller.js';
+import { emptyProvisioning, parseProvisioning, type Provisioning } from './provisioning.js';
 
 export class ConfigError extends Error {
   constructor(message: string) {
@@ -41,6 +42,19 @@ export interface ServerConfig {
   writeMultiple: boolean;
   /** Best interrupt mode the controllers offer (MSI-X by default). */
   interrupts: InterruptOffer;
+  /**
+   * Secondary controllers of a controlling function (primary = CNTLID 0, secondaries 1..N); 0 =
+   * peer controllers, one per socket.
+   */
+  secondaries: number;
+  /** Export the primary controller here (a management VM uses it). */
+  primarySocket?: string;
+  /** Control socket: a unix path, or tcp:HOST:PORT. Default: control.sock beside the first socket. */
+  control?: string;
+  /** Record provisioning here and come back from it after a restart. */
+  stateDir?: string;
+  /** Virtual subsystems, resources, states and exports to set up at start. */
+  provisioning: Provisioning;
 }
 
 export const DEFAULT_SOCKET = join(tmpdir(), 'nvme-vfio-user', 'ctrl0.sock');
@@ -55,6 +69,8 @@ export const defaults = (): ServerConfig => ({
   mdts: 8,
   writeMultiple: false,
   interrupts: 'msix',
+  secondaries: 0,
+  provisioning: emptyProvisioning(),
 });
 
 const SIZE_UNITS: Record<string, number> = { '': 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40 };
@@ -135,7 +151,25 @@ export function loadConfigFile(path: string): Partial<ServerConfig> {
   if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw new ConfigError(`config ${path}: not a JSON object`);
   const baseDir = resolve(path, '..');
   const input = raw as Record<string, unknown>;
-  const known = ['device', 'sockets', 'namespaces', 'nqn', 'serial', 'model', 'ioQueues', 'queueEntries', 'mdts', 'writeMultiple', 'interrupts'];
+  const known = [
+    'device',
+    'sockets',
+    'namespaces',
+    'nqn',
+    'serial',
+    'model',
+    'ioQueues',
+    'queueEntries',
+    'mdts',
+    'writeMultiple',
+    'interrupts',
+    'secondaries',
+    'primarySocket',
+    'control',
+    'stateDir',
+    'virtualSubsystems',
+    'controllers',
+  ];
   for (const key of Object.keys(input)) {
     if (!known.includes(key)) throw new ConfigError(`config ${path}: unknown key '${key}' (known: ${known.join(', ')})`);
   }
@@ -162,6 +196,17 @@ export function loadConfigFile(path: string): Partial<ServerConfig> {
   }
   if (input.writeMultiple !== undefined) out.writeMultiple = input.writeMultiple === true;
   if (input.interrupts !== undefined) out.interrupts = checkInterrupts(String(input.interrupts));
+  if (input.secondaries !== undefined) out.secondaries = parsePositive(String(input.secondaries), `config ${path}: secondaries`, 127);
+  for (const key of ['primarySocket', 'stateDir'] as const) {
+    if (input[key] === undefined) continue;
+    if (typeof input[key] !== 'string' || input[key] === '') throw new ConfigError(`config ${path}: ${key} must be a path`);
+    out[key] = resolve(baseDir, input[key] as string);
+  }
+  if (input.control !== undefined) {
+    if (typeof input.control !== 'string' || input.control === '') throw new ConfigError(`config ${path}: control must be a path or tcp:HOST:PORT`);
+    out.control = input.control.startsWith('tcp:') ? input.control : resolve(baseDir, input.control.replace(/^unix:/, ''));
+  }
+  out.provisioning = parseProvisioning(input, `config ${path}`, baseDir);
   return out;
 }
 
@@ -195,12 +240,21 @@ export function checkDevice(value: string): DeviceKind {
 
 /** Fills in what neither flags nor file said, and checks the whole. */
 export function finalize(config: ServerConfig): ServerConfig {
-  const out = { ...config, sockets: config.sockets.length > 0 ? config.sockets : [DEFAULT_SOCKET] };
+  const virtualized = config.secondaries > 0;
+  const provisioned = config.provisioning.virtualSubsystems.length > 0 || config.provisioning.controllers.length > 0;
+  if (virtualized && config.sockets.length > 0) {
+    throw new ConfigError('--socket makes peer controllers; with --secondaries export controllers with --primary-socket, `ctrl export` or the config file');
+  }
+  if (!virtualized && (config.primarySocket !== undefined || provisioned)) throw new ConfigError('a primary socket and provisioning need --secondaries N');
+  const sockets = config.sockets.length > 0 || virtualized ? config.sockets : [DEFAULT_SOCKET];
+  const out = { ...config, sockets };
   if (new Set(out.sockets).size !== out.sockets.length) throw new ConfigError('the same socket is given twice');
   if (out.device === 'scratch') {
     if (out.namespaces.length > 0) throw new ConfigError('the scratch device has no namespaces');
+    if (virtualized) throw new ConfigError('the scratch device has no controlling function');
     return out;
   }
+  out.control ??= join(dirname(out.sockets[0] ?? out.primarySocket ?? DEFAULT_SOCKET), 'control.sock');
   if (out.namespaces.length === 0) out.namespaces = [{ size: DEFAULT_RAM_NAMESPACE_BYTES, lbads: 512 }];
   const nsids = new Set<number>();
   let next = 1;

@@ -74,6 +74,8 @@ export interface AdminResult {
   dw0: number;
   dw1: number;
   data?: Uint8Array;
+  /** Why it failed, when it did. */
+  detail?: string;
 }
 
 /** What a secondary controller may use, as its primary assigned it (Base §8.2.6). */
@@ -406,12 +408,14 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
     this.state.attachedNamespaces.push(nsid);
     this.state.attachedNamespaces.sort((a, b) => a - b);
     this.namespaceChanged(nsid);
+    this.subsystem.attachmentChanged();
   }
 
   detachNamespace(nsid: number): void {
     if (!this.isAttached(nsid)) return;
     this.state.attachedNamespaces = this.state.attachedNamespaces.filter((n) => n !== nsid);
     this.namespaceChanged(nsid);
+    this.subsystem.attachmentChanged();
   }
 
   /** The subsystem's namespace `nsid` changed: tell this host, under the NSID it knows it by. */
@@ -628,7 +632,7 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
       if (err instanceof CommandError) {
         this.log.debug(`${isAdmin ? 'admin' : 'I/O'} opcode 0x${cmd.opcode.toString(16)} cid ${cmd.cid}: ${statusName(err.status)} ${err.message}`);
         this.events.recordError({ sqid: cmd.sqid ?? 0xffff, cid: cmd.cid, status: err.status, nsid: cmd.nsid, lba: 0 });
-        return { status: err.status, dw0: err.dw0, dw1: 0 };
+        return { status: err.status, dw0: err.dw0, dw1: 0, detail: err.message };
       }
       if (err instanceof StaleCommandError) return { status: Status.ABORT_REQUESTED, dw0: 0, dw1: 0 };
       this.log.error(`opcode 0x${cmd.opcode.toString(16)} cid ${cmd.cid} failed unexpectedly: ${(err as Error).stack ?? String(err)}`);

@@ -17,6 +17,8 @@ export interface CommandResult {
   status: number;
   dw0: number;
   dw1: number;
+  /** Why the command failed, for in-process callers (never reaches a completion queue). */
+  detail?: string;
 }
 
 export interface QueueHost {
@@ -280,7 +282,7 @@ export class QueueEngine implements QueueControl {
       if (rt.executing === 0) rt.idle.splice(0).forEach((wake) => wake());
     }
     if (result === DEFERRED || generation !== host.generation()) return;
-    host.poster.post({ cqid: sq.cqid, sqid: sq.qid, cid: cmd.cid, ...result });
+    host.poster.post({ cqid: sq.cqid, sqid: sq.qid, cid: cmd.cid, status: result.status, dw0: result.dw0, dw1: result.dw1 });
   }
 
   private commandStarted(): void {

@@ -36,6 +36,7 @@ export class Subsystem {
   readonly log: Logger;
   private readonly namespaceMap = new Map<number, Namespace>();
   private readonly controllerMap = new Map<number, SubsystemController>();
+  private readonly attachmentListeners: Array<() => void> = [];
   private nextCntlid = 1;
 
   constructor(options: SubsystemOptions = {}) {
@@ -79,6 +80,15 @@ export class Subsystem {
   /** Tells every controller that sees `nsid` (except `except`) that its attributes changed. */
   notifyNamespaceChanged(nsid: number, except?: SubsystemController): void {
     for (const c of this.controllerMap.values()) if (c !== except && c.isAttached(nsid)) c.namespaceChanged(nsid);
+  }
+
+  /** Called after any controller attached or detached a namespace (provisioning records listen). */
+  onAttachmentChange(listener: () => void): void {
+    this.attachmentListeners.push(listener);
+  }
+
+  attachmentChanged(): void {
+    for (const listener of this.attachmentListeners) listener();
   }
 
   /** Picks the next free controller ID (1..0xFFEF). */

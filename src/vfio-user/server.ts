@@ -87,7 +87,7 @@ export class VfioUserServer {
 }
 
 /** A socket file left by a crashed server blocks bind(); a live one must not be stolen. */
-function removeStaleSocket(path: string): void {
+export function removeStaleSocket(path: string): void {
   if (!existsSync(path)) return;
   if (!lstatSync(path).isSocket()) throw new Error(`${path} exists and is not a socket`);
   try {

@@ -44,6 +44,7 @@ export interface AdminResultMessage {
   dw0: number;
   dw1: number;
   data: Uint8Array;
+  detail: string;
 }
 
 export interface ControllerStatus {

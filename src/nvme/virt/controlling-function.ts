@@ -33,8 +33,8 @@ export class ControllingFunction {
   readonly virtualization: Virtualization;
   readonly vsubsystems: VirtualSubsystems;
   private readonly secondaryControllers: NvmeController[] = [];
-  /** Whether a host other than this process is attached to the primary (set by whoever exports it). */
-  primaryHasClient = false;
+  /** Whether a host other than this process is attached to the primary (whoever exports it sets this). */
+  primaryHasClient: () => boolean = () => false;
 
   constructor(options: ControllingFunctionOptions) {
     const { subsystem, ioQueues } = options;
@@ -61,7 +61,7 @@ export class ControllingFunction {
       },
       // With no client of its own the primary's host is this process (the control plane), which
       // keeps it enabled; a client (a management VM) enables and disables it itself.
-      primaryEnabled: () => !this.primaryHasClient || this.primary.enabled,
+      primaryEnabled: () => !this.primaryHasClient() || this.primary.enabled,
     });
     this.vsubsystems = new VirtualSubsystems(this.virtualization);
     for (let i = 1; i <= options.secondaries; i++) {

@@ -18,7 +18,10 @@ export const VendorOpcode = {
   VSUBSYS_REMOVE_CONTROLLER: 0xc9,
   /** Data host→controller: the NQN. The virtual subsystem must have no controllers. */
   VSUBSYS_DELETE: 0xcd,
-  /** Data controller→host (LIST_SIZE bytes): virtual subsystem CDW10 (0-based). DW0: how many exist. */
+  /**
+   * Data controller→host (LIST_SIZE bytes): virtual subsystem CDW10 (0-based). DW0: how many exist.
+   * Index 0 always succeeds (an empty page when there are none).
+   */
   VSUBSYS_LIST: 0xc2,
 } as const;
 
@@ -130,6 +133,10 @@ export function vendorCommands(vsubsystems: VirtualSubsystems): AdminCommandSet 
       VendorOpcode.VSUBSYS_LIST,
       async (_c, cmd, data) => {
         const all = vsubsystems.list();
+        if (all.length === 0 && cmd.cdw10 === 0) {
+          await data.toHost(new Uint8Array(VsubsysLayout.LIST_SIZE));
+          return { dw0: 0 };
+        }
         const vsubsys = all[cmd.cdw10];
         if (!vsubsys) throw new CommandError(Status.INVALID_FIELD, `virtual subsystem index ${cmd.cdw10} (there are ${all.length})`);
         const page = encodeDefinition(vsubsys.definition, VsubsysLayout.LIST_SIZE);

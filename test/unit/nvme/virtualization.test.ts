@@ -139,7 +139,7 @@ describe('Virtualization Management', () => {
   it('disabling the primary takes its secondaries offline; Online needs an enabled primary once it has a host', async () => {
     let hasClient = false;
     const cf = build();
-    Object.defineProperty(cf, 'primaryHasClient', { get: () => hasClient });
+    cf.primaryHasClient = () => hasClient;
     await provision(cf, 1);
     const host = new TestHost({ use: cf.primary }).start();
     hasClient = true;

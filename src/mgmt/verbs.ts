@@ -1,0 +1,408 @@
+// The management verbs of the `nvme-vfio-user` command (vsubsys, ctrl, ns, list): each is a thin
+// client of a server's control socket. Provisioning goes through the primary controller's own
+// admin commands (Virtualization Management, Namespace Attachment, the vendor virtual-subsystem
+// commands), exactly as a management VM would send them; process-level operations (exports,
+// namespace back-ends, status) are control-plane requests.
+
+import { readFileSync } from 'node:fs';
+import { parseArgs, type ParseArgsConfig } from 'node:util';
+import { buildCommand, type CommandFields } from '../nvme/command.js';
+import { IDENTIFY_SIZE, NamespaceAttachSelect, PrimaryOpcode, VirtAction, VirtResource } from '../nvme/spec.js';
+import { encodeDefinition, encodeNqn, MAX_NAMESPACE_MAPPINGS, VendorOpcode, VsubsysLayout, decodeDefinition } from '../nvme/virt/vendor-commands.js';
+import { NARROWING_TEXT, type NamespaceMapping } from '../nvme/virt/vsubsys.js';
+import { ConfigError, DEFAULT_SOCKET, parsePositive, parseSize } from './config.js';
+import { ControlClient, parseControlAddress } from './control/client.js';
+import type { AdminResultMessage, ControlRequest, ControlResponse, ServerStatus } from './control/messages.js';
+import { dirname, join } from 'node:path';
+
+/** A mistake in the arguments: one line, exit code 2. */
+export class UsageError extends Error {}
+/** The server refused or could not do it: one line, exit code 1. */
+export class VerbError extends Error {}
+
+export const DEFAULT_CONTROL = join(dirname(DEFAULT_SOCKET), 'control.sock');
+
+export interface VerbOutput {
+  out(text: string): void;
+}
+
+type Options = NonNullable<ParseArgsConfig['options']>;
+const COMMON: Options = {
+  control: { type: 'string' },
+  'control-token': { type: 'string' },
+  json: { type: 'boolean', default: false },
+};
+
+interface Parsed {
+  values: Record<string, string | boolean | string[] | undefined>;
+}
+
+function parse(verb: string, args: string[], options: Options): Parsed {
+  try {
+    const { values } = parseArgs({ args, options: { ...COMMON, ...options }, strict: true, allowPositionals: false });
+    return { values: values as Parsed['values'] };
+  } catch (error) {
+    throw new UsageError(`${verb}: ${(error as Error).message.split('\n')[0]}`);
+  }
+}
+
+const str = (p: Parsed, key: string, verb: string): string => {
+  const v = p.values[key];
+  if (typeof v !== 'string' || v === '') throw new UsageError(`${verb}: --${key} is required`);
+  return v;
+};
+
+function num(p: Parsed, key: string, verb: string, min = 0, max = 0xffff): number {
+  const text = str(p, key, verb);
+  const n = Number(text);
+  if (!/^(0x[0-9a-f]+|\d+)$/i.test(text) || !Number.isSafeInteger(n) || n < min || n > max) throw new UsageError(`${verb}: --${key} '${text}' must be a whole number from ${min} to ${max}`);
+  return n;
+}
+
+/** The session a verb runs in: its control connection and how it reports. */
+class Session {
+  private constructor(
+    readonly verb: string,
+    readonly client: ControlClient,
+    readonly json: boolean,
+    private readonly output: VerbOutput,
+  ) {}
+
+  static async open(verb: string, p: Parsed, output: VerbOutput): Promise<Session> {
+    let address;
+    try {
+      address = parseControlAddress((p.values.control as string | undefined) ?? DEFAULT_CONTROL);
+    } catch (error) {
+      throw new UsageError(`${verb}: --control ${(error as Error).message}`);
+    }
+    let token: string | undefined;
+    const tokenFile = p.values['control-token'] as string | undefined;
+    if (tokenFile !== undefined) {
+      try {
+        token = readFileSync(tokenFile, 'utf8').trim();
+      } catch (error) {
+        throw new UsageError(`${verb}: --control-token ${(error as Error).message}`);
+      }
+    }
+    try {
+      return new Session(verb, await ControlClient.connect(address, token !== undefined ? { token } : {}), p.values.json === true, output);
+    } catch (error) {
+      throw new VerbError(`${verb}: ${(error as Error).message}`);
+    }
+  }
+
+  async request(operation: Omit<ControlRequest, 'version' | 'id' | 'token'>): Promise<ControlResponse> {
+    let response: ControlResponse;
+    try {
+      response = await this.client.request(operation);
+    } catch (error) {
+      throw new VerbError(`${this.verb}: ${(error as Error).message}`);
+    }
+    if (response.error) throw new VerbError(`${this.verb}: ${response.error}`);
+    return response;
+  }
+
+  /** Submits an admin command to the primary; a failure status is a VerbError naming it. */
+  async admin(fields: CommandFields, data?: Uint8Array): Promise<AdminResultMessage> {
+    const response = await this.request({ admin: { command: buildCommand(fields), ...(data ? { data } : {}) } });
+    const result = response.admin!;
+    if (result.status !== 0) {
+      const sct = (result.status >> 8) & 7;
+      const sc = result.status & 0xff;
+      throw new VerbError(`${this.verb}: NVMe status ${result.statusName} (SCT ${sct.toString(16)}h, SC ${sc.toString(16).padStart(2, '0')}h)${result.detail ? `: ${result.detail}` : ''}`);
+    }
+    return result;
+  }
+
+  print(text: string, json: unknown): void {
+    this.output.out(this.json ? `${JSON.stringify(json, null, 2)}\n` : `${text}\n`);
+  }
+
+  close(): void {
+    this.client.close();
+  }
+}
+
+const virtMgmt = (s: Session, action: number, type: number, cntlid: number, count: number): Promise<AdminResultMessage> =>
+  s.admin({ opcode: PrimaryOpcode.VIRTUALIZATION_MANAGEMENT, cdw10: action | (type << 8) | (cntlid << 16), cdw11: count });
+
+function parseMapping(text: string, verb: string): NamespaceMapping {
+  const match = /^(\d+)=(\d+)$/.exec(text);
+  if (!match) throw new UsageError(`${verb}: --namespace '${text}' must be VNSID=NSID`);
+  return { vnsid: Number(match[1]), nsid: Number(match[2]) };
+}
+
+// ---- the verbs --------------------------------------------------------------------------------------
+
+interface Verb {
+  options: Options;
+  summary: string;
+  run(s: Session, p: Parsed): Promise<void>;
+}
+
+const VERBS: Record<string, Verb> = {
+  'vsubsys create': {
+    summary: '--virtual-nqn NQN [--serial S] [--model M] [--firmware F] [--ieee-oui HEX] [--namespace VNSID=NSID ...]',
+    options: {
+      'virtual-nqn': { type: 'string' },
+      serial: { type: 'string' },
+      model: { type: 'string' },
+      firmware: { type: 'string' },
+      'ieee-oui': { type: 'string' },
+      namespace: { type: 'string', multiple: true },
+    },
+    async run(s, p) {
+      const nqn = str(p, 'virtual-nqn', s.verb);
+      const namespaces = ((p.values.namespace as string[] | undefined) ?? []).map((m) => parseMapping(m, s.verb));
+      if (namespaces.length > MAX_NAMESPACE_MAPPINGS) throw new UsageError(`${s.verb}: at most ${MAX_NAMESPACE_MAPPINGS} --namespace mappings`);
+      const oui = p.values['ieee-oui'] === undefined ? 0 : Number.parseInt(String(p.values['ieee-oui']).replace(/^0x/i, ''), 16);
+      if (!Number.isInteger(oui) || oui < 0 || oui > 0xff_ffff) throw new UsageError(`${s.verb}: --ieee-oui must be up to 6 hex digits`);
+      const def = {
+        nqn,
+        ...(p.values.serial ? { serial: p.values.serial as string } : {}),
+        ...(p.values.model ? { model: p.values.model as string } : {}),
+        ...(p.values.firmware ? { firmware: p.values.firmware as string } : {}),
+        ieeeOui: oui,
+        namespaces,
+      };
+      await s.admin({ opcode: VendorOpcode.VSUBSYS_CREATE }, encodeDefinition(def));
+      s.print(`created virtual subsystem ${nqn}`, { nqn, namespaces });
+    },
+  },
+  'vsubsys add': {
+    summary: '--virtual-nqn NQN --ctrl CNTLID --vcid N',
+    options: { 'virtual-nqn': { type: 'string' }, ctrl: { type: 'string' }, vcid: { type: 'string' } },
+    async run(s, p) {
+      const nqn = str(p, 'virtual-nqn', s.verb);
+      const cntlid = num(p, 'ctrl', s.verb, 1, 0xffef);
+      const vcid = num(p, 'vcid', s.verb, 1, 0xffef);
+      const result = await s.admin({ opcode: VendorOpcode.VSUBSYS_ADD_CONTROLLER, cdw10: cntlid, cdw11: vcid }, encodeNqn(nqn));
+      const narrowed = Object.entries(NARROWING_TEXT)
+        .filter(([bit]) => result.dw0 & Number(bit))
+        .map(([, text]) => text);
+      s.print(
+        [`secondary ${cntlid} joined ${nqn} as virtual controller ${vcid}; narrowed:`, ...narrowed.map((t) => `  - ${t}`)].join('\n'),
+        { nqn, cntlid, vcid, narrowed },
+      );
+    },
+  },
+  'vsubsys remove': {
+    summary: '--virtual-nqn NQN --ctrl CNTLID',
+    options: { 'virtual-nqn': { type: 'string' }, ctrl: { type: 'string' } },
+    async run(s, p) {
+      const nqn = str(p, 'virtual-nqn', s.verb);
+      const cntlid = num(p, 'ctrl', s.verb, 1, 0xffef);
+      await s.admin({ opcode: VendorOpcode.VSUBSYS_REMOVE_CONTROLLER, cdw10: cntlid }, encodeNqn(nqn));
+      s.print(`secondary ${cntlid} left ${nqn}`, { nqn, cntlid });
+    },
+  },
+  'vsubsys delete': {
+    summary: '--virtual-nqn NQN',
+    options: { 'virtual-nqn': { type: 'string' } },
+    async run(s, p) {
+      const nqn = str(p, 'virtual-nqn', s.verb);
+      await s.admin({ opcode: VendorOpcode.VSUBSYS_DELETE }, encodeNqn(nqn));
+      s.print(`deleted virtual subsystem ${nqn}`, { nqn });
+    },
+  },
+  'vsubsys list': {
+    summary: '',
+    options: {},
+    async run(s) {
+      const all: { nqn: string; serial: string; model: string; firmware: string; namespaces: NamespaceMapping[]; controllers: { cntlid: number; vcid: number }[] }[] = [];
+      // Index 0 always answers: its DW0 says how many there are (0: an empty page).
+      for (let index = 0, count = 1; index < count; index++) {
+        const result = await s.admin({ opcode: VendorOpcode.VSUBSYS_LIST, cdw10: index });
+        count = result.dw0;
+        if (count === 0) break;
+        const def = decodeDefinition(result.data.subarray(0, VsubsysLayout.DEFINITION_SIZE));
+        const view = new DataView(result.data.buffer, result.data.byteOffset, result.data.byteLength);
+        const controllers = Array.from({ length: view.getUint32(VsubsysLayout.LIST_CONTROLLER_COUNT, true) }, (_, i) => ({
+          cntlid: view.getUint16(VsubsysLayout.LIST_CONTROLLERS + 4 * i, true),
+          vcid: view.getUint16(VsubsysLayout.LIST_CONTROLLERS + 4 * i + 2, true),
+        }));
+        all.push({ nqn: def.nqn, serial: def.serial ?? '', model: def.model ?? '', firmware: def.firmware ?? '', namespaces: def.namespaces ?? [], controllers });
+      }
+      const rows = all.map((v) => [v.nqn, v.serial, v.controllers.map((c) => `${c.cntlid}->${c.vcid}`).join(' ') || '-', v.namespaces.map((m) => `${m.vnsid}->${m.nsid}`).join(' ') || 'all']);
+      s.print(all.length === 0 ? 'no virtual subsystems' : table(['VIRTUAL NQN', 'SERIAL', 'CONTROLLERS (cntlid->vcid)', 'NAMESPACES (vnsid->nsid)'], rows), all);
+    },
+  },
+  'ctrl assign': {
+    summary: '--ctrl CNTLID --vq N --vi N',
+    options: { ctrl: { type: 'string' }, vq: { type: 'string' }, vi: { type: 'string' } },
+    async run(s, p) {
+      const cntlid = num(p, 'ctrl', s.verb, 1, 0xffef);
+      const vq = num(p, 'vq', s.verb);
+      const vi = num(p, 'vi', s.verb);
+      const q = await virtMgmt(s, VirtAction.SECONDARY_ASSIGN, VirtResource.QUEUE, cntlid, vq);
+      const i = await virtMgmt(s, VirtAction.SECONDARY_ASSIGN, VirtResource.INTERRUPT, cntlid, vi);
+      s.print(`secondary ${cntlid}: ${q.dw0 & 0xffff} VQ and ${i.dw0 & 0xffff} VI resources assigned`, { cntlid, vq: q.dw0 & 0xffff, vi: i.dw0 & 0xffff });
+    },
+  },
+  'ctrl online': {
+    summary: '--ctrl CNTLID',
+    options: { ctrl: { type: 'string' } },
+    async run(s, p) {
+      const cntlid = num(p, 'ctrl', s.verb, 1, 0xffef);
+      await virtMgmt(s, VirtAction.SECONDARY_ONLINE, 0, cntlid, 0);
+      s.print(`secondary ${cntlid} is online`, { cntlid, online: true });
+    },
+  },
+  'ctrl offline': {
+    summary: '--ctrl CNTLID',
+    options: { ctrl: { type: 'string' } },
+    async run(s, p) {
+      const cntlid = num(p, 'ctrl', s.verb, 1, 0xffef);
+      await virtMgmt(s, VirtAction.SECONDARY_OFFLINE, 0, cntlid, 0);
+      s.print(`secondary ${cntlid} is offline (its resources were removed)`, { cntlid, online: false });
+    },
+  },
+  'ctrl export': {
+    summary: '--ctrl CNTLID --socket PATH',
+    options: { ctrl: { type: 'string' }, socket: { type: 'string' } },
+    async run(s, p) {
+      const cntlid = num(p, 'ctrl', s.verb, 0, 0xffef);
+      const socket = str(p, 'socket', s.verb);
+      await s.request({ export: { cntlid, socket } });
+      s.print(`controller ${cntlid} exported on ${socket}`, { cntlid, socket });
+    },
+  },
+  'ctrl unexport': {
+    summary: '--ctrl CNTLID',
+    options: { ctrl: { type: 'string' } },
+    async run(s, p) {
+      const cntlid = num(p, 'ctrl', s.verb, 0, 0xffef);
+      await s.request({ unexport: { cntlid } });
+      s.print(`controller ${cntlid} unexported`, { cntlid });
+    },
+  },
+  'ns add': {
+    summary: '(--file PATH [--size SIZE] | --ram --size SIZE) [--block-size 512|4096] [--nsid N] [--attach-all]',
+    options: { file: { type: 'string' }, ram: { type: 'boolean' }, size: { type: 'string' }, 'block-size': { type: 'string' }, nsid: { type: 'string' }, 'attach-all': { type: 'boolean' } },
+    async run(s, p) {
+      const file = p.values.file as string | undefined;
+      if ((file === undefined) === (p.values.ram !== true)) throw new UsageError(`${s.verb}: give either --file PATH or --ram`);
+      let size: number | undefined;
+      try {
+        size = p.values.size === undefined ? undefined : parseSize(String(p.values.size), '--size');
+        if (p.values.nsid !== undefined) parsePositive(String(p.values.nsid), '--nsid');
+      } catch (error) {
+        if (error instanceof ConfigError) throw new UsageError(`${s.verb}: ${error.message}`);
+        throw error;
+      }
+      const blockSize = p.values['block-size'] === undefined ? 512 : num(p, 'block-size', s.verb, 512, 4096);
+      if (blockSize !== 512 && blockSize !== 4096) throw new UsageError(`${s.verb}: --block-size must be 512 or 4096`);
+      const response = await s.request({
+        namespaceAdd: {
+          ...(p.values.nsid !== undefined ? { nsid: Number(p.values.nsid) } : {}),
+          ...(file !== undefined ? { file } : {}),
+          ...(size !== undefined ? { size } : {}),
+          blockSize,
+          attachAll: p.values['attach-all'] === true,
+        },
+      });
+      s.print(`namespace ${response.nsid} added${p.values['attach-all'] ? ' and attached to every controller' : ' (attach it with `ns attach`)'}`, { nsid: response.nsid });
+    },
+  },
+  'ns remove': {
+    summary: '--nsid N',
+    options: { nsid: { type: 'string' } },
+    async run(s, p) {
+      const nsid = num(p, 'nsid', s.verb, 1, 0xffff_fffe);
+      await s.request({ namespaceRemove: { nsid } });
+      s.print(`namespace ${nsid} removed`, { nsid });
+    },
+  },
+  'ns attach': {
+    summary: '--nsid N --ctrl CNTLID[,CNTLID...]',
+    options: { nsid: { type: 'string' }, ctrl: { type: 'string', multiple: true } },
+    async run(s, p) {
+      await namespaceAttachment(s, p, NamespaceAttachSelect.ATTACH);
+    },
+  },
+  'ns detach': {
+    summary: '--nsid N --ctrl CNTLID[,CNTLID...]',
+    options: { nsid: { type: 'string' }, ctrl: { type: 'string', multiple: true } },
+    async run(s, p) {
+      await namespaceAttachment(s, p, NamespaceAttachSelect.DETACH);
+    },
+  },
+  list: {
+    summary: '',
+    options: {},
+    async run(s) {
+      const status = (await s.request({ status: {} })).status!;
+      s.print(describeStatus(status), status);
+    },
+  },
+};
+
+async function namespaceAttachment(s: Session, p: Parsed, select: number): Promise<void> {
+  const nsid = num(p, 'nsid', s.verb, 1, 0xffff_fffe);
+  const ids = ((p.values.ctrl as string[] | undefined) ?? []).flatMap((v) => v.split(',')).map((v) => {
+    const n = Number(v);
+    if (!/^\d+$/.test(v) || n > 0xffef) throw new UsageError(`${s.verb}: --ctrl '${v}' is not a controller ID`);
+    return n;
+  });
+  if (ids.length === 0) throw new UsageError(`${s.verb}: --ctrl is required`);
+  const list = new Uint8Array(IDENTIFY_SIZE);
+  const view = new DataView(list.buffer);
+  view.setUint16(0, ids.length, true);
+  ids.forEach((id, i) => view.setUint16(2 + 2 * i, id, true));
+  await s.admin({ opcode: PrimaryOpcode.NAMESPACE_ATTACHMENT, nsid, cdw10: select }, list);
+  const did = select === NamespaceAttachSelect.ATTACH ? 'attached to' : 'detached from';
+  s.print(`namespace ${nsid} ${did} controller${ids.length > 1 ? 's' : ''} ${ids.join(', ')}`, { nsid, controllers: ids, attached: select === NamespaceAttachSelect.ATTACH });
+}
+
+function describeStatus(status: ServerStatus): string {
+  const rows = status.controllers.map((c) => [
+    String(c.cntlid),
+    c.role,
+    c.role === 'secondary' ? (c.online ? 'online' : 'offline') : '-',
+    c.role === 'secondary' ? `${c.vq}/${c.vi}` : '-',
+    c.virtualNqn ? `${c.virtualNqn} #${c.virtualCntlid}` : '-',
+    c.runState + (c.enabled ? '' : ' (disabled)'),
+    c.namespaces.join(',') || '-',
+    c.socket ? `${c.socket}${c.clientConnected ? ' (client)' : ''}` : '-',
+  ]);
+  const namespaces = status.namespaces.map((n) => `  ${n.nsid}: ${n.backend}, ${n.blockSize}-byte blocks`);
+  return [
+    `subsystem ${status.nqn}   control ${status.control}`,
+    table(['CNTLID', 'ROLE', 'STATE', 'VQ/VI', 'VIRTUAL IDENTITY', 'RUN', 'NS', 'SOCKET'], rows),
+    'namespaces:',
+    ...(namespaces.length > 0 ? namespaces : ['  none']),
+  ].join('\n');
+}
+
+function table(header: string[], rows: string[][]): string {
+  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
+  const line = (cells: string[]): string => cells.map((c, i) => c.padEnd(widths[i]!)).join('  ').trimEnd();
+  return [line(header), ...rows.map(line)].join('\n');
+}
+
+/** Whether `argv` starts with a management verb this module runs. */
+export function isManagementVerb(argv: string[]): boolean {
+  return VERBS[argv[0]!] !== undefined || VERBS[`${argv[0]} ${argv[1]}`] !== undefined || ['vsubsys', 'ctrl', 'ns'].includes(argv[0]!);
+}
+
+export const VERB_HELP = Object.entries(VERBS)
+  .map(([name, v]) => `  ${name} ${v.summary}`.trimEnd())
+  .join('\n');
+
+/** Runs a management verb; resolves once its output is written. Throws UsageError or VerbError. */
+export async function runVerb(argv: string[], output: VerbOutput): Promise<void> {
+  const single = VERBS[argv[0]!];
+  const name = single ? argv[0]! : `${argv[0]} ${argv[1] ?? ''}`.trim();
+  const verb = single ?? VERBS[name];
+  if (!verb) {
+    const group = Object.keys(VERBS).filter((k) => k.startsWith(`${argv[0]} `)).map((k) => k.split(' ')[1]);
+    throw new UsageError(`unknown command '${name}'${group.length > 0 ? ` (${argv[0]} takes: ${group.join(', ')})` : ''}`);
+  }
+  const parsed = parse(name, argv.slice(single ? 1 : 2), verb.options);
+  const session = await Session.open(name, parsed, output);
+  try {
+    await verb.run(session, parsed);
+  } finally {
+    session.close();
+  }
+}
