@@ -1,7 +1,9 @@
 // The controller's clocks: the Keep Alive timer (Base §3.9), the Timestamp feature (§5.27.1.11)
 // and the power-on hours SMART reports. Their state is relative (milliseconds as of one instant),
 // so a saved controller carries no host's wall clock and its Timestamp does not jump elsewhere;
-// the instant they are true as of, and the timer itself, are derived and rebuilt.
+// the instant they are true as of, and the timer itself, are derived and rebuilt. While the
+// controller is suspended its time stands still: a state taken twice, or loaded and taken again,
+// is the same bytes.
 
 import type { ClockControl } from './context.js';
 import { MAX_TIMER_MS } from './policy.js';
@@ -20,6 +22,8 @@ const now = (): number => performance.now();
 export class Clocks implements ClockControl {
   /** The instant the relative values in state.clocks are true as of. */
   private anchor = now();
+  /** False while suspended: no time passes for the controller. */
+  private ticking = true;
   private timer: NodeJS.Timeout | null = null;
   /** When the running Keep Alive timer expires (on the now() scale); null when it is not running. */
   private deadline: number | null = null;
@@ -35,7 +39,7 @@ export class Clocks implements ClockControl {
   /** Brings the relative values up to now, so the state can be copied as it is. */
   normalize(): void {
     const t = now();
-    const elapsed = t - this.anchor;
+    const elapsed = this.ticking ? t - this.anchor : 0;
     this.anchor = t;
     const v = this.values;
     v.sinceResetMs += elapsed;
@@ -45,7 +49,7 @@ export class Clocks implements ClockControl {
   }
 
   timestampNow(): { value: number; hostSet: boolean } {
-    const elapsed = now() - this.anchor;
+    const elapsed = this.elapsed();
     const v = this.values;
     if (v.timestampMs !== null) return { value: Math.floor(v.timestampMs + elapsed), hostSet: true };
     return { value: Math.floor(v.sinceResetMs + elapsed), hostSet: false };
@@ -57,7 +61,7 @@ export class Clocks implements ClockControl {
   }
 
   powerOnMs(): number {
-    return this.host.state.smart.powerOnMs + (now() - this.anchor);
+    return this.host.state.smart.powerOnMs + this.elapsed();
   }
 
   /** A Keep Alive command or a new timeout: the full timeout starts again. */
@@ -68,15 +72,18 @@ export class Clocks implements ClockControl {
     this.arm();
   }
 
-  /** Stops the timer and keeps what was left of it in the state (suspend). */
+  /** Stops time and the timer, keeping what was left of it in the state (suspend). */
   pause(): void {
-    if (this.deadline !== null) this.values.keepAliveRemainingMs = Math.max(0, this.deadline - now());
+    this.normalize();
+    this.ticking = false;
     this.disarm();
   }
 
-  /** Runs the timer again for what was left of it (resume, or a freshly loaded state). */
+  /** Time runs again, and the timer for what was left of it. */
   resume(): void {
     this.disarm();
+    this.anchor = now();
+    this.ticking = true;
     this.arm();
   }
 
@@ -90,11 +97,15 @@ export class Clocks implements ClockControl {
     v.keepAliveRemainingMs = null;
   }
 
-  /** A new state was loaded: its values are true as of now. */
+  /** A new state was loaded: its values are true as of now (and stand still if suspended). */
   rebase(): void {
     this.disarm();
     this.anchor = now();
     this.arm();
+  }
+
+  private elapsed(): number {
+    return this.ticking ? now() - this.anchor : 0;
   }
 
   dispose(): void {

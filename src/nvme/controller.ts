@@ -546,10 +546,12 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
       this.log.warn(`${this.suppressedFatals} further fatal errors before this reset were not logged`);
       this.suppressedFatals = 0;
     }
-    if (this.lifecycle.state === 'quiescing' || this.lifecycle.state === 'suspended') this.lifecycle.move('running');
+    const wasSilent = this.lifecycle.state === 'quiescing' || this.lifecycle.state === 'suspended';
+    if (wasSilent) this.lifecycle.move('running');
     this.queues.reset();
     this.interrupts.reset();
     this.clocks.reset();
+    if (wasSilent) this.clocks.resume();
     const s = this.state;
     s.submissionQueues = [];
     s.completionQueues = [];

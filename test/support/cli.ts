@@ -1,0 +1,38 @@
+// Runs the management verbs of the real `nvme-vfio-user` command against a server's control socket.
+
+import { spawn } from 'node:child_process';
+import { join } from 'node:path';
+import { repoRoot } from './server-process.js';
+
+export interface CliResult {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+/** `nvme-vfio-user ARGS...` from this checkout's sources; resolves when it exits. */
+export function runCli(args: string[], options: { stdin?: Uint8Array; timeoutMs?: number } = {}): Promise<CliResult> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, ['--import', 'tsx', join(repoRoot, 'src', 'cli.ts'), ...args], { cwd: repoRoot, stdio: ['pipe', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    const timer = setTimeout(() => {
+      child.kill('SIGKILL');
+      reject(new Error(`nvme-vfio-user ${args.join(' ')} did not finish: ${stderr}`));
+    }, options.timeoutMs ?? 20_000);
+    child.on('exit', (code) => {
+      clearTimeout(timer);
+      resolve({ code, stdout, stderr });
+    });
+    child.stdin.end(options.stdin ?? new Uint8Array(0));
+  });
+}
+
+/** Like runCli, but a non-zero exit is an error carrying what the command printed. */
+export async function cli(args: string[]): Promise<string> {
+  const result = await runCli(args);
+  if (result.code !== 0) throw new Error(`nvme-vfio-user ${args.join(' ')} exited ${result.code}: ${result.stderr}${result.stdout}`);
+  return result.stdout;
+}
