@@ -21,6 +21,7 @@ import type { VfioDevice } from '../vfio-user/device.js';
 import { removeStaleSocket, VfioUserServer } from '../vfio-user/server.js';
 import type { NamespaceConfig, ServerConfig } from './config.js';
 import { ConfigError } from './config.js';
+import { liveMigrationFor } from '../lm/primary.js';
 import { parseControlAddress } from './control/client.js';
 import type { ControllerStatus, NamespaceAddRequest, ServerStatus } from './control/messages.js';
 import { ControlError, ControlServer, type AdminOutcome, type ControlTarget } from './control/server.js';
@@ -102,7 +103,7 @@ export class ServerHost implements ControlTarget {
           mdts: config.mdts,
           interrupts: config.interrupts,
           logger: log,
-          ...(options.extraCommandSets ? { extraCommandSets: options.extraCommandSets } : {}),
+          extraCommandSets: options.extraCommandSets ?? ((cf) => liveMigrationFor(cf).commandSets),
         });
         host.controllingFunction = cf;
         cf.primaryHasClient = () => host.exports.get(PRIMARY_CNTLID)?.server.activeSession != null;

@@ -17,6 +17,12 @@ import { Cfg, Command, CONFIG_SPACE_SIZE, MsiCap, MsixCap, PcieCap } from './reg
 
 export type InterruptMode = 'msix' | 'msi' | 'intx' | 'none';
 
+/** What the function itself holds of its PCI state (QEMU shadows BARs and MSI-X, but not all of it). */
+export interface FunctionState {
+  config: Uint8Array;
+  msixTable: Uint8Array;
+}
+
 export abstract class PciFunction implements VfioDevice {
   config: ConfigSpace;
   protected context: DeviceContext | null = null;
@@ -143,6 +149,27 @@ export abstract class PciFunction implements VfioDevice {
       case 'none':
         return false;
     }
+  }
+
+  saveFunctionState(): FunctionState {
+    return { config: this.config.bytes.slice(), msixTable: this.msixTable.slice() };
+  }
+
+  /** Lengths are checked by the caller (checkFunctionState) before anything changes. */
+  loadFunctionState(state: FunctionState): void {
+    const busMasterBefore = this.busMasterEnabled;
+    this.config.bytes.set(state.config);
+    this.msixTable.set(state.msixTable);
+    if (this.busMasterEnabled !== busMasterBefore) this.onBusMasterChange(this.busMasterEnabled);
+  }
+
+  /** Why `state` cannot be loaded into this function, or null. */
+  checkFunctionState(state: FunctionState): string | null {
+    if (state.config.length !== this.config.bytes.length) return `config space of ${state.config.length} bytes (this function has ${this.config.bytes.length})`;
+    if (state.msixTable.length !== this.msixTable.length) return `MSI-X table of ${state.msixTable.length} bytes (this function has ${this.msixTable.length})`;
+    // The capability layout must be this function's: same IDs, class and capability chain.
+    for (const at of [0, 2, 9, 10, 11, 0x34]) if (state.config[at] !== this.config.bytes[at]) return `config space of another kind of function (byte 0x${at.toString(16)})`;
+    return null;
   }
 
   protected functionLevelReset(): void {

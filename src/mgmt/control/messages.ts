@@ -1,9 +1,8 @@
 // The control protocol's messages (control.proto) as TypeScript types, their protobuf encoding,
 // and the length-prefixed framing both ends use.
 
-import { existsSync } from 'node:fs';
-import { fileURLToPath } from 'node:url';
-import protobuf from 'protobufjs';
+import type protobuf from 'protobufjs';
+import { PLAIN, protoTypes } from '../../protobuf.js';
 
 export const CONTROL_PROTOCOL_VERSION = 1;
 /** A frame longer than this is a broken or hostile peer: the connection is dropped. */
@@ -94,24 +93,10 @@ export interface ControlResponse {
   nsid?: number;
 }
 
-/** control.proto sits beside this module in src/ and is copied beside it into dist/ by the build. */
-function protoPath(): string {
-  const path = fileURLToPath(new URL('./control.proto', import.meta.url));
-  if (!existsSync(path)) throw new Error(`control protocol definition missing: ${path}`);
-  return path;
-}
-
-let types: { request: protobuf.Type; response: protobuf.Type } | null = null;
-
-function messageTypes(): { request: protobuf.Type; response: protobuf.Type } {
-  if (!types) {
-    const root = protobuf.loadSync(protoPath());
-    types = { request: root.lookupType('nvme_vfio_user.control.v1.Request'), response: root.lookupType('nvme_vfio_user.control.v1.Response') };
-  }
-  return types;
-}
-
-const TO_OBJECT: protobuf.IConversionOptions = { longs: Number, defaults: false, arrays: true };
+const messageTypes = (): { request: protobuf.Type; response: protobuf.Type } => {
+  const types = protoTypes(import.meta.url, './control.proto', ['nvme_vfio_user.control.v1.Request', 'nvme_vfio_user.control.v1.Response'] as const);
+  return { request: types['nvme_vfio_user.control.v1.Request'], response: types['nvme_vfio_user.control.v1.Response'] };
+};
 
 export function encodeRequest(request: ControlRequest): Uint8Array {
   const { request: type } = messageTypes();
@@ -126,14 +111,14 @@ export function encodeResponse(response: ControlResponse): Uint8Array {
 /** Decodes one Request body; throws on bytes that are not one. */
 export function decodeRequest(body: Uint8Array): ControlRequest {
   const { request: type } = messageTypes();
-  const object = type.toObject(type.decode(body), TO_OBJECT) as ControlRequest;
+  const object = type.toObject(type.decode(body), PLAIN) as ControlRequest;
   return { ...object, version: object.version ?? 0, id: object.id ?? 0 };
 }
 
 export function decodeResponse(body: Uint8Array): ControlResponse {
   const { response: type } = messageTypes();
   // Defaults on: an admin result of status 0 and no data still has every field.
-  return type.toObject(type.decode(body), { ...TO_OBJECT, defaults: true }) as ControlResponse;
+  return type.toObject(type.decode(body), { ...PLAIN, defaults: true }) as ControlResponse;
 }
 
 /** Which operation a request asks for (exactly one), or null. */
