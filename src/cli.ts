@@ -232,8 +232,15 @@ export function main(argv: string[]): void {
         return;
       default:
         if (isManagementVerb(argv)) {
-          runVerb(argv, { out: (text) => process.stdout.write(text) }).then(
-            () => process.exit(0),
+          const stdin = async (): Promise<Uint8Array> => {
+            const chunks: Buffer[] = [];
+            for await (const chunk of process.stdin) chunks.push(chunk as Buffer);
+            return Buffer.concat(chunks);
+          };
+          const output = { out: (text: string) => void process.stdout.write(text), bytes: (data: Uint8Array) => void process.stdout.write(data), stdin };
+          runVerb(argv, output).then(
+            // Exit once stdout has drained: a state piped to a file must arrive whole.
+            () => process.stdout.write('', () => process.exit(0)),
             (error: unknown) => {
               if (error instanceof UsageError || error instanceof VerbError) {
                 process.stderr.write(`nvme-vfio-user: ${error.message}\n`);

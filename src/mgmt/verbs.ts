@@ -13,6 +13,9 @@ import { NARROWING_TEXT, type NamespaceMapping } from '../nvme/virt/vsubsys.js';
 import { ConfigError, DEFAULT_SOCKET, parsePositive, parseSize } from './config.js';
 import { ControlClient, parseControlAddress } from './control/client.js';
 import type { AdminResultMessage, ControlRequest, ControlResponse, ServerStatus } from './control/messages.js';
+import { receiveState as receive, sendState as send } from './state-transfer.js';
+import { describeState } from '../lm/state-describe.js';
+import { MigrationSendSelect, SuspendType } from '../lm/spec.js';
 import { dirname, join } from 'node:path';
 
 /** A mistake in the arguments: one line, exit code 2. */
@@ -24,6 +27,10 @@ export const DEFAULT_CONTROL = join(dirname(DEFAULT_SOCKET), 'control.sock');
 
 export interface VerbOutput {
   out(text: string): void;
+  /** Raw bytes to stdout (a controller state). */
+  bytes?(data: Uint8Array): void;
+  /** All of stdin (a controller state to load). */
+  stdin?(): Promise<Uint8Array>;
 }
 
 type Options = NonNullable<ParseArgsConfig['options']>;
@@ -35,12 +42,13 @@ const COMMON: Options = {
 
 interface Parsed {
   values: Record<string, string | boolean | string[] | undefined>;
+  positionals: string[];
 }
 
-function parse(verb: string, args: string[], options: Options): Parsed {
+function parse(verb: string, args: string[], options: Options, positional = false): Parsed {
   try {
-    const { values } = parseArgs({ args, options: { ...COMMON, ...options }, strict: true, allowPositionals: false });
-    return { values: values as Parsed['values'] };
+    const { values, positionals } = parseArgs({ args, options: { ...COMMON, ...options }, strict: true, allowPositionals: positional });
+    return { values: values as Parsed['values'], positionals };
   } catch (error) {
     throw new UsageError(`${verb}: ${(error as Error).message.split('\n')[0]}`);
   }
@@ -63,10 +71,15 @@ function num(p: Parsed, key: string, verb: string, min = 0, max = 0xffff): numbe
 class Session {
   private constructor(
     readonly verb: string,
-    readonly client: ControlClient,
+    readonly client: ControlClient | null,
     readonly json: boolean,
-    private readonly output: VerbOutput,
+    readonly output: VerbOutput,
   ) {}
+
+  /** For verbs that need no server (decoding a file). */
+  static local(verb: string, p: Parsed, output: VerbOutput): Session {
+    return new Session(verb, null, p.values.json === true, output);
+  }
 
   static async open(verb: string, p: Parsed, output: VerbOutput): Promise<Session> {
     let address;
@@ -94,7 +107,7 @@ class Session {
   async request(operation: Omit<ControlRequest, 'version' | 'id' | 'token'>): Promise<ControlResponse> {
     let response: ControlResponse;
     try {
-      response = await this.client.request(operation);
+      response = await this.client!.request(operation);
     } catch (error) {
       throw new VerbError(`${this.verb}: ${(error as Error).message}`);
     }
@@ -119,7 +132,7 @@ class Session {
   }
 
   close(): void {
-    this.client.close();
+    this.client?.close();
   }
 }
 
@@ -137,6 +150,10 @@ function parseMapping(text: string, verb: string): NamespaceMapping {
 interface Verb {
   options: Options;
   summary: string;
+  /** Runs without a control connection. */
+  local?: boolean;
+  /** Takes positional arguments. */
+  positional?: boolean;
   run(s: Session, p: Parsed): Promise<void>;
 }
 
@@ -327,6 +344,73 @@ const VERBS: Record<string, Verb> = {
       await namespaceAttachment(s, p, NamespaceAttachSelect.DETACH);
     },
   },
+  'ctrl suspend': {
+    summary: '--ctrl CNTLID [--notify]  (Migration Send: Suspend, or only a Suspend Notification)',
+    options: { ctrl: { type: 'string' }, notify: { type: 'boolean' } },
+    async run(s, p) {
+      const cntlid = num(p, 'ctrl', s.verb, 1, 0xffef);
+      const type = p.values.notify ? SuspendType.NOTIFICATION : SuspendType.SUSPEND;
+      const started = performance.now();
+      await s.admin({ opcode: PrimaryOpcode.MIGRATION_SEND, cdw10: MigrationSendSelect.SUSPEND, cdw11: (type << 16) | cntlid });
+      const ms = performance.now() - started;
+      s.print(`controller ${cntlid} ${p.values.notify ? 'notified of a coming suspend' : `suspended (${ms.toFixed(1)} ms)`}`, { cntlid, suspended: !p.values.notify, ms });
+    },
+  },
+  'ctrl resume': {
+    summary: '--ctrl CNTLID',
+    options: { ctrl: { type: 'string' } },
+    async run(s, p) {
+      const cntlid = num(p, 'ctrl', s.verb, 1, 0xffef);
+      await s.admin({ opcode: PrimaryOpcode.MIGRATION_SEND, cdw10: MigrationSendSelect.RESUME, cdw11: cntlid });
+      s.print(`controller ${cntlid} resumed`, { cntlid, resumed: true });
+    },
+  },
+  'ctrl state get': {
+    summary: '--ctrl CNTLID > FILE  (Migration Receive: the whole state, in chunks)',
+    options: { ctrl: { type: 'string' } },
+    async run(s, p) {
+      const cntlid = num(p, 'ctrl', s.verb, 1, 0xffef);
+      const { bytes, consistent } = await receiveState(s, cntlid);
+      if (!consistent) process.stderr.write(`nvme-vfio-user: ${s.verb}: controller ${cntlid} was not suspended throughout: the state may be inconsistent\n`);
+      if (!s.output.bytes) throw new VerbError(`${s.verb}: no binary output here`);
+      s.output.bytes(bytes);
+    },
+  },
+  'ctrl state set': {
+    summary: '--ctrl CNTLID < FILE  (Migration Send: Set Controller State; the controller must be suspended)',
+    options: { ctrl: { type: 'string' } },
+    async run(s, p) {
+      const cntlid = num(p, 'ctrl', s.verb, 1, 0xffef);
+      if (!s.output.stdin) throw new VerbError(`${s.verb}: no input here`);
+      const bytes = await s.output.stdin();
+      if (bytes.length === 0 || bytes.length % 4 !== 0) throw new UsageError(`${s.verb}: stdin holds ${bytes.length} bytes, not a controller state`);
+      await sendState(s, cntlid, bytes);
+      s.print(`controller ${cntlid}: state of ${bytes.length} bytes loaded`, { cntlid, bytes: bytes.length });
+    },
+  },
+  'state show': {
+    summary: 'FILE  (decode a controller state for a human)',
+    options: {},
+    local: true,
+    positional: true,
+    async run(s, p) {
+      const file = p.positionals[0];
+      if (!file || p.positionals.length > 1) throw new UsageError(`${s.verb}: give one FILE`);
+      let bytes: Uint8Array;
+      try {
+        bytes = readFileSync(file);
+      } catch (error) {
+        throw new UsageError(`${s.verb}: ${(error as Error).message}`);
+      }
+      let shown;
+      try {
+        shown = describeState(bytes);
+      } catch (error) {
+        throw new VerbError(`${s.verb}: ${file}: ${(error as Error).message}`);
+      }
+      s.print(shown.text, shown.json);
+    },
+  },
   list: {
     summary: '',
     options: {},
@@ -336,6 +420,9 @@ const VERBS: Record<string, Verb> = {
     },
   },
 };
+
+const receiveState = (s: Session, cntlid: number) => receive((fields, data) => s.admin(fields, data), cntlid);
+const sendState = (s: Session, cntlid: number, bytes: Uint8Array) => send((fields, data) => s.admin(fields, data), cntlid, bytes);
 
 async function namespaceAttachment(s: Session, p: Parsed, select: number): Promise<void> {
   const nsid = num(p, 'nsid', s.verb, 1, 0xffff_fffe);
@@ -380,9 +467,19 @@ function table(header: string[], rows: string[][]): string {
   return [line(header), ...rows.map(line)].join('\n');
 }
 
+/** The verb `argv` starts with (the longest name that matches) and how many words it took. */
+function lookup(argv: string[]): { name: string; verb: Verb; words: number } | null {
+  for (let words = 3; words >= 1; words--) {
+    const name = argv.slice(0, words).join(' ');
+    const verb = VERBS[name];
+    if (verb && argv.length >= words) return { name, verb, words };
+  }
+  return null;
+}
+
 /** Whether `argv` starts with a management verb this module runs. */
 export function isManagementVerb(argv: string[]): boolean {
-  return VERBS[argv[0]!] !== undefined || VERBS[`${argv[0]} ${argv[1]}`] !== undefined || ['vsubsys', 'ctrl', 'ns'].includes(argv[0]!);
+  return lookup(argv) !== null || Object.keys(VERBS).some((k) => k.split(' ')[0] === argv[0]);
 }
 
 export const VERB_HELP = Object.entries(VERBS)
@@ -391,15 +488,14 @@ export const VERB_HELP = Object.entries(VERBS)
 
 /** Runs a management verb; resolves once its output is written. Throws UsageError or VerbError. */
 export async function runVerb(argv: string[], output: VerbOutput): Promise<void> {
-  const single = VERBS[argv[0]!];
-  const name = single ? argv[0]! : `${argv[0]} ${argv[1] ?? ''}`.trim();
-  const verb = single ?? VERBS[name];
-  if (!verb) {
-    const group = Object.keys(VERBS).filter((k) => k.startsWith(`${argv[0]} `)).map((k) => k.split(' ')[1]);
-    throw new UsageError(`unknown command '${name}'${group.length > 0 ? ` (${argv[0]} takes: ${group.join(', ')})` : ''}`);
+  const found = lookup(argv);
+  if (!found) {
+    const group = [...new Set(Object.keys(VERBS).filter((k) => k.startsWith(`${argv[0]} `)).map((k) => k.split(' ').slice(1).join(' ')))];
+    throw new UsageError(`unknown command '${argv.slice(0, 2).join(' ')}'${group.length > 0 ? ` (${argv[0]} takes: ${group.join(', ')})` : ''}`);
   }
-  const parsed = parse(name, argv.slice(single ? 1 : 2), verb.options);
-  const session = await Session.open(name, parsed, output);
+  const { name, verb, words } = found;
+  const parsed = parse(name, argv.slice(words), verb.options, verb.positional);
+  const session = verb.local ? Session.local(name, parsed, output) : await Session.open(name, parsed, output);
   try {
     await verb.run(session, parsed);
   } finally {
