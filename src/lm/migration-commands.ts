@@ -64,7 +64,7 @@ export function encodeStateOf(c: NvmeController, nvmecs: boolean, vendor: boolea
   return encodeControllerState({
     suspendedThroughout: c.runState === 'suspended',
     nvmecs: nvmecs ? encodeNvmecs(snapshot.state) : null,
-    vendor: vendor ? encodeVendor(snapshot) : null,
+    vendor: vendor ? encodeVendor(snapshot, !nvmecs) : null,
   });
 }
 
@@ -104,8 +104,9 @@ export class MigrationCommands {
     const target = this.migratable(cntlid);
     if (target.runState !== 'suspended') throw fail(Status.INVALID_CONTROLLER_IDENTIFIER, `controller ${cntlid} is not suspended`);
     if (csvi === 0 && csuuidi === 0) throw fail(Status.INVALID_FIELD, 'neither an NVMe state version nor a vendor format is named');
-    // Our controller resumes only from both: the NVMe state holds the I/O queues, ours the rest.
-    if (csvi !== 1 || csuuidi !== 1) throw fail(Status.INVALID_FIELD, `CSVI ${csvi} / CSUUIDI ${csuuidi}: this controller loads NVMECS version 0 (CSVI 1) with its vendor state (CSUUIDI 1)`);
+    if (csvi > NVMECS_VERSIONS.length) throw fail(Status.INVALID_FIELD, `CSVI ${csvi}`);
+    // The NVMe state alone (the I/O queues) cannot restore a controller: our vendor section is needed.
+    if (csuuidi !== 1) throw fail(Status.INVALID_FIELD, `CSUUIDI ${csuuidi}: this controller loads its state only with its vendor format (CSUUIDI 1)`);
     const starts = sequence === SequenceIndicator.FIRST || sequence === SequenceIndicator.ONLY;
     if (starts) this.pending.delete(cntlid);
     const pending = this.pending.get(cntlid) ?? (starts ? { chunks: [], received: 0 } : null);
@@ -131,7 +132,7 @@ export class MigrationCommands {
       bytes.set(c, at);
       at += c.length;
     }
-    loadVerified(target, bytes);
+    loadVerified(target, bytes, csvi !== 0);
     this.cache.delete(cntlid);
   }
 
@@ -173,14 +174,20 @@ export class MigrationCommands {
  * Decodes `bytes`, checks every part against `target` and its limits, and only then loads it: a
  * refused state changes nothing.
  */
-function loadVerified(target: NvmeController, bytes: Uint8Array): void {
+function loadVerified(target: NvmeController, bytes: Uint8Array, named: boolean): void {
   let snapshot: MigrationSnapshot;
   let queues: { sqs: SubmissionQueueState[]; cqs: CompletionQueueState[] };
+  let standard: boolean;
   try {
     const sections = decodeControllerState(bytes);
-    if (!sections.nvmecs || !sections.vendor) throw new StateFormatError('the state lacks its NVMe or vendor section');
-    queues = decodeNvmecs(sections.nvmecs);
-    snapshot = decodeVendor(sections.vendor);
+    // CSVI 0 with an NVMe section, or a CSVI naming one that is absent (Base §5.1.17).
+    if (named !== (sections.nvmecs !== null)) throw new StateFormatError(named ? 'CSVI names an NVMe controller state the data lacks' : 'CSVI is 0 but the data holds an NVMe controller state');
+    if (!sections.vendor) throw new StateFormatError('the state lacks its vendor section');
+    const vendor = decodeVendor(sections.vendor);
+    if (sections.nvmecs && vendor.ioQueues) throw new StateFormatError('the I/O queues appear in both sections');
+    standard = sections.nvmecs !== null;
+    queues = sections.nvmecs ? decodeNvmecs(sections.nvmecs) : (vendor.ioQueues ?? { sqs: [], cqs: [] });
+    snapshot = vendor;
   } catch (error) {
     if (error instanceof StateFormatError) throw fail(Status.INVALID_FIELD, error.message);
     throw error;
@@ -201,7 +208,9 @@ function loadVerified(target: NvmeController, bytes: Uint8Array): void {
     const describe = (list: { nsid: number }[]): string => list.map((n) => n.nsid).join(',') || 'none';
     throw fail(Status.INVALID_FIELD, `the state's namespaces (${describe(snapshot.namespaces)}) differ from this controller's (${describe(here)}) in number, LBA format, size or identifiers`);
   }
-  if (target.queues.hasIoQueues()) throw fail(Status.INVALID_FIELD, 'the target already has I/O queues');
+  // Base §5.1.17: an NVMe controller state may not land on a controller that has I/O queues. A
+  // vendor-only state replaces the suspended controller's whole state, queues included.
+  if (standard && target.queues.hasIoQueues()) throw fail(Status.INVALID_FIELD, 'the target already has I/O queues');
   const pciProblem = target.checkFunctionState(snapshot.pci);
   if (pciProblem) throw fail(Status.INVALID_FIELD, pciProblem);
   const state = snapshot.state;

@@ -140,9 +140,14 @@ interface VendorMessage {
   namespaces: StateNamespace[];
   clocks: { sinceResetMs: number; timestampMs?: number | null; keepAliveRemainingMs?: number | null };
   pci: { config: Uint8Array; msixTable: Uint8Array };
+  ioQueues: Uint8Array;
 }
 
-export function encodeVendor(snapshot: MigrationSnapshot): Uint8Array {
+/**
+ * The vendor section; `withIoQueues` when the state has no NVMe section (CSVI 0), so this one
+ * carries the I/O queues too and is complete by itself.
+ */
+export function encodeVendor(snapshot: MigrationSnapshot, withIoQueues = false): Uint8Array {
   const { state } = snapshot;
   const sq0 = state.submissionQueues[0];
   const cq0 = state.completionQueues[0];
@@ -167,6 +172,7 @@ export function encodeVendor(snapshot: MigrationSnapshot): Uint8Array {
       ...(state.clocks.keepAliveRemainingMs !== null ? { keepAliveRemainingMs: Math.ceil(state.clocks.keepAliveRemainingMs) } : {}),
     },
     pci: snapshot.pci,
+    ioQueues: withIoQueues ? encodeNvmecs(state) : new Uint8Array(0),
   };
   const type = vendorType();
   const body = type.encode(type.fromObject({ ...message, doorbellBuffer: message.doorbellBuffer ?? undefined, smart: roundCounters(state.smart) })).finish();
@@ -176,8 +182,8 @@ export function encodeVendor(snapshot: MigrationSnapshot): Uint8Array {
   return padded;
 }
 
-/** Decodes the vendor section into everything but the I/O queues. */
-export function decodeVendor(bytes: Uint8Array): Omit<MigrationSnapshot, 'state'> & { state: ControllerState } {
+/** Decodes the vendor section: everything but the I/O queues, unless it carries them too. */
+export function decodeVendor(bytes: Uint8Array): MigrationSnapshot & { ioQueues: ReturnType<typeof decodeNvmecs> | null } {
   if (bytes.length < LENGTH_PREFIX) throw new StateFormatError('vendor state section missing its length');
   const length = new DataView(bytes.buffer, bytes.byteOffset).getUint32(0, true);
   if (length > bytes.length - LENGTH_PREFIX) throw new StateFormatError(`vendor state of ${length} bytes in a section of ${bytes.length - LENGTH_PREFIX}`);
@@ -214,7 +220,15 @@ export function decodeVendor(bytes: Uint8Array): Omit<MigrationSnapshot, 'state'
     attachedNamespaces: [],
     clocks: { sinceResetMs: m.clocks.sinceResetMs, timestampMs: m.clocks.timestampMs ?? null, keepAliveRemainingMs: m.clocks.keepAliveRemainingMs ?? null },
   };
-  return { state, pci: { config: Uint8Array.from(m.pci.config), msixTable: Uint8Array.from(m.pci.msixTable) }, identity: m.identity, namespaces: m.namespaces.map((n) => ({ ...n, nguid: Uint8Array.from(n.nguid) })) };
+  let ioQueues: ReturnType<typeof decodeNvmecs> | null = null;
+  if (m.ioQueues.length > 0) ioQueues = decodeNvmecs(m.ioQueues);
+  return {
+    state,
+    pci: { config: Uint8Array.from(m.pci.config), msixTable: Uint8Array.from(m.pci.msixTable) },
+    identity: m.identity,
+    namespaces: m.namespaces.map((n) => ({ ...n, nguid: Uint8Array.from(n.nguid) })),
+    ioQueues,
+  };
 }
 
 // ---- the whole structure ------------------------------------------------------------------------

@@ -139,6 +139,27 @@ describe('Migration Send and Receive', () => {
     expect(Buffer.from((await getState(b, 2)).bytes).equals(Buffer.from(bytes))).toBe(true);
   });
 
+  it('a vendor-only state (CSVI 0, as nvme-cli 2.13 sends) carries the I/O queues and reloads onto the same suspended controller', async () => {
+    const backend = new RamBackend(8 << 20);
+    const a = server('a', backend, 1);
+    const guest = new TestHost({ use: a.controller(1)! }).start();
+    await guest.createIoQueuePair(1, 16);
+    expect((await suspend(a, 1)).status).toBe(0);
+    const get = await a.primary.executeAdmin(
+      buildCommand({ opcode: PrimaryOpcode.MIGRATION_RECEIVE, cdw10: 0, cdw11: (1 << 16) | 1, cdw15: 16383 }),
+    );
+    const total = StateHeader.SIZE + Number(new DataView(get.data!.buffer, get.data!.byteOffset).getBigUint64(StateHeader.VSS, true)) * 4;
+    const bytes = get.data!.slice(0, total);
+    expect(decodeControllerState(bytes).nvmecs).toBeNull();
+    // With CSVI 1 the data would need an NVMe section: refused.
+    const named = await send(a, { cdw10: 2 | (3 << 16), cdw11: (1 << 24) | (1 << 16) | 1, cdw15: bytes.length / 4 }, bytes);
+    expect(code(named.status)).toBe(code(Status.INVALID_FIELD));
+    const vendorOnly = await send(a, { cdw10: 2 | (3 << 16), cdw11: (1 << 24) | 1, cdw15: bytes.length / 4 }, bytes);
+    expect(vendorOnly.status).toBe(0);
+    expect((await resume(a, 1)).status).toBe(0);
+    expect((await guest.io(1, { opcode: NvmOpcode.FLUSH, nsid: 1 })).status).toBe(0);
+  });
+
   it('refuses corrupt, truncated, foreign, wrong-version and oversized states with precise statuses, and the target stays as it was', async () => {
     const backend = new RamBackend(8 << 20);
     const a = server('a', backend, 1);
