@@ -4,13 +4,18 @@
 import type { AdminCommandSet } from '../nvme/context.js';
 import type { ControllingFunction } from '../nvme/virt/controlling-function.js';
 import { MigrationCommands, migrationCommandSet } from './migration-commands.js';
+import { Tracking, trackingCommandSet } from './tracking-commands.js';
 
 export interface LiveMigration {
   readonly commands: MigrationCommands;
+  readonly tracking: Tracking;
   readonly commandSets: AdminCommandSet[];
 }
 
 export function liveMigrationFor(cf: ControllingFunction): LiveMigration {
   const commands = new MigrationCommands(cf);
-  return { commands, commandSets: [migrationCommandSet(commands)] };
+  const tracking = new Tracking(cf);
+  // A suspend ends its controller's user data log with a "suspended" entry (and DUDMQ deletes it).
+  commands.onSuspend({ suspended: (cntlid, deleteQueue) => tracking.userData.suspended(cntlid, deleteQueue) });
+  return { commands, tracking, commandSets: [migrationCommandSet(commands), trackingCommandSet(tracking)] };
 }

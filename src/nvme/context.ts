@@ -8,6 +8,7 @@ import type { Command, HandlerResult } from './command.js';
 import type { Namespace, NamespaceIds } from './namespace.js';
 import type { AsyncEvent, CompletionQueueState, ControllerState, FeatureValues, SmartCounters, SubmissionQueueState } from './state.js';
 import type { DataTransfer } from './transfer.js';
+import type { Feature } from './features.js';
 
 /** Limits a host negotiates against; a secondary's follow the resources assigned to it. */
 export interface ControllerLimits {
@@ -103,6 +104,11 @@ export interface ControllerContext {
   readonly commandSets: readonly AdminCommandSet[];
   interruptMode(): InterruptMode;
   configureDoorbellBuffer(shadow: number, eventIdx: number): void;
+  /**
+   * User data changed: the host's namespace `nsid`, `blocks` from `slba`, deallocated or written.
+   * (Whoever logs user data changes for migration listens.)
+   */
+  userDataChanged(nsid: number, slba: bigint, blocks: number, deallocated: boolean): void;
   /** Tells the subsystem's other controllers that sees `nsid` that its attributes changed. */
   namespaceAttributesChanged(nsid: number): void;
 }
@@ -122,6 +128,8 @@ export interface AdminCommandSet {
   readonly name: string;
   readonly handlers?: ReadonlyMap<number, AdminHandler>;
   readonly identify?: ReadonlyMap<number, IdentifyBuilder>;
+  /** Features only this controller has (Get/Set Features). */
+  readonly features?: ReadonlyMap<number, Feature>;
   /** Commands Supported and Effects bits for the handlers' opcodes (default: supported only). */
   readonly effects?: ReadonlyMap<number, number>;
   /** Adds this set's fields to Identify Controller (OACS bits, limits). */

@@ -6,6 +6,7 @@
 
 import type { Logger } from '../log.js';
 import { PciFunction, type InterruptMode } from '../pci/function.js';
+import type { DeviceContext, DmaSpace, PinnedView } from '../vfio-user/device.js';
 import { PciIrq } from '../vfio-user/protocol.js';
 import { executeAdminCommand } from './admin.js';
 import { Clocks } from './clocks.js';
@@ -144,6 +145,8 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
   private generationCount = 0;
   /** Fatal errors after the first, until the host resets the controller (logged then as a count). */
   private suppressedFatals = 0;
+  private readonly writeObservers = new Set<WriteObserver>();
+  private readonly userDataObservers = new Set<UserDataObserver>();
 
   constructor(options: ControllerOptions) {
     const maxIoQueues = options.maxIoQueues ?? 8;
@@ -198,7 +201,7 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
       },
       // Events wait from the moment a suspend begins: outstanding requests stay outstanding.
       touchesHost: () => this.lifecycle.fetches && this.context !== null,
-      completeRequest: (cid, dw0) => this.poster.post({ cqid: 0, sqid: 0, cid, status: Status.SUCCESS, dw0, dw1: 0 }),
+      completeRequest: (cid, dw0, dw1) => this.poster.post({ cqid: 0, sqid: 0, cid, status: Status.SUCCESS, dw0, dw1 }),
     });
     this.poster = new CompletionPoster({
       get state() {
@@ -369,6 +372,39 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
 
   namespaceAttributesChanged(nsid: number): void {
     this.subsystem.notifyNamespaceChanged(nsid, this);
+  }
+
+  userDataChanged(hostNsid: number, slba: bigint, blocks: number, deallocated: boolean): void {
+    if (this.userDataObservers.size === 0) return;
+    const nsid = this.naming ? this.naming.physical(hostNsid) : hostNsid;
+    if (nsid === undefined) return;
+    for (const observer of this.userDataObservers) observer(nsid, slba, blocks, deallocated);
+  }
+
+  // ---- observers (live migration's tracking) -----------------------------------------------------
+
+  /** Calls `observer` for every range of guest memory this controller writes; returns the unsubscribe. */
+  observeWrites(observer: WriteObserver): () => void {
+    this.writeObservers.add(observer);
+    return () => this.writeObservers.delete(observer);
+  }
+
+  /** Calls `observer` (with the subsystem's NSIDs) whenever this controller changes user data. */
+  observeUserData(observer: UserDataObserver): () => void {
+    this.userDataObservers.add(observer);
+    return () => this.userDataObservers.delete(observer);
+  }
+
+  /**
+   * The memory of this controller's host, while it has one and may touch it: where a primary posts
+   * the Controller Data Queues its host created.
+   */
+  hostMemory(): DmaSpace | null {
+    return this.lifecycle.touchesHost && this.context !== null ? this.context.dma : null;
+  }
+
+  override attach(context: DeviceContext): void {
+    super.attach({ ...context, dma: observedDma(context.dma, this.writeObservers) });
   }
 
   // ---- roles: what the virtualization layer sets ------------------------------------------------
@@ -737,6 +773,37 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
     this.clocks.rebase();
     this.queues.kickAll();
   }
+}
+
+export type WriteObserver = (addr: number, length: number) => void;
+export type UserDataObserver = (nsid: number, slba: bigint, blocks: number, deallocated: boolean) => void;
+
+/**
+ * The client's DMA space, reporting this controller's writes to `observers`: every write passes
+ * here (views and pins taken for writing, and message writes). With no observer the cost is one
+ * size check.
+ */
+function observedDma(dma: DmaSpace, observers: ReadonlySet<WriteObserver>): DmaSpace {
+  const notify = (addr: number, length: number): void => {
+    for (const observer of observers) observer(addr, length);
+  };
+  return {
+    view(addr: number, length: number, forWrite: boolean): Uint8Array | null {
+      const view = dma.view(addr, length, forWrite);
+      if (forWrite && view && observers.size > 0) notify(addr, length);
+      return view;
+    },
+    pin(addr: number, length: number, forWrite: boolean): PinnedView | null {
+      const pin = dma.pin(addr, length, forWrite);
+      if (forWrite && pin && observers.size > 0) notify(addr, length);
+      return pin;
+    },
+    read: (addr, length) => dma.read(addr, length),
+    async write(addr: number, data: Uint8Array): Promise<void> {
+      if (observers.size > 0) notify(addr, data.length);
+      await dma.write(addr, data);
+    },
+  };
 }
 
 /** Plain-data snapshot of a controller's state (see NvmeController.saveState). */

@@ -12,8 +12,8 @@ export interface EventHost {
   readonly state: ControllerState;
   /** Whether completions may be posted now (not while the controller is suspended). */
   touchesHost(): boolean;
-  /** Completes the Asynchronous Event Request `cid` on the admin queue with `dw0`. */
-  completeRequest(cid: number, dw0: number): void;
+  /** Completes the Asynchronous Event Request `cid` on the admin queue with `dw0` and `dw1`. */
+  completeRequest(cid: number, dw0: number, dw1: number): void;
 }
 
 export interface ErrorRecord {
@@ -44,7 +44,7 @@ export class AsyncEvents implements EventControl {
 
   queue(event: AsyncEvent): void {
     const aer = this.host.state.asyncEvents;
-    if (!aer.queued.some((e) => e.type === event.type && e.info === event.info && e.logPage === event.logPage)) aer.queued.push(event);
+    if (!aer.queued.some((e) => e.type === event.type && e.info === event.info && e.logPage === event.logPage && e.dw1 === event.dw1)) aer.queued.push(event);
     this.deliver();
   }
 
@@ -59,12 +59,13 @@ export class AsyncEvents implements EventControl {
   deliver(): void {
     const aer = this.host.state.asyncEvents;
     while (aer.outstanding.length > 0 && this.host.touchesHost()) {
-      const index = aer.queued.findIndex((e) => !aer.masked.includes(e.logPage));
+      const index = aer.queued.findIndex((e) => e.type === AsyncEventType.ONE_SHOT || !aer.masked.includes(e.logPage));
       if (index < 0) return;
       const [event] = aer.queued.splice(index, 1);
       const cid = aer.outstanding.shift()!;
-      aer.masked.push(event!.logPage);
-      this.host.completeRequest(cid, event!.type | (event!.info << 8) | (event!.logPage << 16));
+      // A One-Shot event is cleared as it is reported: no log page to read first (Base §5.2.2).
+      if (event!.type !== AsyncEventType.ONE_SHOT) aer.masked.push(event!.logPage);
+      this.host.completeRequest(cid, event!.type | (event!.info << 8) | (event!.logPage << 16), event!.dw1 ?? 0);
     }
   }
 

@@ -8,7 +8,7 @@ import { AsyncEventConfig, CmdBits, FeatureId, FeatureSelect, Status } from './s
 import { CHANGEABLE_FEATURES, defaultFeatures, type FeatureValues } from './state.js';
 import { CommandError, type DataTransfer } from './transfer.js';
 
-interface Feature {
+export interface Feature {
   /** Dword 0 of a Get; may also transfer a data structure. */
   get(c: ControllerContext, values: FeatureValues, cmd: Command, data: DataTransfer): Promise<number> | number;
   set(c: ControllerContext, cmd: Command, data: DataTransfer): Promise<number | void> | number | void;
@@ -182,7 +182,7 @@ const FEATURES = new Map<number, Feature>([
 ]);
 
 function lookup(c: ControllerContext, fid: number): Feature {
-  const feature = FEATURES.get(fid);
+  const feature = FEATURES.get(fid) ?? c.commandSets.map((set) => set.features?.get(fid)).find((f) => f !== undefined);
   if (!feature || (feature.available && !feature.available(c))) throw invalid(`feature 0x${fid.toString(16)}`);
   return feature;
 }
@@ -199,7 +199,7 @@ export async function getFeatures(c: ControllerContext, cmd: Command, data: Data
       return { dw0: await feature.get(c, defaultFeatures(c.limits.maxIoQueues), cmd, data) };
     case FeatureSelect.SUPPORTED_CAPABILITIES:
       // bit 2: changeable; not saveable (bit 0), not namespace specific (bit 1).
-      return { dw0: CHANGEABLE_FEATURES.includes(fid) ? 1 << 2 : 0 };
+      return { dw0: CHANGEABLE_FEATURES.includes(fid) || !FEATURES.has(fid) ? 1 << 2 : 0 };
     default:
       throw invalid(`select ${select}`);
   }

@@ -68,6 +68,7 @@ const write: IoHandler = async (c, ns, cmd, data) => {
   await data.direct(r.bytes, false, (buffers) =>
     media(c, Status.WRITE_FAULT, async () => {
       await ns.backend.writev(r.offset, buffers);
+      c.userDataChanged(cmd.nsid, r.slba, r.nlb, false);
       if (mustFlush(c, ns, cmd)) await ns.backend.flush();
     }),
   );
@@ -87,8 +88,10 @@ const compare: IoHandler = async (c, ns, cmd, data) => {
 const writeZeroes: IoHandler = async (c, ns, cmd) => {
   const r = lbaRange(ns, cmd);
   await media(c, Status.WRITE_FAULT, async () => {
-    if (cmd.cdw12 & CmdBits.WRITE_ZEROES_DEAC) await ns.backend.discard(r.offset, r.bytes);
+    const deallocate = (cmd.cdw12 & CmdBits.WRITE_ZEROES_DEAC) !== 0;
+    if (deallocate) await ns.backend.discard(r.offset, r.bytes);
     else await ns.backend.writeZeroes(r.offset, r.bytes);
+    c.userDataChanged(cmd.nsid, r.slba, r.nlb, deallocate);
     if (mustFlush(c, ns, cmd)) await ns.backend.flush();
   });
   c.smart.hostWriteCommands++;
@@ -111,7 +114,10 @@ const datasetManagement: IoHandler = async (c, ns, cmd, data) => {
     ranges.push({ slba, nlb, offset: Number(slba) * ns.blockSize, bytes: nlb * ns.blockSize });
   }
   await media(c, Status.WRITE_FAULT, async () => {
-    for (const r of ranges) await ns.backend.discard(r.offset, r.bytes);
+    for (const r of ranges) {
+      await ns.backend.discard(r.offset, r.bytes);
+      c.userDataChanged(cmd.nsid, r.slba, r.nlb, true);
+    }
   });
 };
 

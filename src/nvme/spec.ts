@@ -315,7 +315,7 @@ export const LogId = {
 
 // ---- Asynchronous events (Base §5.2, Figures 146–150) ----------------------------------------
 
-export const AsyncEventType = { ERROR: 0, SMART_HEALTH: 1, NOTICE: 2 } as const;
+export const AsyncEventType = { ERROR: 0, SMART_HEALTH: 1, NOTICE: 2, ONE_SHOT: 4 } as const;
 
 export const AsyncEventInfo = {
   /** Error: a doorbell was written for a queue that does not exist. */
@@ -324,6 +324,10 @@ export const AsyncEventInfo = {
   INVALID_DOORBELL_VALUE: 0x01,
   /** Notice: Changed Namespace List log has new entries. */
   NAMESPACE_ATTRIBUTE_CHANGED: 0x00,
+  /** One-Shot (Base 2.1 Figure 154): the Controller Data Queue's tail reached its trigger slot. */
+  CDQ_TAIL_POINTER: 0x00,
+  /** One-Shot: a Controller Data Queue became full. */
+  CDQ_FULL: 0x01,
 } as const;
 
 /** Asynchronous Event Configuration feature bits (Base §5.27.1.7). */

@@ -47,6 +47,8 @@ export interface AsyncEvent {
   type: number;
   info: number;
   logPage: number;
+  /** Completion DW1 (a One-Shot event names its Controller Data Queue here). */
+  dw1?: number;
 }
 
 export interface ErrorLogEntry {
