@@ -70,8 +70,15 @@ if [ -f "/lib/modules/$KVER/load-order" ]; then
     while read -r m; do
         [ -n "$m" ] || continue
         name=${m##*/}; name=${name%.ko}
+        # insmod does not read the kernel command line as modprobe does: hand it the module's
+        # own `module.param=value` words (e.g. nvme_core.io_timeout=5).
+        key=$(echo "$name" | tr - _)
+        opts=""
+        for w in $CMDLINE; do
+            case "$w" in "$key".*=*|"$name".*=*) opts="$opts ${w#*.}" ;; esac
+        done
         # Already loaded (or built in)? insmod then fails harmlessly.
-        insmod "/lib/modules/$KVER/$m" 2>/tmp/insmod.err || {
+        insmod "/lib/modules/$KVER/$m" $opts 2>/tmp/insmod.err || {
             grep -q 'File exists' /tmp/insmod.err || say "insmod $name failed: $(cat /tmp/insmod.err)"
         }
     done < "/lib/modules/$KVER/load-order"

@@ -62,7 +62,7 @@ export function parseProvisioning(input: Record<string, unknown>, what: string, 
   array('virtualSubsystems').forEach((entry, i) => {
     const where = `${what} virtualSubsystems[${i}]`;
     const o = object(entry, where);
-    known(o, ['nqn', 'serial', 'model', 'firmware', 'ieeeOui', 'namespaces', 'controllers'], where);
+    known(o, ['nqn', 'serial', 'model', 'firmware', 'ieeeOui', 'namespaces', 'controllers', 'multiController'], where);
     if (typeof o.nqn !== 'string') throw new ConfigError(`${where}: nqn must be a string`);
     const strings: Partial<Record<'serial' | 'model' | 'firmware', string>> = {};
     for (const key of ['serial', 'model', 'firmware'] as const) {
@@ -84,6 +84,7 @@ export function parseProvisioning(input: Record<string, unknown>, what: string, 
       nqn: o.nqn,
       ...strings,
       ...(o.ieeeOui !== undefined ? { ieeeOui: integer(o.ieeeOui, `${where} ieeeOui`, 0, 0xff_ffff) } : {}),
+      ...(o.multiController !== undefined ? { multiController: o.multiController === true } : {}),
       namespaces,
       controllers,
     });

@@ -159,7 +159,7 @@ interface Verb {
 
 const VERBS: Record<string, Verb> = {
   'vsubsys create': {
-    summary: '--virtual-nqn NQN [--serial S] [--model M] [--firmware F] [--ieee-oui HEX] [--namespace VNSID=NSID ...]',
+    summary: '--virtual-nqn NQN [--serial S] [--model M] [--firmware F] [--ieee-oui HEX] [--namespace VNSID=NSID ...] [--multi-controller]',
     options: {
       'virtual-nqn': { type: 'string' },
       serial: { type: 'string' },
@@ -167,6 +167,7 @@ const VERBS: Record<string, Verb> = {
       firmware: { type: 'string' },
       'ieee-oui': { type: 'string' },
       namespace: { type: 'string', multiple: true },
+      'multi-controller': { type: 'boolean' },
     },
     async run(s, p) {
       const nqn = str(p, 'virtual-nqn', s.verb);
@@ -181,6 +182,7 @@ const VERBS: Record<string, Verb> = {
         ...(p.values.firmware ? { firmware: p.values.firmware as string } : {}),
         ieeeOui: oui,
         namespaces,
+        multiController: p.values['multi-controller'] === true,
       };
       await s.admin({ opcode: VendorOpcode.VSUBSYS_CREATE }, encodeDefinition(def));
       s.print(`created virtual subsystem ${nqn}`, { nqn, namespaces });

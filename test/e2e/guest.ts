@@ -326,7 +326,7 @@ async function doProbeKvm(): Promise<boolean> {
   return ok;
 }
 
-async function chooseAccel(): Promise<Accel> {
+export async function chooseAccel(): Promise<Accel> {
   const forced = process.env.NVME_VFIO_USER_ACCEL;
   if (forced === 'kvm' || forced === 'tcg') return forced;
   return (await probeKvm()) ? 'kvm' : 'tcg';

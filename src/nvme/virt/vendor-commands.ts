@@ -38,6 +38,9 @@ export const VsubsysLayout = {
   IEEE_OUI: 324,
   /** u32: namespace mappings that follow. */
   NAMESPACE_COUNT: 328,
+  /** u32 flags: bit 0, the virtual subsystem may hold more than one controller. */
+  FLAGS: 332,
+  MULTI_CONTROLLER: 1 << 0,
   /** {virtual NSID u32, subsystem NSID u32} per mapping. */
   NAMESPACES: 336,
   NAMESPACE_ENTRY_SIZE: 8,
@@ -75,6 +78,7 @@ export function decodeDefinition(bytes: Uint8Array): VirtualSubsystemDefinition 
     firmware: text(bytes, VsubsysLayout.FIRMWARE),
     ieeeOui: view.getUint32(VsubsysLayout.IEEE_OUI, true),
     namespaces,
+    multiController: (view.getUint32(VsubsysLayout.FLAGS, true) & VsubsysLayout.MULTI_CONTROLLER) !== 0,
   };
 }
 
@@ -89,6 +93,7 @@ export function encodeDefinition(def: VirtualSubsystemDefinition, size: number =
   w.u32(VsubsysLayout.IEEE_OUI, def.ieeeOui ?? 0);
   const namespaces = def.namespaces ?? [];
   w.u32(VsubsysLayout.NAMESPACE_COUNT, namespaces.length);
+  w.u32(VsubsysLayout.FLAGS, def.multiController ? VsubsysLayout.MULTI_CONTROLLER : 0);
   namespaces.forEach((m, i) => {
     w.u32(VsubsysLayout.NAMESPACES + i * VsubsysLayout.NAMESPACE_ENTRY_SIZE, m.vnsid);
     w.u32(VsubsysLayout.NAMESPACES + i * VsubsysLayout.NAMESPACE_ENTRY_SIZE + 4, m.nsid);

@@ -30,6 +30,11 @@ export interface VirtualSubsystemDefinition {
   ieeeOui?: number;
   /** Namespace numbering; empty: every namespace under its own NSID. */
   namespaces?: NamespaceMapping[];
+  /**
+   * CMIC bit 1 / NMIC: the virtual subsystem may hold more than one controller (and hosts then
+   * use multipath). Without it, it holds at most one. Fixed by the definition, never by this host.
+   */
+  multiController?: boolean;
 }
 
 export interface VirtualSubsystem {
@@ -49,7 +54,7 @@ export const Narrowing = {
 export const NARROWING_TEXT: Record<number, string> = {
   [Narrowing.IDENTITY]: 'NQN, CNTLID, serial, model, firmware and IEEE OUI come from the virtual subsystem',
   [Narrowing.NAMESPACE_IDS]: 'namespace IDs, NGUID, EUI-64 and UUID are derived from the virtual subsystem',
-  [Narrowing.MULTI_CONTROLLER_BITS]: 'CMIC and NMIC report a multi-controller subsystem whatever this host holds',
+  [Narrowing.MULTI_CONTROLLER_BITS]: 'CMIC and NMIC come from the virtual subsystem definition, whatever this host holds',
   [Narrowing.NO_HOST_MEMORY_BUFFER]: 'no Host Memory Buffer is offered (HMPRE = 0)',
 };
 
@@ -94,6 +99,7 @@ export function normalizeDefinition(def: VirtualSubsystemDefinition): Required<V
     firmware: text(def.firmware, 8, 'firmware', DEFAULT_FIRMWARE),
     ieeeOui: oui,
     namespaces: [...namespaces].sort((a, b) => a.vnsid - b.vnsid),
+    multiController: def.multiController ?? false,
   };
 }
 
@@ -150,6 +156,9 @@ export class VirtualSubsystems {
     if (!Number.isInteger(vcid) || vcid < 1 || vcid > 0xffef) throw fail(Status.INVALID_FIELD, `virtual controller ID ${vcid} (1..65519)`);
     const current = this.of(scid);
     if (current) throw fail(Status.INVALID_FIELD, `secondary ${scid} is already in ${current.vsubsys.definition.nqn} as ${current.vcid}`);
+    if (!vsubsys.definition.multiController && vsubsys.controllers.size > 0) {
+      throw fail(Status.INVALID_FIELD, `${nqn} holds one controller (it was created without multi-controller)`);
+    }
     for (const [other, id] of vsubsys.controllers) {
       if (id === vcid) throw fail(Status.INVALID_FIELD, `virtual controller ID ${vcid} is taken by secondary ${other}`);
     }
@@ -177,7 +186,7 @@ export class VirtualSubsystems {
       model: def.model,
       firmware: def.firmware,
       ieeeOui: def.ieeeOui,
-      multiController: true,
+      multiController: def.multiController,
     };
     controller.present(identity, namingOf(def));
   }

@@ -220,13 +220,21 @@ describe('virtual subsystems', () => {
     const cf = build();
     const nqn = 'nqn.2026-01.io.example:x';
     expect(code((await vendor(cf, VendorOpcode.VSUBSYS_CREATE, encodeDefinition({ nqn: 'not-an-nqn' }))).status)).toBe(code(Status.INVALID_FIELD));
-    expect((await vendor(cf, VendorOpcode.VSUBSYS_CREATE, encodeDefinition({ nqn }))).status).toBe(0);
+    expect((await vendor(cf, VendorOpcode.VSUBSYS_CREATE, encodeDefinition({ nqn, multiController: true }))).status).toBe(0);
     expect(code((await vendor(cf, VendorOpcode.VSUBSYS_CREATE, encodeDefinition({ nqn }))).status)).toBe(code(Status.INVALID_FIELD));
+    // A single-controller virtual subsystem takes one controller.
+    const single = 'nqn.2026-01.io.example:single';
+    expect((await vendor(cf, VendorOpcode.VSUBSYS_CREATE, encodeDefinition({ nqn: single }))).status).toBe(0);
+    expect((await vendor(cf, VendorOpcode.VSUBSYS_ADD_CONTROLLER, encodeNqn(single), 3, 1)).status).toBe(0);
+    expect(cf.virtualization.controller(3)!.identity.multiController).toBe(false);
+    expect((await vendor(cf, VendorOpcode.VSUBSYS_REMOVE_CONTROLLER, encodeNqn(single), 3)).status).toBe(0);
+    expect((await vendor(cf, VendorOpcode.VSUBSYS_DELETE, encodeNqn(single))).status).toBe(0);
     await provision(cf, 1);
     expect(code((await vendor(cf, VendorOpcode.VSUBSYS_ADD_CONTROLLER, encodeNqn(nqn), 1, 1)).status)).toBe(code(Status.INVALID_SECONDARY_CONTROLLER_STATE));
     expect(code((await vendor(cf, VendorOpcode.VSUBSYS_ADD_CONTROLLER, encodeNqn(nqn), 0, 1)).status)).toBe(code(Status.INVALID_CONTROLLER_IDENTIFIER));
     expect((await vendor(cf, VendorOpcode.VSUBSYS_ADD_CONTROLLER, encodeNqn(nqn), 2, 4)).status).toBe(0);
-    expect(code((await vendor(cf, VendorOpcode.VSUBSYS_ADD_CONTROLLER, encodeNqn(nqn), 3, 4)).status)).toBe(code(Status.INVALID_FIELD));
+    expect(code((await vendor(cf, VendorOpcode.VSUBSYS_ADD_CONTROLLER, encodeNqn(nqn), 3, 4)).status)).toBe(code(Status.INVALID_FIELD)); // vcid taken
+    expect(cf.virtualization.controller(2)!.identity.multiController).toBe(true);
     expect(code((await vendor(cf, VendorOpcode.VSUBSYS_DELETE, encodeNqn(nqn))).status)).toBe(code(Status.COMMAND_SEQUENCE_ERROR));
     const listed = await cf.primary.executeAdmin(buildCommand({ opcode: VendorOpcode.VSUBSYS_LIST, cdw10: 0 }));
     expect(listed.dw0).toBe(1);
