@@ -1,4 +1,5 @@
-// The QMP client against real QEMU 11 processes (TCG, q35, no guest kernel).
+// The QMP client and the QEMU-side PCI primitives against real QEMU 11 processes (TCG, q35, no guest
+// kernel), one of them with vfio-user-pci devices served by our server.
 
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { spawn, type ChildProcess } from 'node:child_process';
@@ -7,7 +8,20 @@ import * as net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { qemuBinary } from '../e2e/guest.js';
+import { startServerProcess, type ServerProcess } from '../support/server-process.js';
+import { SCRATCH_DEVICE_ID, SCRATCH_MAGIC, SCRATCH_VENDOR_ID } from '../../src/pci/scratch-device.js';
 import { parseQmpAddress, QmpClient, QmpConnectionError, QmpError, QmpEventTimeoutError, type QmpEvent } from '../../src/mgmt/qemu/qmp.js';
+import { HmpError, readPhysical, readPort, writePort } from '../../src/mgmt/qemu/hmp.js';
+import { findVfioUserDevices, socketPathFromRegionNames, type VfioUserDeviceInfo } from '../../src/mgmt/qemu/devices.js';
+import {
+  formatPciAddress,
+  locateEcam,
+  readConfig,
+  readConfigSpace,
+  writeConfig,
+  writeConfigSequence,
+  type PciAddress,
+} from '../../src/mgmt/qemu/pci-config.js';
 
 const GUEST_RAM = '64M';
 let workDir: string;
@@ -270,5 +284,165 @@ describe('QmpClient against a scripted peer', () => {
     expect(parseQmpAddress('tcp:[::1]:4444')).toEqual({ kind: 'tcp', host: '::1', port: 4444 });
     expect(() => parseQmpAddress('tcp:host')).toThrow(/tcp:HOST:PORT/);
     expect(() => parseQmpAddress('/run/q.sock')).toThrow(/unix: or tcp:/);
+  });
+});
+
+// ---------------------------------------------------------------------------------------------
+
+describe('vfio-user-pci devices, config space and memory through QMP/HMP', () => {
+  let server: ServerProcess;
+  let guest: Vm;
+  const socket = (name: string): string => join(workDir, `${name}.sock`);
+  const deviceJson = (name: string, extra: Record<string, string> = {}): string =>
+    JSON.stringify({ driver: 'vfio-user-pci', ...extra, socket: { path: socket(name), type: 'unix' } });
+  const HOST_BRIDGE: PciAddress = { bus: 0, slot: 0, function: 0 };
+  const ROOT_PORT: PciAddress = { bus: 0, slot: 3, function: 0 };
+  const GUEST_LATCH = 0x8000_f85c; // what a guest might have left in 0xcf8
+  const BAR0 = 0xfebf_0000;
+
+  const byQomPath = (devices: VfioUserDeviceInfo[], qomPath: string): VfioUserDeviceInfo => {
+    const found = devices.find((d) => d.qomPath === qomPath);
+    if (!found) throw new Error(`${qomPath} not among ${devices.map((d) => d.qomPath).join(', ')}`);
+    return found;
+  };
+
+  beforeAll(async () => {
+    server = await startServerProcess(socket('a'), ['--device', 'scratch', '--socket', socket('b'), '--socket', socket('c')]);
+    guest = await vm('devices', [
+      '-device', 'pcie-root-port,id=rp1,chassis=1,addr=0x3.0',
+      '-device', deviceJson('a'),
+      '-device', deviceJson('b', { id: 'nvu1', addr: '0x6.0' }),
+      '-device', deviceJson('c', { bus: 'rp1' }),
+    ]);
+  });
+
+  afterAll(async () => {
+    if (guest) await killVms(guest);
+    await server?.stop();
+  });
+
+  it('finds every vfio-user-pci device with its address, socket and BARs', async () => {
+    const devices = await findVfioUserDevices(guest.qmp);
+    expect(devices).toHaveLength(3);
+    const anonymous = byQomPath(devices, '/machine/peripheral-anon/device[0]');
+    expect(anonymous).toEqual({
+      qomPath: '/machine/peripheral-anon/device[0]',
+      id: null,
+      socketPath: socket('a'),
+      parentBus: '/machine/q35/pcie.0',
+      devfn: 0x08,
+      address: { bus: 0, slot: 1, function: 0 },
+      vendorId: SCRATCH_VENDOR_ID,
+      deviceId: SCRATCH_DEVICE_ID,
+      classCode: 0xff00,
+      bars: [{ index: 0, type: 'memory', address: null, size: 16384, is64Bit: true, prefetchable: false }],
+    });
+    const named = byQomPath(devices, '/machine/peripheral/nvu1');
+    expect(named).toMatchObject({ id: 'nvu1', socketPath: socket('b'), devfn: 0x30, address: { bus: 0, slot: 6, function: 0 } });
+    // Behind a root port whose secondary bus firmware has not numbered yet: no address.
+    const bridged = byQomPath(devices, '/machine/peripheral-anon/device[1]');
+    expect(bridged).toMatchObject({ socketPath: socket('c'), parentBus: '/machine/peripheral/rp1/rp1', devfn: 0, address: null, bars: [] });
+  });
+
+  it('recovers socket paths from escaped region names', () => {
+    const path = '/tmp/a [weird]\\dir/x BAR 1.sock';
+    const escaped = path.replace(/[/[\]\\]/g, (c) => `\\x${c.charCodeAt(0).toString(16)}`);
+    expect(socketPathFromRegionNames([`vfio-user:${escaped} base BAR 0[0]`, 'msix-table[0]', `vfio-user:${escaped} BAR 0[0]`])).toBe(path);
+    expect(socketPathFromRegionNames(['bus master[0]'])).toBeNull();
+  });
+
+  it('writes and reads config space through 0xcf8/0xcfc, keeping the guest latch', async () => {
+    const dev: PciAddress = { bus: 0, slot: 1, function: 0 };
+    await writePort(guest.qmp, 0xcf8, 4, GUEST_LATCH);
+
+    expect(await readConfig(guest.qmp, dev, 0x00, 2)).toBe(SCRATCH_VENDOR_ID);
+    expect(await readConfig(guest.qmp, dev, 0x02, 2)).toBe(SCRATCH_DEVICE_ID);
+    expect(await readConfig(guest.qmp, dev, 0x00, 4)).toBe(((SCRATCH_DEVICE_ID << 16) | SCRATCH_VENDOR_ID) >>> 0);
+    expect(await readConfig(guest.qmp, dev, 0x0b, 1)).toBe(0xff); // base class "other"
+
+    await writeConfigSequence(guest.qmp, dev, [
+      { offset: 0x10, size: 4, value: BAR0 },
+      { offset: 0x14, size: 4, value: 0 },
+      { offset: 0x04, size: 2, value: 0x0002 }, // memory space on, after the BAR as a replay does it
+    ]);
+    expect(await readConfig(guest.qmp, dev, 0x10, 4)).toBe(BAR0 + 0x4); // 64-bit memory BAR type bits
+    expect((await readConfig(guest.qmp, dev, 0x04, 2)) & 0x7).toBe(0x2);
+    expect(await readPort(guest.qmp, 0xcf8, 4)).toBe(GUEST_LATCH);
+
+    const [device] = (await findVfioUserDevices(guest.qmp)).filter((d) => d.socketPath === socket('a'));
+    expect(device!.bars[0]!.address).toBe(BAR0);
+
+    // Numbering the root port's secondary bus (what firmware does) puts the device behind it on bus 1.
+    await writeConfig(guest.qmp, ROOT_PORT, 0x18, 4, 0x00_01_01_00); // subordinate 1, secondary 1, primary 0
+    const bridged = (await findVfioUserDevices(guest.qmp)).find((d) => d.socketPath === socket('c'));
+    expect(bridged?.address).toEqual({ bus: 1, slot: 0, function: 0 });
+    expect(await readConfig(guest.qmp, bridged!.address!, 0x00, 2)).toBe(SCRATCH_VENDOR_ID);
+    expect(await readPort(guest.qmp, 0xcf8, 4)).toBe(GUEST_LATCH);
+  });
+
+  it('keeps concurrent config accesses on one client from interleaving', async () => {
+    await writePort(guest.qmp, 0xcf8, 4, GUEST_LATCH);
+    const hostBridgeId = await readConfig(guest.qmp, HOST_BRIDGE, 0x00, 4);
+    const scratchId = ((SCRATCH_DEVICE_ID << 16) | SCRATCH_VENDOR_ID) >>> 0;
+    const targets = Array.from({ length: 12 }, (_, i) => (i % 2 === 0 ? HOST_BRIDGE : { bus: 0, slot: 6, function: 0 }));
+    const ids = await Promise.all(targets.map((address) => readConfig(guest.qmp, address, 0x00, 4)));
+    expect(ids).toEqual(targets.map((_, i) => (i % 2 === 0 ? hostBridgeId : scratchId)));
+    expect(await readPort(guest.qmp, 0xcf8, 4)).toBe(GUEST_LATCH);
+  });
+
+  it('refuses config accesses the ports cannot make', async () => {
+    const dev: PciAddress = { bus: 0, slot: 1, function: 0 };
+    await expect(readConfig(guest.qmp, dev, 0x100, 4)).rejects.toThrow(RangeError);
+    await expect(readConfig(guest.qmp, dev, 0x02, 4)).rejects.toThrow(/not aligned/);
+    await expect(writeConfig(guest.qmp, dev, 0x04, 2, 0x10000)).rejects.toThrow(/does not fit/);
+    await expect(readConfig(guest.qmp, { bus: 0, slot: 32, function: 0 }, 0, 4)).rejects.toThrow(/out of range/);
+  });
+
+  it('reads config space through ECAM once PCIEXBAR is enabled, without touching the latch', async () => {
+    await expect(locateEcam(guest.qmp)).rejects.toThrow(/not enabled/);
+    // Firmware's job, done the same way: PCIEXBAR (MCH 0x60) = base | enable.
+    await writeConfigSequence(guest.qmp, HOST_BRIDGE, [
+      { offset: 0x64, size: 4, value: 0 },
+      { offset: 0x60, size: 4, value: 0xb000_0001 },
+    ]);
+    const ecam = await locateEcam(guest.qmp);
+    expect(ecam).toEqual({ base: 0xb000_0000, size: 256 << 20 });
+    expect(await guest.qmp.hmp('info mtree')).toMatch(/00000000b0000000-00000000bfffffff \(prio 0, i\/o\): pcie-mmcfg-mmio/);
+
+    const dev: PciAddress = { bus: 0, slot: 1, function: 0 };
+    await writePort(guest.qmp, 0xcf8, 4, GUEST_LATCH);
+    const header = await readConfigSpace(guest.qmp, dev, 64, { ecam });
+    expect(await readPort(guest.qmp, 0xcf8, 4)).toBe(GUEST_LATCH);
+    for (let offset = 0; offset < 64; offset += 4) {
+      expect(header.readUInt32LE(offset), `dword ${offset} of ${formatPciAddress(dev)}`).toBe(await readConfig(guest.qmp, dev, offset, 4));
+    }
+    expect(header.readUInt32LE(0x10)).toBe(BAR0 + 0x4);
+
+    const whole = await readConfigSpace(guest.qmp, dev, 4096);
+    expect(whole.length).toBe(4096);
+    expect(whole.subarray(0, 64)).toEqual(header);
+    expect((await readConfigSpace(guest.qmp, dev, 2, { offset: 0x0a, ecam })).readUInt16LE(0)).toBe(0xff00);
+    expect((await readConfigSpace(guest.qmp, { bus: 1, slot: 0, function: 0 }, 4, { ecam })).readUInt32LE(0)).toBe(
+      ((SCRATCH_DEVICE_ID << 16) | SCRATCH_VENDOR_ID) >>> 0,
+    );
+  });
+
+  it('reads guest-physical memory with xp: the BAR reaches our server, ROM parses alike in every unit', async () => {
+    const magic = await readPhysical(guest.qmp, BAR0, 4, { unitSize: 4 });
+    expect(magic.readUInt32LE(0)).toBe(SCRATCH_MAGIC);
+
+    const resetVector = 0xffff0; // the BIOS's far jump, 16 bytes below 1 MiB
+    const asBytes = await readPhysical(guest.qmp, resetVector, 24);
+    expect(asBytes[0]).toBe(0xea);
+    for (const unitSize of [2, 4, 8] as const) {
+      expect(await readPhysical(guest.qmp, resetVector, 24, { unitSize }), `unit ${unitSize}`).toEqual(asBytes);
+    }
+    expect(await readPhysical(guest.qmp, resetVector, 13)).toEqual(asBytes.subarray(0, 13));
+    // 128 KiB is more than one xp request: the pieces are stitched in order.
+    const biosArea = await readPhysical(guest.qmp, 0xe0000, 0x20000, { unitSize: 8 });
+    expect(biosArea.subarray(resetVector - 0xe0000, resetVector - 0xe0000 + 16)).toEqual(asBytes.subarray(0, 16));
+    expect(await readPhysical(guest.qmp, 0xe0000, 0x20000)).toEqual(biosArea);
+    await expect(readPhysical(guest.qmp, 0xffff_ffff_f000n, 16)).rejects.toThrow(HmpError);
+    await expect(readPhysical(guest.qmp, resetVector + 2, 8, { unitSize: 4 })).rejects.toThrow(/aligned/);
   });
 });
