@@ -1,5 +1,5 @@
-// The QMP client and the QEMU-side PCI primitives against real QEMU 11 processes (TCG, q35, no guest
-// kernel), one of them with vfio-user-pci devices served by our server.
+// The QMP client and the QEMU-side migration primitives against real QEMU 11 processes (TCG, q35,
+// no guest kernel: firmware at most), one of them with vfio-user-pci devices served by our server.
 
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { spawn, type ChildProcess } from 'node:child_process';
@@ -20,8 +20,22 @@ import {
   readConfigSpace,
   writeConfig,
   writeConfigSequence,
+  type EcamWindow,
   type PciAddress,
 } from '../../src/mgmt/qemu/pci-config.js';
+import {
+  cont,
+  migrate,
+  migrateCancel,
+  migrateContinue,
+  migrateIncoming,
+  MigrationFailedError,
+  queryMigrate,
+  queryStatus,
+  setMigrationCapabilities,
+  stop,
+  waitForMigrationStatus,
+} from '../../src/mgmt/qemu/migration.js';
 
 const GUEST_RAM = '64M';
 let workDir: string;
@@ -444,5 +458,107 @@ describe('vfio-user-pci devices, config space and memory through QMP/HMP', () =>
     expect(await readPhysical(guest.qmp, 0xe0000, 0x20000)).toEqual(biosArea);
     await expect(readPhysical(guest.qmp, 0xffff_ffff_f000n, 16)).rejects.toThrow(HmpError);
     await expect(readPhysical(guest.qmp, resetVector + 2, 8, { unitSize: 4 })).rejects.toThrow(/aligned/);
+  });
+});
+
+// ---------------------------------------------------------------------------------------------
+
+describe('live migration between two QEMU processes', () => {
+  const capabilities = { events: true, 'pause-before-switchover': true };
+
+  /** A running source (firmware only) and a paused target listening on a unix socket. */
+  async function migrationPair(name: string, exitOnError?: boolean) {
+    const [source, target] = await Promise.all([vm(`${name}-src`), vm(`${name}-dst`, ['-incoming', 'defer'])]);
+    const uri = `unix:${join(workDir, `${name}-migration.sock`)}`;
+    await Promise.all([setMigrationCapabilities(source.qmp, capabilities), setMigrationCapabilities(target.qmp, capabilities)]);
+    const incoming = await migrateIncoming(target.qmp, uri, exitOnError === undefined ? {} : { exitOnError });
+    await cont(source.qmp);
+    return { source, target, uri, incoming };
+  }
+
+  /** Polls until SeaBIOS has enabled ECAM, which it does after filling the interrupt vector table in low RAM. */
+  async function waitForFirmwarePciSetup(source: Vm): Promise<EcamWindow> {
+    const deadline = Date.now() + 15_000;
+    for (;;) {
+      const ecam = await locateEcam(source.qmp).catch(() => null);
+      if (ecam) return ecam;
+      if (Date.now() > deadline) throw new Error('firmware did not enable ECAM within 15 s');
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  }
+
+  it('steps through setup, pre-switchover and migrate-continue to completed', async () => {
+    const { source, target, uri, incoming } = await migrationPair('complete');
+    const sourceEvents: QmpEvent[] = [];
+    source.qmp.onEvent((e) => sourceEvents.push(e));
+    const sourceEcam = await waitForFirmwarePciSetup(source);
+    const sourceLowRam = await readPhysical(source.qmp, 0, 4096, { unitSize: 8 });
+    expect(sourceLowRam.some((b) => b !== 0)).toBe(true);
+
+    const started = await migrate(source.qmp, uri);
+    expect(await waitForMigrationStatus(source.qmp, 'setup', { since: started })).toBe('setup');
+    expect(await waitForMigrationStatus(source.qmp, 'pre-switchover', { since: started })).toBe('pre-switchover');
+    expect(await queryStatus(source.qmp)).toEqual({ status: 'finish-migrate', running: false });
+    expect((await queryMigrate(source.qmp)).status).toBe('pre-switchover');
+
+    const continued = await migrateContinue(source.qmp);
+    await waitForMigrationStatus(source.qmp, 'completed', { since: continued });
+    expect(await waitForMigrationStatus(target.qmp, 'completed', { since: incoming })).toBe('completed');
+
+    // MIGRATION_PASS events come as often as RAM passes need: leave them out of the sequence.
+    const sequence = sourceEvents
+      .filter((e) => e.event !== 'MIGRATION_PASS')
+      .map((e) => (e.event === 'MIGRATION' ? `MIGRATION ${String(e.data.status)}` : e.event));
+    expect(sequence).toEqual([
+      'MIGRATION setup',
+      'MIGRATION active',
+      'STOP',
+      'MIGRATION pre-switchover',
+      'MIGRATION device',
+      'MIGRATION completed',
+    ]);
+
+    const info = await queryMigrate(source.qmp);
+    expect(info.status).toBe('completed');
+    expect(info.totalTimeMs).toBeGreaterThan(0);
+    expect(info.downtimeMs).toBeGreaterThanOrEqual(0);
+    expect(info.ram?.totalBytes).toBeGreaterThanOrEqual(64 << 20);
+    expect(info.ram?.transferredBytes).toBeGreaterThan(0);
+    expect(info.errorDesc).toBeUndefined();
+
+    // The target never ran firmware: its low RAM and its ECAM window can only be the source's.
+    expect(await readPhysical(target.qmp, 0, 4096, { unitSize: 8 })).toEqual(await readPhysical(source.qmp, 0, 4096, { unitSize: 8 }));
+    expect(await locateEcam(target.qmp)).toEqual(sourceEcam);
+    expect(await queryStatus(source.qmp)).toEqual({ status: 'postmigrate', running: false });
+    expect(await queryStatus(target.qmp)).toEqual({ status: 'paused', running: false });
+    const resumed = await cont(target.qmp);
+    await target.qmp.waitForEvent('RESUME', undefined, 5000, { since: resumed });
+    expect((await queryStatus(target.qmp)).running).toBe(true);
+    await killVms(source, target);
+  });
+
+  it('cancels from pre-switchover back to a running source; the target reports the failure', async () => {
+    const { source, target, uri, incoming } = await migrationPair('cancel', false);
+    const started = await migrate(source.qmp, uri);
+    await waitForMigrationStatus(source.qmp, 'pre-switchover', { since: started });
+    expect((await queryStatus(source.qmp)).running).toBe(false);
+
+    const cancelled = await migrateCancel(source.qmp);
+    expect(await waitForMigrationStatus(source.qmp, 'cancelled', { since: cancelled })).toBe('cancelled');
+    await source.qmp.waitForEvent('RESUME', undefined, 5000, { since: cancelled });
+    expect(await queryStatus(source.qmp)).toEqual({ status: 'running', running: true });
+    expect((await queryMigrate(source.qmp)).errorDesc).toBe('Switchover is interrupted');
+
+    const targetOutcome = await waitForMigrationStatus(target.qmp, 'completed', { since: incoming }).catch((e: unknown) => e);
+    expect(targetOutcome).toBeInstanceOf(MigrationFailedError);
+    expect(targetOutcome).toMatchObject({ status: 'failed' });
+    expect((targetOutcome as MigrationFailedError).errorDesc).toMatch(/load of migration failed/);
+
+    // The source is still an ordinary VM: it stops and runs again on request.
+    const stopped = await stop(source.qmp);
+    await source.qmp.waitForEvent('STOP', undefined, 5000, { since: stopped });
+    await cont(source.qmp);
+    expect((await queryStatus(source.qmp)).running).toBe(true);
+    await killVms(source, target);
   });
 });
