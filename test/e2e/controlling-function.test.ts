@@ -13,6 +13,7 @@ import { ensureHarness, runGuest, type GuestRun } from './guest.js';
 import { Vm } from './vm.js';
 import { startServe, type Served } from '../support/serve.js';
 import { cli } from '../support/cli.js';
+import { fields, HELPERS } from './shell.js';
 
 const VNQN = 'nqn.2026-11.io.example:vm-b';
 let dir: string;
@@ -25,21 +26,6 @@ beforeAll(() => {
 afterAll(() => {
   if (dir) rmSync(dir, { recursive: true, force: true });
 });
-
-const fields = (text: string): Map<string, string> =>
-  new Map(
-    text.split('\n').flatMap((line) => {
-      const m = /^([\w.-]+)=(.*)$/.exec(line.trim());
-      return m ? [[m[1]!, m[2]!] as [string, string]] : [];
-    }),
-  );
-
-/** Finds the block device of a namespace by NSID, whatever Linux named it. */
-const HELPERS = `
-dev_for_nsid() { for b in /sys/block/nvme*n*; do case \${b##*/} in *c*) continue;; esac; [ -e "$b/nsid" ] && [ "$(cat $b/nsid)" = "$1" ] && { echo /dev/\${b##*/}; return 0; }; done; return 1; }
-wait_dev() { i=0; while ! dev_for_nsid $1 >/dev/null; do i=$((i+1)); [ $i -gt 300 ] && { echo "no namespace $1" >&2; ls /sys/block >&2; return 1; }; sleep 0.1; done; dev_for_nsid $1; }
-json() { grep "\\"$2\\"" $1 | head -n1 | sed 's/^[^:]*: *//; s/[",]//g'; }
-`;
 
 const MANAGEMENT_SCRIPT = `${HELPERS}
 p=/dev/nvme0
