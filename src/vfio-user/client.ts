@@ -13,8 +13,11 @@ import {
   DmaUnmapFlags,
   Errno,
   errnoName,
+  Feature,
+  FeatureFlags,
   HeaderFlags,
   Limits,
+  NO_DATA_FD,
   PayloadSize,
   PciRegion,
   RegionFlags,
@@ -82,10 +85,18 @@ export class VfioUserClient {
   private closed = false;
   private closeReason: string | null = null;
   private readonly closeListeners: ((reason: string) => void)[] = [];
-  /** Memory the server reaches through DMA_READ/DMA_WRITE messages (mapped without fd). */
-  private readonly messageMemory: GuestMemory[] = [];
+  /**
+   * Memory mapped for the server, with or without fd: the server may send DMA_READ/DMA_WRITE for
+   * any of it (without fd it must; with one it does while routing writes through its client).
+   */
+  private readonly mappedMemory: GuestMemory[] = [];
   /** Counts server→client DMA requests, so tests can see which path DMA took. */
   dmaRequests = { read: 0, write: 0 };
+  /** Each DMA_WRITE the server sent, in order: what a VMM would mark dirty. */
+  readonly dmaWrites: { address: number; count: number }[] = [];
+  /** While set, the server's DMA requests wait unanswered (a slow VMM): see releaseServerRequests(). */
+  holdServerRequests = false;
+  private readonly heldRequests: codec.Message[] = [];
 
   private constructor(private readonly connection: Connection) {
     connection.start(
@@ -166,23 +177,19 @@ export class VfioUserClient {
   async dmaMap(memory: GuestMemory, options: { viaMessages?: boolean; readOnly?: boolean } = {}): Promise<void> {
     const flags = DmaMapFlags.READ | (options.readOnly ? 0 : DmaMapFlags.WRITE);
     const payload = codec.dmaMap.encode({ argsz: PayloadSize.DMA_MAP, flags, offset: 0n, iova: BigInt(memory.iova), size: BigInt(memory.size) });
-    if (options.viaMessages) {
-      await this.request(Command.DMA_MAP, payload);
-      this.messageMemory.push(memory);
-    } else {
-      await this.request(Command.DMA_MAP, payload, [memory.fd]);
-    }
+    await this.request(Command.DMA_MAP, payload, options.viaMessages ? [] : [memory.fd]);
+    this.mappedMemory.push(memory);
   }
 
   async dmaUnmap(iova: number, size: number): Promise<void> {
     await this.request(Command.DMA_UNMAP, codec.dmaUnmap.encode({ argsz: PayloadSize.DMA_UNMAP, flags: 0, iova: BigInt(iova), size: BigInt(size) }));
-    const index = this.messageMemory.findIndex((m) => m.iova === iova && m.size === size);
-    if (index >= 0) this.messageMemory.splice(index, 1);
+    const index = this.mappedMemory.findIndex((m) => m.iova === iova && m.size === size);
+    if (index >= 0) this.mappedMemory.splice(index, 1);
   }
 
   async dmaUnmapAll(): Promise<void> {
     await this.request(Command.DMA_UNMAP, codec.dmaUnmap.encode({ argsz: PayloadSize.DMA_UNMAP, flags: DmaUnmapFlags.ALL, iova: 0n, size: 0n }));
-    this.messageMemory.length = 0;
+    this.mappedMemory.length = 0;
   }
 
   async deviceInfo(): Promise<{ flags: number; numRegions: number; numIrqs: number }> {
@@ -284,6 +291,92 @@ export class VfioUserClient {
     return Number(codec.writeMultiCount.decode(reply.payload).wrCnt);
   }
 
+  // ---- migration v2 (DEVICE_FEATURE, MIG_DATA_*) -------------------------------------------------
+
+  /** One DEVICE_FEATURE round trip; `argsz` defaults to room for the header and `replyRoom` data bytes. */
+  async deviceFeature(flags: number, data: Uint8Array = new Uint8Array(0), replyRoom = data.length, argsz = PayloadSize.DEVICE_FEATURE + replyRoom): Promise<{ argsz: number; flags: number; data: Uint8Array }> {
+    const reply = await this.request(Command.DEVICE_FEATURE, codec.deviceFeature.encode({ argsz, flags }, data));
+    const decoded = codec.deviceFeature.decode(reply.payload, 'DEVICE_FEATURE reply');
+    return { argsz: decoded.argsz, flags: decoded.flags, data: decoded.tail };
+  }
+
+  /** Resolves if the server has `feature` with every operation in `ops` (FeatureFlags.GET/SET). */
+  async probeFeature(feature: number, ops = 0): Promise<void> {
+    await this.deviceFeature(feature | ops | FeatureFlags.PROBE);
+  }
+
+  /** The MIGRATION feature's flags (MigrationFlags). */
+  async migrationFlags(): Promise<bigint> {
+    const reply = await this.deviceFeature(Feature.MIGRATION | FeatureFlags.GET, new Uint8Array(0), PayloadSize.FEATURE_MIGRATION);
+    return codec.featureMigration.decode(reply.data, 'MIGRATION').flags;
+  }
+
+  async migrationState(): Promise<number> {
+    const reply = await this.deviceFeature(Feature.MIG_DEVICE_STATE | FeatureFlags.GET, new Uint8Array(0), PayloadSize.FEATURE_MIG_STATE);
+    return codec.featureMigState.decode(reply.data, 'MIG_DEVICE_STATE').deviceState;
+  }
+
+  /** Resolves once the server reached `state` (MigrationState). */
+  async setMigrationState(state: number): Promise<void> {
+    await this.deviceFeature(Feature.MIG_DEVICE_STATE | FeatureFlags.SET, codec.featureMigState.encode({ deviceState: state, dataFd: NO_DATA_FD }));
+  }
+
+  /** One MIG_DATA_READ: at most `size` bytes; fewer means the stream has no more (for now). */
+  async readMigrationData(size: number, argsz = PayloadSize.MIG_DATA + size): Promise<Uint8Array> {
+    const reply = await this.request(Command.MIG_DATA_READ, codec.migData.encode({ argsz, size }));
+    const decoded = codec.migData.decode(reply.payload, 'MIG_DATA_READ reply');
+    if (decoded.size > size || decoded.tail.length !== decoded.size) throw new Error(`MIG_DATA_READ returned ${decoded.tail.length} bytes, size ${decoded.size}, of ${size} asked`);
+    return decoded.tail;
+  }
+
+  /** Reads in `chunkSize` pieces until a short one: the whole stream (STOP_COPY), or what there is now (PRE_COPY). */
+  async readMigrationStream(chunkSize = 64 << 10): Promise<{ data: Uint8Array; reads: number }> {
+    const chunks: Uint8Array[] = [];
+    for (let reads = 1; ; reads++) {
+      const chunk = await this.readMigrationData(chunkSize);
+      chunks.push(chunk);
+      if (chunk.length < chunkSize) return { data: Buffer.concat(chunks), reads };
+    }
+  }
+
+  async writeMigrationData(data: Uint8Array): Promise<void> {
+    await this.request(Command.MIG_DATA_WRITE, codec.migData.encode({ argsz: PayloadSize.MIG_DATA + data.length, size: data.length }, data));
+  }
+
+  /** Sends `data` in `chunkSize` pieces; returns how many messages it took. */
+  async writeMigrationStream(data: Uint8Array, chunkSize = 64 << 10): Promise<number> {
+    let writes = 0;
+    for (let at = 0; at < data.length; at += chunkSize, writes++) await this.writeMigrationData(data.subarray(at, at + chunkSize));
+    return writes;
+  }
+
+  /** DMA_LOGGING_START over `ranges` (none: all memory); resolves to the page size the server chose. */
+  async startDmaLogging(pageSize: number, ranges: { iova: number; length: number }[] = []): Promise<number> {
+    const data = codec.dmaLogging.encode({ pageSize: BigInt(pageSize), ranges: ranges.map((r) => ({ iova: BigInt(r.iova), length: BigInt(r.length) })) });
+    const reply = await this.deviceFeature(Feature.DMA_LOGGING_START | FeatureFlags.SET, data);
+    return Number(codec.dmaLogging.decode(reply.data).pageSize);
+  }
+
+  async stopDmaLogging(): Promise<void> {
+    await this.deviceFeature(Feature.DMA_LOGGING_STOP | FeatureFlags.SET);
+  }
+
+  /** DMA_LOGGING_REPORT: the bitmap of [iova, iova+length) at `pageSize` (bit i = page iova + i·pageSize). */
+  async dmaLoggingReport(iova: number, length: number, pageSize: number): Promise<Uint8Array> {
+    const request = codec.dmaLoggingReport.encode({ iova: BigInt(iova), length: BigInt(length), pageSize: BigInt(pageSize) });
+    const bitmapBytes = Math.ceil(Math.ceil(length / pageSize) / 64) * 8;
+    const reply = await this.deviceFeature(Feature.DMA_LOGGING_REPORT | FeatureFlags.GET, request, PayloadSize.DMA_LOGGING_REPORT + bitmapBytes);
+    return reply.data.subarray(PayloadSize.DMA_LOGGING_REPORT);
+  }
+
+  /** The addresses of the dirty pages DMA_LOGGING_REPORT gives for [iova, iova+length). */
+  async dirtyPages(iova: number, length: number, pageSize: number): Promise<number[]> {
+    const bitmap = await this.dmaLoggingReport(iova, length, pageSize);
+    const pages: number[] = [];
+    for (let bit = 0; bit < bitmap.length * 8; bit++) if (bitmap[bit >> 3]! & (1 << (bit & 7))) pages.push(iova + bit * pageSize);
+    return pages;
+  }
+
   // ---- incoming ----------------------------------------------------------------------------------
 
   private receive(data: Uint8Array, fds: number[]): void {
@@ -299,13 +392,24 @@ export class VfioUserClient {
         }
       } else {
         for (const fd of message.fds) native.closeFd(fd);
-        this.serveServerRequest(message);
+        if (this.holdServerRequests) this.heldRequests.push(message);
+        else this.serveServerRequest(message);
       }
     }
     if (error) {
       this.connection.close();
       this.shutdown(`bad stream from server: ${error.message}`);
     }
+  }
+
+  get heldServerRequests(): number {
+    return this.heldRequests.length;
+  }
+
+  /** Answers the requests held so far, in order, and stops holding. */
+  releaseServerRequests(): void {
+    this.holdServerRequests = false;
+    for (const message of this.heldRequests.splice(0)) this.serveServerRequest(message);
   }
 
   /** Answers DMA_READ/DMA_WRITE with QEMU 11.1.3's framing (u64 count, data after it). */
@@ -318,7 +422,7 @@ export class VfioUserClient {
       const request = codec.dmaAccess.decode(message.payload);
       const addr = Number(request.address);
       const count = Number(request.count);
-      const memory = this.messageMemory.find((m) => m.contains(addr, count));
+      const memory = this.mappedMemory.find((m) => m.contains(addr, count));
       if (!memory) return fail(Errno.EFAULT);
       if (header.command === Command.DMA_READ) {
         this.dmaRequests.read++;
@@ -326,6 +430,7 @@ export class VfioUserClient {
       } else if (header.command === Command.DMA_WRITE) {
         this.dmaRequests.write++;
         if (request.tail.length !== count) return fail(Errno.EINVAL);
+        this.dmaWrites.push({ address: addr, count });
         memory.slice(addr, count).set(request.tail);
         this.connection.send(codec.encodeMessage(replyHeader, codec.dmaAccess.encode(request)));
       } else {

@@ -226,12 +226,67 @@ export const writeMulti = {
 };
 
 // ---- DEVICE_FEATURE (16) / MIG_DATA_READ (17) / MIG_DATA_WRITE (18) ----------------------------
+// The feature structures are the data that follows the 8-byte DEVICE_FEATURE header (§5 of the
+// digest gives them as P-offsets from 8).
 
 export const deviceFeature = struct([
   ['argsz', 'u32'],
   ['flags', 'u32'],
 ] as const);
 
+/** MIGRATION (1), GET reply data. */
+export const featureMigration = struct([['flags', 'u64']] as const);
+
+/** MIG_DEVICE_STATE (2), GET reply and SET request data. */
+export const featureMigState = struct([
+  ['deviceState', 'u32'],
+  ['dataFd', 'u32'],
+] as const);
+
+export const dmaLoggingControl = struct([
+  ['pageSize', 'u64'],
+  ['numRanges', 'u32'],
+  ['reserved', 'u32'],
+] as const);
+
+export const dmaLoggingRange = struct([
+  ['iova', 'u64'],
+  ['length', 'u64'],
+] as const);
+
+export interface DmaLoggingRange {
+  iova: bigint;
+  length: bigint;
+}
+
+/** DMA_LOGGING_START (6) / DMA_LOGGING_STOP (7) data: a page size and the ranges inline. */
+export const dmaLogging = {
+  encode(v: { pageSize: bigint; ranges: readonly DmaLoggingRange[] }): Uint8Array {
+    const body = new Uint8Array(v.ranges.length * PayloadSize.DMA_LOGGING_RANGE);
+    v.ranges.forEach((r, i) => body.set(dmaLoggingRange.encode(r), i * PayloadSize.DMA_LOGGING_RANGE));
+    return dmaLoggingControl.encode({ pageSize: v.pageSize, numRanges: v.ranges.length, reserved: 0 }, body);
+  },
+  decode(bytes: Uint8Array): { pageSize: bigint; ranges: DmaLoggingRange[] } {
+    const { pageSize, numRanges, tail } = dmaLoggingControl.decode(bytes, 'DMA logging control');
+    if (tail.length < numRanges * PayloadSize.DMA_LOGGING_RANGE) {
+      throw new DecodeError(`DMA logging control: ${numRanges} ranges do not fit in ${tail.length} bytes`);
+    }
+    const ranges = Array.from({ length: numRanges }, (_, i) => {
+      const { iova, length } = dmaLoggingRange.decode(tail.subarray(i * PayloadSize.DMA_LOGGING_RANGE), 'range');
+      return { iova, length };
+    });
+    return { pageSize, ranges };
+  },
+};
+
+/** DMA_LOGGING_REPORT (8) GET request data; the reply appends the bitmap (u64 words, bit i = page iova+i·pageSize). */
+export const dmaLoggingReport = struct([
+  ['iova', 'u64'],
+  ['length', 'u64'],
+  ['pageSize', 'u64'],
+] as const);
+
+/** MIG_DATA_READ/WRITE: the data follows (a READ request carries none). */
 export const migData = struct([
   ['argsz', 'u32'],
   ['size', 'u32'],

@@ -57,7 +57,22 @@ export interface DmaSpace {
   pin(addr: number, length: number, forWrite: boolean): PinnedView | null;
   read(addr: number, length: number): Promise<Uint8Array>;
   write(addr: number, data: Uint8Array): Promise<void>;
+  /**
+   * While on, view() and pin() for writing return null and write() sends every byte to the client
+   * as DMA_WRITE, even where guest memory is mapped; reads still use the mapping. A VMM that tracks
+   * dirty pages itself (QEMU during a stock migration) then sees each device write. Resolves once
+   * no view pinned for writing before the switch is still held.
+   */
+  routeWritesThroughClient?(on: boolean): Promise<void>;
+  /**
+   * Calls `observer` with every range the device writes (views and pins taken for writing, and
+   * write()); returns the function that stops it. A range may be reported more than once: a pinned
+   * view again at release, a message write again once the client has it.
+   */
+  observeWrites?(observer: WriteObserver): () => void;
 }
+
+export type WriteObserver = (addr: number, length: number) => void;
 
 export class DmaError extends Error {
   constructor(
@@ -82,7 +97,36 @@ export interface DeviceContext {
   irqs: IrqSink;
 }
 
+/**
+ * What a device does for vfio-user migration v2. The session runs the state machine, streams the
+ * data (MIG_DATA_READ/WRITE) and calls these one step at a time, never two at once.
+ */
+export interface DeviceMigration {
+  /**
+   * RUNNING→STOP: stop touching guest memory and raising interrupts; resolves once the device is
+   * quiet. Also called on a device that is already stopped (after DEVICE_RESET), where it must do nothing.
+   */
+  stop(): Promise<void>;
+  /** STOP→RUNNING, and leaving ERROR after DEVICE_RESET. Harmless on a running device; may come while no client is attached. */
+  run(): Promise<void>;
+  /** STOP_COPY: the whole device state, taken while stopped. Must not change the device. */
+  save(): Promise<Uint8Array>;
+  /**
+   * Present iff the device offers PRE_COPY: state that may travel ahead while the device still
+   * runs. `first` opens a new pre-copy session (send what a target needs); later calls return what
+   * changed since the previous part, empty when nothing did. The final save() supersedes all parts.
+   */
+  savePreCopy?(first: boolean): Promise<Uint8Array>;
+  /**
+   * RESUMING→STOP: check `state` (and the pre-copy parts that came before it, in order), then
+   * commit all of it. Throw a VfioError to refuse: the device must then be exactly as before.
+   */
+  load(state: Uint8Array, preCopy: readonly Uint8Array[]): Promise<void>;
+}
+
 export interface VfioDevice {
+  /** Migration v2 over vfio-user; without it DEVICE_FEATURE's migration features and MIG_DATA_* answer ENOTSUP. */
+  readonly migration?: DeviceMigration;
   deviceInfo(): DeviceInfo;
   regionInfo(index: number): RegionInfo;
   irqInfo(index: number): IrqInfo;

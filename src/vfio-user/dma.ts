@@ -1,7 +1,9 @@
 // The client's DMA table: every guest-physical range the device may touch. fd-backed ranges are
 // mmapped once and accessed in place; ranges without an fd go through DMA_READ/DMA_WRITE messages.
+// Every device write to guest memory passes here, so this is also where writes are observed (dirty
+// logging) and where they can be routed through the client (write-through during a migration).
 
-import { DmaError, VfioError, type DmaSpace, type PinnedView } from './device.js';
+import { DmaError, VfioError, type DmaSpace, type PinnedView, type WriteObserver } from './device.js';
 import { Errno } from './protocol.js';
 import type { NativeMemory } from './transport.js';
 
@@ -31,6 +33,12 @@ export class DmaTable implements DmaSpace {
   /** Pinned views outstanding across all mappings, and who waits for them to reach zero. */
   private pinned = 0;
   private unpinnedWaiters: (() => void)[] = [];
+  /** The same for views pinned for writing, which write-through must outlive. */
+  private pinnedForWrite = 0;
+  private writePinWaiters: (() => void)[] = [];
+  /** Replaced, never mutated, so a notification round survives an observer leaving mid-way. */
+  private writeObservers: readonly WriteObserver[] = [];
+  private writeThrough = false;
 
   constructor(
     private readonly memory: NativeMemory,
@@ -105,6 +113,8 @@ export class DmaTable implements DmaSpace {
   view(addr: number, length: number, forWrite: boolean): Uint8Array | null {
     const mapping = this.directMapping(addr, length, forWrite);
     if (!mapping) return null;
+    // The caller writes before its next await, so no report can come between this and the bytes.
+    if (forWrite && this.writeObservers.length !== 0) this.notifyWrite(addr, length);
     const start = addr - mapping.iova;
     return mapping.bytes!.subarray(start, start + length);
   }
@@ -114,6 +124,10 @@ export class DmaTable implements DmaSpace {
     if (!mapping) return null;
     mapping.pins++;
     this.pinned++;
+    if (forWrite) {
+      this.pinnedForWrite++;
+      if (this.writeObservers.length !== 0) this.notifyWrite(addr, length);
+    }
     const start = addr - mapping.iova;
     let released = false;
     return {
@@ -121,6 +135,11 @@ export class DmaTable implements DmaSpace {
       release: () => {
         if (released) return;
         released = true;
+        if (forWrite) {
+          // The I/O landed after the pin: a report taken meanwhile cleared these pages too early.
+          if (this.writeObservers.length !== 0) this.notifyWrite(addr, length);
+          if (--this.pinnedForWrite === 0) this.writePinWaiters.splice(0).forEach((wake) => wake());
+        }
         mapping.pins--;
         if (mapping.removed && mapping.pins === 0) this.memory.munmap(mapping.backing!);
         if (--this.pinned === 0) this.unpinnedWaiters.splice(0).forEach((wake) => wake());
@@ -134,7 +153,29 @@ export class DmaTable implements DmaSpace {
     return new Promise((resolve) => this.unpinnedWaiters.push(resolve));
   }
 
+  observeWrites(observer: WriteObserver): () => void {
+    this.writeObservers = [...this.writeObservers, observer];
+    return () => {
+      this.writeObservers = this.writeObservers.filter((o) => o !== observer);
+    };
+  }
+
+  get routesWritesThroughClient(): boolean {
+    return this.writeThrough;
+  }
+
+  routeWritesThroughClient(on: boolean): Promise<void> {
+    this.writeThrough = on;
+    if (!on || this.pinnedForWrite === 0) return Promise.resolve();
+    return new Promise((resolve) => this.writePinWaiters.push(resolve));
+  }
+
+  private notifyWrite(addr: number, length: number): void {
+    for (const observer of this.writeObservers) observer(addr, length);
+  }
+
   private directMapping(addr: number, length: number, forWrite: boolean): DmaMapping | undefined {
+    if (forWrite && this.writeThrough) return undefined;
     const mapping = this.find(addr);
     if (!mapping || !mapping.bytes || addr + length > mapping.iova + mapping.size) return undefined;
     if (forWrite ? !mapping.writable : !mapping.readable) return undefined;
@@ -162,8 +203,14 @@ export class DmaTable implements DmaSpace {
     }
     await this.walk(addr, data.length, true, async (mapping, at, n) => {
       const part = data.subarray(at - addr, at - addr + n);
-      if (mapping.bytes) mapping.bytes.set(part, at - mapping.iova);
-      else await this.requireRemote(addr, data.length).write(at, part);
+      if (this.writeObservers.length !== 0) this.notifyWrite(at, n);
+      if (mapping.bytes && !this.writeThrough) {
+        mapping.bytes.set(part, at - mapping.iova);
+        return;
+      }
+      await this.requireRemote(addr, data.length).write(at, part);
+      // Sent in several messages, the piece may straddle a report: say it again now that it landed.
+      if (this.writeObservers.length !== 0) this.notifyWrite(at, n);
     });
   }
 

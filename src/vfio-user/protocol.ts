@@ -79,6 +79,48 @@ export const PciRegion = {
 /** VFIO PCI IRQ indexes (vfio.h VFIO_PCI_*_IRQ_INDEX). */
 export const PciIrq = { INTX: 0, MSI: 1, MSIX: 2, ERR: 3, REQ: 4, COUNT: 5 } as const;
 
+// ---- Migration v2 (DEVICE_FEATURE, MIG_DATA_*): vfio-user.rst "VFIO_USER_DEVICE_FEATURE", which
+// reuses Linux include/uapi/linux/vfio.h (struct vfio_device_feature and its features). -------------
+
+/** DEVICE_FEATURE flags word: the low 16 bits name the feature, the next three the operation. */
+export const FeatureFlags = {
+  FEATURE_MASK: 0xffff,
+  GET: 0x10000,
+  SET: 0x20000,
+  PROBE: 0x40000,
+} as const;
+
+/** Feature indexes vfio-user defines (a subset of vfio.h's VFIO_DEVICE_FEATURE_*). */
+export const Feature = {
+  MIGRATION: 1,
+  MIG_DEVICE_STATE: 2,
+  DMA_LOGGING_START: 6,
+  DMA_LOGGING_STOP: 7,
+  DMA_LOGGING_REPORT: 8,
+} as const;
+
+/** Data of a MIGRATION GET reply: which optional states the device offers (RUNNING, STOP and ERROR always exist). */
+export const MigrationFlags = { STOP_COPY: 0x1n, P2P: 0x2n, PRE_COPY: 0x4n } as const;
+
+/** enum vfio_device_mig_state. The P2P states exist in the numbering but not in vfio-user. */
+export const MigrationState = {
+  ERROR: 0,
+  STOP: 1,
+  RUNNING: 2,
+  STOP_COPY: 3,
+  RESUMING: 4,
+  RUNNING_P2P: 5,
+  PRE_COPY: 6,
+  PRE_COPY_P2P: 7,
+} as const;
+export type MigrationState = (typeof MigrationState)[keyof typeof MigrationState];
+
+export const migrationStateName = (value: number): string =>
+  Object.entries(MigrationState).find(([, v]) => v === value)?.[0] ?? `state ${value}`;
+
+/** MIG_DEVICE_STATE carries an fd number the socket transport never uses; replies say "none". */
+export const NO_DATA_FD = 0xffffffff;
+
 /** Fixed payload sizes (bytes after the 16-byte header). */
 export const PayloadSize = {
   DMA_MAP: 32,
@@ -94,6 +136,13 @@ export const PayloadSize = {
   DMA_ACCESS: 16,
   WRITE_MULTI_ENTRY: 24,
   WRITE_MULTI_DATA: 8,
+  DEVICE_FEATURE: 8,
+  FEATURE_MIGRATION: 8,
+  FEATURE_MIG_STATE: 8,
+  DMA_LOGGING_CONTROL: 16,
+  DMA_LOGGING_RANGE: 16,
+  DMA_LOGGING_REPORT: 24,
+  MIG_DATA: 8,
 } as const;
 
 /** Linux errno values used in error replies (positive, as the protocol carries them). */
@@ -132,4 +181,8 @@ export const Limits = {
   maxMessageSize: (1 << 20) + 64,
   /** Replies a client may leave unread before we hang up on it. */
   maxQueuedReplyBytes: 64 << 20,
+  /** Ranges in one DMA_LOGGING_START (the bound Linux puts on the same ioctl, LOG_MAX_RANGES). */
+  maxDmaLoggingRanges: 256,
+  /** Incoming migration stream a target buffers before RESUMING→STOP hands it to the device. */
+  maxMigrationStream: 256 << 20,
 } as const;

@@ -5,6 +5,7 @@ import { existsSync, lstatSync, unlinkSync } from 'node:fs';
 import { native, type Connection, type Listener } from '../native.js';
 import type { Logger } from '../log.js';
 import type { VfioDevice } from './device.js';
+import { MigrationController } from './migration.js';
 import { Session } from './session.js';
 
 export interface ServerOptions {
@@ -19,8 +20,12 @@ export class VfioUserServer {
   private session: Session | null = null;
   private clients = 0;
   private readonly sessionEndListeners: (() => void)[] = [];
+  /** The device's migration state outlives its clients (ERROR waits for a DEVICE_RESET). */
+  private readonly migration: MigrationController | null;
 
-  constructor(private readonly options: ServerOptions) {}
+  constructor(private readonly options: ServerOptions) {
+    this.migration = options.device.migration ? new MigrationController(options.device.migration, options.log.child('migration')) : null;
+  }
 
   get socketPath(): string {
     return this.options.socketPath;
@@ -68,6 +73,7 @@ export class VfioUserServer {
       native,
       log,
       writeMultiple: this.options.writeMultiple,
+      migration: this.migration,
     });
     this.session = session;
     const finish = (reason: string): void => {

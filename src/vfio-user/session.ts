@@ -8,6 +8,8 @@ import { DmaError, VfioError, type DeviceContext, type VfioDevice } from './devi
 import { DmaTable } from './dma.js';
 import { MessageFramer } from './framer.js';
 import { IrqTable } from './irqs.js';
+import type { MigrationController } from './migration.js';
+import { MigrationCommands } from './migration-commands.js';
 import type { Logger } from '../log.js';
 import {
   Command,
@@ -37,6 +39,8 @@ export interface SessionOptions {
   writeMultiple?: boolean;
   /** How long a server→client request may wait for its reply. */
   requestTimeoutMs?: number;
+  /** The device's migration state machine (null: the device does not migrate); it outlives connections. */
+  migration: MigrationController | null;
 }
 
 interface Reply {
@@ -74,6 +78,8 @@ export class Session {
   private readonly log: Logger;
   /** Region sizes never change for a device: looked up once, not on every MMIO access. */
   private readonly regionSizes: number[];
+  private readonly migration: MigrationController | null;
+  private readonly migrationCommands: MigrationCommands;
 
   constructor(private readonly options: SessionOptions) {
     this.device = options.device;
@@ -84,6 +90,8 @@ export class Session {
       write: (addr, data) => this.remoteDmaWrite(addr, data),
     });
     this.irqs = new IrqTable(options.native, (index) => this.device.irqInfo(index), this.device.deviceInfo().numIrqs);
+    this.migration = options.migration;
+    this.migrationCommands = new MigrationCommands({ migration: this.migration, dma: this.dma, maxDataTransfer: () => this.chunkSize() });
     const context: DeviceContext = { dma: this.dma, irqs: this.irqs };
     this.device.attach(context);
   }
@@ -130,6 +138,8 @@ export class Session {
     for (const message of this.backlog) this.closeFds(message.fds);
     this.backlog = [];
     this.device.detach();
+    this.migrationCommands.end();
+    void this.migration?.clientGone();
     this.dma.setRemote(null);
     this.dma.unmapAll();
     this.irqs.disableAll();
@@ -225,26 +235,34 @@ export class Session {
         return { payload: this.regionRead(payload) };
       case Command.REGION_WRITE:
         return { payload: this.regionWrite(payload, noReply) };
-      case Command.DEVICE_RESET: {
+      case Command.DEVICE_RESET:
         expectEmpty(payload, 'DEVICE_RESET');
-        this.device.reset();
-        // I/O already reading into pinned guest memory cannot be called back: the reset is done
-        // (and the guest may reuse that memory) only once it has finished.
-        const unpinned = this.dma.whenUnpinned();
-        return unpinned ? unpinned.then(() => ({})) : {};
-      }
+        return this.deviceReset();
       case Command.REGION_WRITE_MULTI:
         return { payload: this.regionWriteMulti(payload) };
-      case Command.DEVICE_FEATURE:
+      case Command.DEVICE_FEATURE: {
+        const reply = this.migrationCommands.deviceFeature(payload);
+        return reply instanceof Promise ? reply.then((p) => ({ payload: p })) : { payload: reply };
+      }
       case Command.MIG_DATA_READ:
+        return this.migrationCommands.migDataRead(payload).then((p) => ({ payload: p }));
       case Command.MIG_DATA_WRITE:
-        throw new VfioError(Errno.ENOTSUP, `${commandName(header.command)}: this device does not support migration over vfio-user`);
+        return this.migrationCommands.migDataWrite(payload).then(() => ({}));
       case Command.DMA_READ:
       case Command.DMA_WRITE:
         throw new VfioError(Errno.EINVAL, `${commandName(header.command)} is a server-to-client request`);
       default:
         throw new VfioError(Errno.ENOSYS, `unknown command ${header.command}`);
     }
+  }
+
+  private deviceReset(): Reply | Promise<Reply> {
+    this.device.reset();
+    // I/O already reading into pinned guest memory cannot be called back: the reset is done
+    // (and the guest may reuse that memory) only once it has finished.
+    const unpinned = this.dma.whenUnpinned();
+    if (!this.migration) return unpinned ? unpinned.then(() => ({})) : {};
+    return (unpinned ?? Promise.resolve()).then(() => this.migration!.deviceReset()).then(() => ({}));
   }
 
   private negotiate(payload: Uint8Array, requestSize: number): Uint8Array {

@@ -1,7 +1,7 @@
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { native } from '../../src/native.js';
 import { GuestMemory, VfioClientError, VfioUserClient } from '../../src/vfio-user/client.js';
-import { Command, DeviceFlags, Errno, IrqInfoFlags, PciIrq, PciRegion, RegionFlags } from '../../src/vfio-user/protocol.js';
+import { Command, DeviceFlags, Errno, Feature, FeatureFlags, IrqInfoFlags, PciIrq, PciRegion, RegionFlags } from '../../src/vfio-user/protocol.js';
 import { SCRATCH_DEVICE_ID, SCRATCH_MAGIC, SCRATCH_VENDOR_ID, ScratchReg } from '../../src/pci/scratch-device.js';
 import { Cfg, CapId, MsixCap } from '../../src/pci/registers.js';
 import { ProbeDevice, openFdCount, startServer, waitUntil, type Harness } from './helpers.js';
@@ -328,10 +328,20 @@ describe('mmap regions', () => {
 });
 
 describe('errors reach the client as error replies', () => {
-  it('DEVICE_FEATURE and MIG_DATA_* are not supported yet; unknown commands are ENOSYS', async () => {
-    await expect(client.request(Command.DEVICE_FEATURE, new Uint8Array(8))).rejects.toMatchObject({ errno: Errno.ENOTSUP });
-    await expect(client.request(Command.MIG_DATA_READ, new Uint8Array(8))).rejects.toMatchObject({ errno: Errno.ENOTSUP });
-    await expect(client.request(99)).rejects.toBeInstanceOf(VfioClientError);
-    await expect(client.request(99)).rejects.toMatchObject({ errno: Errno.ENOSYS });
+  it('a device without migration answers its features and MIG_DATA_* with ENOTSUP; unknown commands are ENOSYS', async () => {
+    const fresh = startServer(new ProbeDevice(4, { migration: false }));
+    try {
+      const c = await fresh.connect();
+      await expect(c.probeFeature(Feature.MIGRATION)).rejects.toMatchObject({ errno: Errno.ENOTSUP });
+      await expect(c.migrationState()).rejects.toMatchObject({ errno: Errno.ENOTSUP });
+      await expect(c.readMigrationData(16)).rejects.toMatchObject({ errno: Errno.ENOTSUP });
+      await expect(c.writeMigrationData(new Uint8Array(4))).rejects.toMatchObject({ errno: Errno.ENOTSUP });
+      // Dirty logging belongs to the DMA table, which every device has.
+      await expect(c.probeFeature(Feature.DMA_LOGGING_START, FeatureFlags.SET)).resolves.toBeUndefined();
+      await expect(c.request(99)).rejects.toBeInstanceOf(VfioClientError);
+      await expect(c.request(99)).rejects.toMatchObject({ errno: Errno.ENOSYS });
+    } finally {
+      fresh.cleanup();
+    }
   });
 });

@@ -32,6 +32,11 @@ const structCases: [string, { encode(v: never, tail?: Uint8Array): Uint8Array; d
   ['DMA_READ/WRITE (11/12)', codec.dmaAccess, { address: 0x7fff_ffff_f000n, count: 0x10_0000n }],
   ['DEVICE_FEATURE (16)', codec.deviceFeature, { argsz: 16, flags: 0x10002 }],
   ['MIG_DATA_READ/WRITE (17/18)', codec.migData, { argsz: 4104, size: 4096 }],
+  ['feature MIGRATION data', codec.featureMigration, { flags: 0x8000_0000_0000_0005n }],
+  ['feature MIG_DEVICE_STATE data', codec.featureMigState, { deviceState: 6, dataFd: 0xffff_ffff }],
+  ['feature DMA_LOGGING_START/STOP control', codec.dmaLoggingControl, { pageSize: 0x1_0000_0000n, numRanges: 2, reserved: 0 }],
+  ['feature DMA_LOGGING range', codec.dmaLoggingRange, { iova: 0xfeed_0000_0000n, length: 0x2_0000_0000n }],
+  ['feature DMA_LOGGING_REPORT request', codec.dmaLoggingReport, { iova: 0x1_0000_0000n, length: 0x4000_0000n, pageSize: 0x1000n }],
 ];
 
 describe('payload structures', () => {
@@ -54,6 +59,28 @@ describe('payload structures', () => {
     expect([map[8], map[16], map[24]]).toEqual([1, 2, 3]);
     const read = codec.regionAccess.encode({ offset: 0x10n, region: 7, count: 4 });
     expect([read[0], read[8], read[12]]).toEqual([0x10, 7, 4]);
+  });
+});
+
+describe('DEVICE_FEATURE (16) data', () => {
+  it('lays the feature structures out as vfio-user.rst does (data at P+8)', () => {
+    expect(codec.featureMigration.size).toBe(PayloadSize.FEATURE_MIGRATION);
+    expect(codec.featureMigState.size).toBe(PayloadSize.FEATURE_MIG_STATE);
+    expect(codec.dmaLoggingControl.size).toBe(PayloadSize.DMA_LOGGING_CONTROL);
+    expect(codec.dmaLoggingReport.size).toBe(PayloadSize.DMA_LOGGING_REPORT);
+    const report = codec.dmaLoggingReport.encode({ iova: 1n, length: 2n, pageSize: 3n });
+    expect([report[0], report[8], report[16]]).toEqual([1, 2, 3]);
+    const state = codec.featureMigState.encode({ deviceState: 4, dataFd: 5 });
+    expect([state[0], state[4]]).toEqual([4, 5]);
+  });
+
+  it('round-trips DMA logging control with its ranges inline, and refuses ranges that do not fit', () => {
+    const value = { pageSize: 0x2000n, ranges: [{ iova: 0x1_0000_0000n, length: 0x10_0000n }, { iova: 0n, length: 0xa_0000n }] };
+    const encoded = codec.dmaLogging.encode(value);
+    expect(encoded.length).toBe(PayloadSize.DMA_LOGGING_CONTROL + 2 * PayloadSize.DMA_LOGGING_RANGE);
+    expect(codec.dmaLogging.decode(encoded)).toEqual(value);
+    expect(codec.dmaLogging.decode(codec.dmaLogging.encode({ pageSize: 4096n, ranges: [] }))).toEqual({ pageSize: 4096n, ranges: [] });
+    expect(() => codec.dmaLogging.decode(encoded.subarray(0, encoded.length - 1))).toThrow(codec.DecodeError);
   });
 });
 
