@@ -6,7 +6,7 @@
 
 import type { Logger } from '../log.js';
 import { PciFunction, type InterruptMode } from '../pci/function.js';
-import type { DeviceContext, DmaSpace, PinnedView } from '../vfio-user/device.js';
+import type { DeviceContext, DmaSpace, WriteObserver } from '../vfio-user/device.js';
 import { PciIrq } from '../vfio-user/protocol.js';
 import { executeAdminCommand } from './admin.js';
 import { Clocks } from './clocks.js';
@@ -145,7 +145,7 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
   private generationCount = 0;
   /** Fatal errors after the first, until the host resets the controller (logged then as a count). */
   private suppressedFatals = 0;
-  private readonly writeObservers = new Set<WriteObserver>();
+  private readonly writeObservers = new Map<WriteObserver, { stop: (() => void) | null }>();
   private readonly userDataObservers = new Set<UserDataObserver>();
 
   constructor(options: ControllerOptions) {
@@ -385,8 +385,12 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
 
   /** Calls `observer` for every range of guest memory this controller writes; returns the unsubscribe. */
   observeWrites(observer: WriteObserver): () => void {
-    this.writeObservers.add(observer);
-    return () => this.writeObservers.delete(observer);
+    const subscription = { stop: this.context?.dma.observeWrites?.(observer) ?? null };
+    this.writeObservers.set(observer, subscription);
+    return () => {
+      subscription.stop?.();
+      this.writeObservers.delete(observer);
+    };
   }
 
   /** Calls `observer` (with the subsystem's NSIDs) whenever this controller changes user data. */
@@ -403,8 +407,11 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
     return this.lifecycle.touchesHost && this.context !== null ? this.context.dma : null;
   }
 
+  /** Observers follow the controller from client to client: each client's DMA space reports the writes. */
   override attach(context: DeviceContext): void {
-    super.attach({ ...context, dma: observedDma(context.dma, this.writeObservers) });
+    super.attach(context);
+    for (const subscription of this.writeObservers.values()) subscription.stop?.();
+    for (const [observer, subscription] of this.writeObservers) subscription.stop = context.dma.observeWrites?.(observer) ?? null;
   }
 
   // ---- roles: what the virtualization layer sets ------------------------------------------------
@@ -775,36 +782,7 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
   }
 }
 
-export type WriteObserver = (addr: number, length: number) => void;
 export type UserDataObserver = (nsid: number, slba: bigint, blocks: number, deallocated: boolean) => void;
-
-/**
- * The client's DMA space, reporting this controller's writes to `observers`: every write passes
- * here (views and pins taken for writing, and message writes). With no observer the cost is one
- * size check.
- */
-function observedDma(dma: DmaSpace, observers: ReadonlySet<WriteObserver>): DmaSpace {
-  const notify = (addr: number, length: number): void => {
-    for (const observer of observers) observer(addr, length);
-  };
-  return {
-    view(addr: number, length: number, forWrite: boolean): Uint8Array | null {
-      const view = dma.view(addr, length, forWrite);
-      if (forWrite && view && observers.size > 0) notify(addr, length);
-      return view;
-    },
-    pin(addr: number, length: number, forWrite: boolean): PinnedView | null {
-      const pin = dma.pin(addr, length, forWrite);
-      if (forWrite && pin && observers.size > 0) notify(addr, length);
-      return pin;
-    },
-    read: (addr, length) => dma.read(addr, length),
-    async write(addr: number, data: Uint8Array): Promise<void> {
-      if (observers.size > 0) notify(addr, data.length);
-      await dma.write(addr, data);
-    },
-  };
-}
 
 /** Plain-data snapshot of a controller's state (see NvmeController.saveState). */
 export const saveControllerState = (c: NvmeController): ControllerState => c.saveState();

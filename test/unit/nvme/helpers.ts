@@ -18,6 +18,7 @@ export class GuestMemory implements DmaSpace {
   readonly bytes: Uint8Array;
   reads = 0;
   writes = 0;
+  private readonly observers = new Set<(addr: number, length: number) => void>();
 
   constructor(
     readonly size = 32 << 20,
@@ -33,9 +34,10 @@ export class GuestMemory implements DmaSpace {
     return addr - this.base;
   }
 
-  view(addr: number, length: number, _forWrite?: boolean): Uint8Array | null {
+  view(addr: number, length: number, forWrite?: boolean): Uint8Array | null {
     if (!this.views) return null;
     if (addr < this.base || addr + length > this.base + this.size) return null;
+    if (forWrite) for (const o of this.observers) o(addr, length);
     return this.bytes.subarray(addr - this.base, addr - this.base + length);
   }
 
@@ -59,9 +61,16 @@ export class GuestMemory implements DmaSpace {
       view.set(data);
       return;
     }
+    for (const o of this.observers) o(addr, data.length);
     this.writes++;
     const at = this.check(addr, data.length);
     this.bytes.set(data, at);
+  }
+
+  /** Like DmaTable.observeWrites: every range written through views, pins and write(). */
+  observeWrites(observer: (addr: number, length: number) => void): () => void {
+    this.observers.add(observer);
+    return () => this.observers.delete(observer);
   }
 
   get32(addr: number): number {
