@@ -19,6 +19,8 @@ import { ControllingFunction, PRIMARY_CNTLID } from '../nvme/virt/controlling-fu
 import { ScratchDevice } from '../pci/scratch-device.js';
 import type { VfioDevice } from '../vfio-user/device.js';
 import { removeStaleSocket, VfioUserServer } from '../vfio-user/server.js';
+import type { Session } from '../vfio-user/session.js';
+import { vfioMigrationFor } from '../lm/vfio-migration.js';
 import type { NamespaceConfig, ServerConfig } from './config.js';
 import { ConfigError } from './config.js';
 import { liveMigrationFor } from '../lm/primary.js';
@@ -64,6 +66,7 @@ export class ServerHost implements ControlTarget {
   controlPath: string | null = null;
   private readonly exports = new Map<number, Export>();
   private readonly namespaceConfigs = new Map<number, NamespaceConfig>();
+  private readonly writeThrough = new Map<number, boolean>();
   private store: StateStore | null = null;
   /** Set while provisioning is being applied: one record at the end, not one per step. */
   private applying = false;
@@ -106,6 +109,8 @@ export class ServerHost implements ControlTarget {
           extraCommandSets: options.extraCommandSets ?? ((cf) => liveMigrationFor(cf).commandSets),
         });
         host.controllingFunction = cf;
+        // A VMM that speaks vfio-user migration v2 moves a secondary through the primary's commands.
+        for (const secondary of cf.secondaries) secondary.migration = vfioMigrationFor(cf, secondary.cntlid);
         cf.primaryHasClient = () => host.exports.get(PRIMARY_CNTLID)?.server.activeSession != null;
         const provisioning: Provisioning = saved ?? config.provisioning;
         if (config.primarySocket && !provisioning.controllers.some((c) => c.cntlid === PRIMARY_CNTLID && c.socket)) {
@@ -240,10 +245,41 @@ export class ServerHost implements ControlTarget {
     this.record();
   }
 
+  async setWriteThrough(cntlid: number, on: boolean): Promise<void> {
+    const session = this.sessionOf(cntlid);
+    await session.dma.routeWritesThroughClient(on);
+    this.writeThrough.set(cntlid, on);
+  }
+
+  async clientRead(cntlid: number, address: number, length: number): Promise<Uint8Array> {
+    try {
+      return await this.sessionOf(cntlid).clientRead(address, length);
+    } catch (error) {
+      throw new ControlError(`controller ${cntlid}: ${(error as Error).message}`);
+    }
+  }
+
+  async clientWrite(cntlid: number, address: number, data: Uint8Array): Promise<void> {
+    try {
+      await this.sessionOf(cntlid).clientWrite(address, data);
+    } catch (error) {
+      throw new ControlError(`controller ${cntlid}: ${(error as Error).message}`);
+    }
+  }
+
+  /** The vfio-user session of an exported controller's attached client. */
+  private sessionOf(cntlid: number): Session {
+    const exported = this.exports.get(cntlid);
+    if (!exported) throw new ControlError(`controller ${cntlid} is not exported`);
+    const session = exported.server.activeSession;
+    if (!session) throw new ControlError(`controller ${cntlid} has no client attached`);
+    return session;
+  }
+
   status(): ServerStatus {
     const subsystem = this.requireSubsystem();
     const cf = this.controllingFunction;
-    const describe = (c: NvmeController, role: ControllerStatus['role'], socket: string, connected: boolean): ControllerStatus => {
+    const describe = (c: NvmeController, role: ControllerStatus['role'], socket: string, session: Session | null): ControllerStatus => {
       const entry = cf?.virtualization.secondary(c.cntlid);
       const membership = cf?.vsubsystems.of(c.cntlid);
       return {
@@ -253,7 +289,9 @@ export class ServerHost implements ControlTarget {
         vq: entry?.nvq ?? 0,
         vi: entry?.nvi ?? 0,
         socket,
-        clientConnected: connected,
+        clientConnected: session !== null,
+        dmaWriteBytes: session?.counters.dmaWriteBytes ?? 0,
+        writeThrough: session !== null && this.writeThrough.get(c.cntlid) === true,
         virtualNqn: membership?.vsubsys.definition.nqn ?? '',
         virtualCntlid: membership?.vcid ?? 0,
         runState: c.runState,
@@ -265,11 +303,11 @@ export class ServerHost implements ControlTarget {
     if (cf) {
       for (const c of [cf.primary, ...cf.secondaries]) {
         const e = this.exports.get(c.cntlid);
-        controllers.push(describe(c, c === cf.primary ? 'primary' : 'secondary', e?.socket ?? '', e?.server.activeSession != null));
+        controllers.push(describe(c, c === cf.primary ? 'primary' : 'secondary', e?.socket ?? '', e?.server.activeSession ?? null));
       }
     } else {
       this.devices.forEach((d, i) => {
-        if (d instanceof NvmeController) controllers.push(describe(d, 'peer', this.peerServers[i]!.socketPath, this.peerServers[i]!.activeSession != null));
+        if (d instanceof NvmeController) controllers.push(describe(d, 'peer', this.peerServers[i]!.socketPath, this.peerServers[i]!.activeSession));
       });
     }
     return {

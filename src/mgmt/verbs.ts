@@ -13,7 +13,7 @@ import { NARROWING_TEXT, type NamespaceMapping } from '../nvme/virt/vsubsys.js';
 import { ConfigError, DEFAULT_SOCKET, parsePositive, parseSize } from './config.js';
 import { ControlClient, parseControlAddress } from './control/client.js';
 import type { AdminResultMessage, ControlRequest, ControlResponse, ServerStatus } from './control/messages.js';
-import { receiveState as receive, sendState as send } from './state-transfer.js';
+import { receiveState as receive, sendState as send } from '../lm/state-transfer.js';
 import { describeState } from '../lm/state-describe.js';
 import { MigrationSendSelect, SuspendType } from '../lm/spec.js';
 import { dirname, join } from 'node:path';

@@ -6,7 +6,7 @@
 
 import type { Logger } from '../log.js';
 import { PciFunction, type InterruptMode } from '../pci/function.js';
-import type { DeviceContext, DmaSpace, WriteObserver } from '../vfio-user/device.js';
+import type { DeviceContext, DeviceMigration, DmaSpace, WriteObserver } from '../vfio-user/device.js';
 import { PciIrq } from '../vfio-user/protocol.js';
 import { executeAdminCommand } from './admin.js';
 import { Clocks } from './clocks.js';
@@ -124,6 +124,8 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
   readonly subsystem: Subsystem;
   readonly log: Logger;
   private readonly carriedSets: AdminCommandSet[] = [];
+  /** How a VMM migrates this function over vfio-user (set for secondaries by the live-migration layer). */
+  migration: DeviceMigration | undefined;
   state: ControllerState;
 
   readonly lifecycle = new Lifecycle();

@@ -65,6 +65,8 @@ const FD_CARRYING = new Set<number>([Command.DMA_MAP, Command.DEVICE_SET_IRQS]);
 
 export class Session {
   readonly dma: DmaTable;
+  /** What went through messages because no mapping (or write-through) allowed a direct access. */
+  readonly counters = { dmaWriteBytes: 0 };
   readonly irqs: IrqTable;
   private readonly framer = new MessageFramer(Limits.maxMessageSize, Limits.maxMessageFds);
   private negotiated: ClientCaps | null = null;
@@ -86,8 +88,8 @@ export class Session {
     this.log = options.log;
     this.regionSizes = Array.from({ length: this.device.deviceInfo().numRegions }, (_, i) => this.device.regionInfo(i).size);
     this.dma = new DmaTable(options.native, Limits.maxDmaMaps, {
-      read: (addr, length) => this.remoteDmaRead(addr, length),
-      write: (addr, data) => this.remoteDmaWrite(addr, data),
+      read: (addr, length) => this.clientRead(addr, length),
+      write: (addr, data) => this.clientWrite(addr, data),
     });
     this.irqs = new IrqTable(options.native, (index) => this.device.irqInfo(index), this.device.deviceInfo().numIrqs);
     this.migration = options.migration;
@@ -472,7 +474,12 @@ export class Session {
     return Math.min(this.negotiated?.maxDataTransfer ?? Limits.maxDataTransfer, Limits.maxDataTransfer);
   }
 
-  private async remoteDmaRead(addr: number, length: number): Promise<Uint8Array> {
+  /**
+   * Reads the client's physical address space through DMA_READ messages, mapped or not: guest RAM,
+   * and also the function's own BARs as the VMM emulates them (QEMU routes such accesses to its
+   * MSI-X table emulation, which a migration replays this way).
+   */
+  async clientRead(addr: number, length: number): Promise<Uint8Array> {
     const out = new Uint8Array(length);
     for (let done = 0; done < length; ) {
       const count = Math.min(this.chunkSize(), length - done);
@@ -485,11 +492,13 @@ export class Session {
     return out;
   }
 
-  private async remoteDmaWrite(addr: number, data: Uint8Array): Promise<void> {
+  /** Writes the client's physical address space through DMA_WRITE messages (see clientRead). */
+  async clientWrite(addr: number, data: Uint8Array): Promise<void> {
     for (let done = 0; done < data.length; ) {
       const count = Math.min(this.chunkSize(), data.length - done);
       const chunk = data.subarray(done, done + count);
       await this.dmaRequest(Command.DMA_WRITE, addr + done, count, codec.dmaAccess.encode({ address: BigInt(addr + done), count: BigInt(count) }, chunk));
+      this.counters.dmaWriteBytes += count;
       done += count;
     }
   }

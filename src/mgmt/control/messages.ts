@@ -32,10 +32,12 @@ export interface ControlRequest {
   export?: { cntlid: number; socket: string };
   unexport?: { cntlid: number };
   status?: Record<string, never>;
+  writeThrough?: { cntlid: number; on: boolean };
+  clientMemory?: { cntlid: number; address: number; readLength?: number; writeData?: Uint8Array };
 }
 
-export type Operation = 'admin' | 'namespaceAdd' | 'namespaceRemove' | 'export' | 'unexport' | 'status';
-export const OPERATIONS: readonly Operation[] = ['admin', 'namespaceAdd', 'namespaceRemove', 'export', 'unexport', 'status'];
+export type Operation = 'admin' | 'namespaceAdd' | 'namespaceRemove' | 'export' | 'unexport' | 'status' | 'writeThrough' | 'clientMemory';
+export const OPERATIONS: readonly Operation[] = ['admin', 'namespaceAdd', 'namespaceRemove', 'export', 'unexport', 'status', 'writeThrough', 'clientMemory'];
 
 export interface AdminResultMessage {
   status: number;
@@ -59,6 +61,8 @@ export interface ControllerStatus {
   runState: string;
   enabled: boolean;
   namespaces: number[];
+  dmaWriteBytes: number;
+  writeThrough: boolean;
 }
 
 export interface NamespaceStatus {
@@ -91,6 +95,7 @@ export interface ControlResponse {
   admin?: AdminResultMessage;
   status?: ServerStatus;
   nsid?: number;
+  data?: Uint8Array;
 }
 
 const messageTypes = (): { request: protobuf.Type; response: protobuf.Type } => {

@@ -35,6 +35,9 @@ export interface ControlTarget {
   exportController(cntlid: number, socket: string): void;
   unexportController(cntlid: number): void;
   status(): ServerStatus;
+  setWriteThrough(cntlid: number, on: boolean): Promise<void>;
+  clientRead(cntlid: number, address: number, length: number): Promise<Uint8Array>;
+  clientWrite(cntlid: number, address: number, data: Uint8Array): Promise<void>;
 }
 
 /** A request the target refuses, with the one line the client prints. */
@@ -142,6 +145,18 @@ export class ControlServer {
           return reply;
         case 'status':
           return { ...reply, status: target.status() };
+        case 'writeThrough':
+          await target.setWriteThrough(request.writeThrough!.cntlid, request.writeThrough!.on === true);
+          return reply;
+        case 'clientMemory': {
+          const { cntlid, address, readLength, writeData } = request.clientMemory!;
+          if (writeData && writeData.length > 0) {
+            await target.clientWrite(cntlid, address ?? 0, writeData);
+            return reply;
+          }
+          if (!readLength || readLength > 1 << 20) throw new ControlError(`read length ${readLength ?? 0} (1 byte to 1 MiB)`);
+          return { ...reply, data: await target.clientRead(cntlid, address ?? 0, readLength) };
+        }
       }
     } catch (error) {
       if (!(error instanceof ControlError)) this.options.log.error(`control ${operation} failed: ${(error as Error).stack ?? String(error)}`);

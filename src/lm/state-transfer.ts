@@ -4,7 +4,7 @@
 
 import type { CommandFields } from '../nvme/command.js';
 import { PrimaryOpcode } from '../nvme/spec.js';
-import { MigrationReceiveSelect, MigrationSendSelect, MOS_SHIFT, SequenceIndicator, StateHeader } from '../lm/spec.js';
+import { MigrationReceiveSelect, MigrationSendSelect, MOS_SHIFT, SequenceIndicator, StateHeader } from './spec.js';
 
 /** Submits one admin command to a primary; throws when it does not succeed. */
 export type AdminSubmitter = (fields: CommandFields, data?: Uint8Array) => Promise<{ dw0: number; data: Uint8Array }>;
