@@ -78,6 +78,9 @@ serve options:
                       Default: control.sock beside the first socket.
   --state-dir DIR     Record provisioning in DIR and come back from it after a
                       restart (it then wins over flags and --config).
+  --control-token FILE
+                      Every control request must carry the token in FILE
+                      (required with --control tcp:HOST:PORT).
   --log-level L       ${LOG_LEVELS.join(', ')} (default: info). Logs go to stderr.
   -h, --help          Show this help.
 
@@ -117,6 +120,7 @@ export function parseServe(args: string[]): ServeOptions | 'help' {
         'primary-socket': { type: 'string' },
         control: { type: 'string' },
         'state-dir': { type: 'string' },
+        'control-token': { type: 'string' },
         'log-level': { type: 'string', default: 'info' },
         help: { type: 'boolean', short: 'h', default: false },
       },
@@ -148,6 +152,7 @@ export function parseServe(args: string[]): ServeOptions | 'help' {
     if (values['primary-socket'] !== undefined) config.primarySocket = resolve(values['primary-socket']);
     if (values.control !== undefined) config.control = values.control.startsWith('tcp:') ? values.control : resolve(values.control.replace(/^unix:/, ''));
     if (values['state-dir'] !== undefined) config.stateDir = resolve(values['state-dir']);
+    if (values['control-token'] !== undefined) config.controlToken = resolve(values['control-token']);
     return { config: finalize(config), logLevel: values['log-level'] as LogLevel };
   } catch (error) {
     if (error instanceof ConfigError) throw new UsageError(`serve: ${error.message}`);

@@ -53,6 +53,8 @@ export interface ServerConfig {
   control?: string;
   /** Record provisioning here and come back from it after a restart. */
   stateDir?: string;
+  /** File holding the token every control request must carry (required on TCP). */
+  controlToken?: string;
   /** Virtual subsystems, resources, states and exports to set up at start. */
   provisioning: Provisioning;
 }
@@ -167,6 +169,7 @@ export function loadConfigFile(path: string): Partial<ServerConfig> {
     'primarySocket',
     'control',
     'stateDir',
+    'controlToken',
     'virtualSubsystems',
     'controllers',
   ];
@@ -197,7 +200,7 @@ export function loadConfigFile(path: string): Partial<ServerConfig> {
   if (input.writeMultiple !== undefined) out.writeMultiple = input.writeMultiple === true;
   if (input.interrupts !== undefined) out.interrupts = checkInterrupts(String(input.interrupts));
   if (input.secondaries !== undefined) out.secondaries = parsePositive(String(input.secondaries), `config ${path}: secondaries`, 127);
-  for (const key of ['primarySocket', 'stateDir'] as const) {
+  for (const key of ['primarySocket', 'stateDir', 'controlToken'] as const) {
     if (input[key] === undefined) continue;
     if (typeof input[key] !== 'string' || input[key] === '') throw new ConfigError(`config ${path}: ${key} must be a path`);
     out[key] = resolve(baseDir, input[key] as string);
@@ -255,6 +258,9 @@ export function finalize(config: ServerConfig): ServerConfig {
     return out;
   }
   out.control ??= join(dirname(out.sockets[0] ?? out.primarySocket ?? DEFAULT_SOCKET), 'control.sock');
+  if (out.control.startsWith('tcp:') && out.controlToken === undefined) {
+    throw new ConfigError('a control socket on TCP needs --control-token FILE (anyone who reaches the port could otherwise drive the primary)');
+  }
   if (out.namespaces.length === 0) out.namespaces = [{ size: DEFAULT_RAM_NAMESPACE_BYTES, lbads: 512 }];
   const nsids = new Set<number>();
   let next = 1;

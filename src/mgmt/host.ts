@@ -4,7 +4,7 @@
 // from the control plane or from a management VM's own admin commands, are recorded in --state-dir.
 
 import { createHash } from 'node:crypto';
-import { chmodSync, mkdirSync } from 'node:fs';
+import { chmodSync, mkdirSync, readFileSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { dirname, resolve } from 'node:path';
 import type { Logger } from '../log.js';
@@ -434,7 +434,16 @@ export class ServerHost implements ControlTarget {
     const where = this.config.control;
     if (!where) return;
     const address = parseControlAddress(where);
-    const control = new ControlServer({ target: this, log: this.log.child('control') });
+    let token: string | undefined;
+    if (this.config.controlToken !== undefined) {
+      try {
+        token = readFileSync(this.config.controlToken, 'utf8').trim();
+      } catch (error) {
+        throw new ConfigError(`--control-token ${(error as Error).message}`);
+      }
+      if (token.length < 16) throw new ConfigError(`--control-token ${this.config.controlToken}: the token must be at least 16 characters`);
+    }
+    const control = new ControlServer({ target: this, log: this.log.child('control'), ...(token !== undefined ? { token } : {}) });
     if ('path' in address) {
       mkdirSync(dirname(address.path), { recursive: true });
       removeStaleSocket(address.path);

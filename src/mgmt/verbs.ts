@@ -15,6 +15,7 @@ import { ControlClient, parseControlAddress } from './control/client.js';
 import type { AdminResultMessage, ControlRequest, ControlResponse, ServerStatus } from './control/messages.js';
 import { receiveState as receive, sendState as send } from '../lm/state-transfer.js';
 import { describeState } from '../lm/state-describe.js';
+import { migrateVm, recoverSource } from './migrate.js';
 import { MigrationSendSelect, SuspendType } from '../lm/spec.js';
 import { dirname, join } from 'node:path';
 
@@ -88,15 +89,7 @@ class Session {
     } catch (error) {
       throw new UsageError(`${verb}: --control ${(error as Error).message}`);
     }
-    let token: string | undefined;
-    const tokenFile = p.values['control-token'] as string | undefined;
-    if (tokenFile !== undefined) {
-      try {
-        token = readFileSync(tokenFile, 'utf8').trim();
-      } catch (error) {
-        throw new UsageError(`${verb}: --control-token ${(error as Error).message}`);
-      }
-    }
+    const token = readToken(p, verb);
     try {
       return new Session(verb, await ControlClient.connect(address, token !== undefined ? { token } : {}), p.values.json === true, output);
     } catch (error) {
@@ -133,6 +126,16 @@ class Session {
 
   close(): void {
     this.client?.close();
+  }
+}
+
+function readToken(p: Parsed, verb: string): string | undefined {
+  const file = p.values['control-token'] as string | undefined;
+  if (file === undefined) return undefined;
+  try {
+    return readFileSync(file, 'utf8').trim();
+  } catch (error) {
+    throw new UsageError(`${verb}: --control-token ${(error as Error).message}`);
   }
 }
 
@@ -411,6 +414,64 @@ const VERBS: Record<string, Verb> = {
         throw new VerbError(`${s.verb}: ${file}: ${(error as Error).message}`);
       }
       s.print(shown.text, shown.json);
+    },
+  },
+  migrate: {
+    summary: '--source-qmp ADDR --source-control ADDR --target-qmp ADDR --target-control ADDR --uri tcp:HOST:PORT  (ADDR: unix:PATH or tcp:HOST:PORT)',
+    options: {
+      'source-qmp': { type: 'string' },
+      'source-control': { type: 'string' },
+      'target-qmp': { type: 'string' },
+      'target-control': { type: 'string' },
+      uri: { type: 'string' },
+      'timeout-ms': { type: 'string' },
+    },
+    local: true,
+    async run(s, p) {
+      const token = readToken(p, s.verb);
+      const options = {
+        sourceQmp: str(p, 'source-qmp', s.verb),
+        sourceControl: str(p, 'source-control', s.verb),
+        targetQmp: str(p, 'target-qmp', s.verb),
+        targetControl: str(p, 'target-control', s.verb),
+        uri: str(p, 'uri', s.verb),
+        ...(p.values['timeout-ms'] !== undefined ? { timeoutMs: num(p, 'timeout-ms', s.verb, 1000, 3_600_000) } : {}),
+        ...(token !== undefined ? { controlToken: token } : {}),
+        progress: (line: string) => process.stderr.write(`[migrate] ${line}\n`),
+      };
+      let figures;
+      try {
+        figures = await migrateVm(options);
+      } catch (error) {
+        throw new VerbError(`${s.verb}: ${(error as Error).message}`);
+      }
+      const text = [
+        `migrated in ${figures.totalMs.toFixed(0)} ms; VM downtime ${figures.vmDowntimeMs.toFixed(0)} ms (QEMU's RAM switchover ${figures.qemuDowntimeMs ?? '?'} ms); ${(figures.ramBytes / 2 ** 20).toFixed(1)} MiB of RAM`,
+        ...figures.devices.map(
+          (d) => `  ${d.virtualNqn} #${d.virtualCntlid}: suspended in ${d.quiesceMs.toFixed(1)} ms, state ${d.stateBytes} bytes, ${d.dmaWriteBytes} bytes through DMA_WRITE`,
+        ),
+      ].join('\n');
+      s.print(text, figures);
+    },
+  },
+  'migrate recover': {
+    summary: '--source-qmp ADDR --source-control ADDR  (put a source a dead migration left paused back into service)',
+    options: { 'source-qmp': { type: 'string' }, 'source-control': { type: 'string' } },
+    local: true,
+    async run(s, p) {
+      const token = readToken(p, s.verb);
+      let result;
+      try {
+        result = await recoverSource({
+          sourceQmp: str(p, 'source-qmp', s.verb),
+          sourceControl: str(p, 'source-control', s.verb),
+          ...(token !== undefined ? { controlToken: token } : {}),
+          progress: (line: string) => process.stderr.write(`[migrate recover] ${line}\n`),
+        });
+      } catch (error) {
+        throw new VerbError(`${s.verb}: ${(error as Error).message}`);
+      }
+      s.print(`source back in service; resumed controllers: ${result.resumed.join(', ') || 'none were suspended'}`, result);
     },
   },
   list: {

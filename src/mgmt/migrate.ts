@@ -1,0 +1,346 @@
+// Live migration of a running VM between two stock QEMU 11 processes, with its NVMe controllers
+// (qemu-11-facts §4): QEMU carries guest RAM but drops every vfio-user device, so this driver
+// carries the rest. From migration start the source servers route device writes through QEMU
+// (DMA_WRITE), so QEMU's dirty tracking sees them; at pre-switchover each secondary is suspended
+// and its state taken through its primary's Migration Send/Receive; after switchover the paused
+// destination gets the PCI configuration QEMU lost (BARs, command, MSI, the MSI-X table through
+// the destination server's own DMA_WRITE) and the state, then resumes. Anything failing before
+// the destination runs puts the source back into service with nothing lost.
+
+import { buildCommand, type CommandFields } from '../nvme/command.js';
+import { PrimaryOpcode, Status, statusName } from '../nvme/spec.js';
+import { CapId, Cfg, MsiCap, MsixCap } from '../pci/registers.js';
+import { MigrationSendSelect, SuspendType } from '../lm/spec.js';
+import { receiveState, sendState, type AdminSubmitter } from '../lm/state-transfer.js';
+import { ControlClient, parseControlAddress } from './control/client.js';
+import type { ControllerStatus } from './control/messages.js';
+import { findVfioUserDevices, type VfioUserDeviceInfo } from './qemu/devices.js';
+import { cont, migrate, migrateCancel, migrateContinue, migrateIncoming, queryMigrate, queryStatus, setMigrationCapabilities, waitForMigrationStatus } from './qemu/migration.js';
+import { readConfigSpace, writeConfig, type PciAddress } from './qemu/pci-config.js';
+import { QmpClient, type QmpEvent } from './qemu/qmp.js';
+
+export interface MigrateOptions {
+  sourceQmp: string;
+  sourceControl: string;
+  targetQmp: string;
+  targetControl: string;
+  /** Where the destination QEMU listens for the migration stream (tcp:HOST:PORT, unix:PATH). */
+  uri: string;
+  /** Token for control sockets on TCP. */
+  controlToken?: string;
+  /** One line per step. */
+  progress?: (line: string) => void;
+  timeoutMs?: number;
+}
+
+export interface DeviceFigures {
+  socket: string;
+  virtualNqn: string;
+  virtualCntlid: number;
+  sourceCntlid: number;
+  targetCntlid: number;
+  quiesceMs: number;
+  stateBytes: number;
+  dmaWriteBytes: number;
+}
+
+export interface MigrationFigures {
+  totalMs: number;
+  /** From the source's STOP event to the destination's RESUME event. */
+  vmDowntimeMs: number;
+  /** QEMU's own downtime figure (its view: RAM switchover only). */
+  qemuDowntimeMs: number | null;
+  ramBytes: number;
+  devices: DeviceFigures[];
+}
+
+/** One vfio-user device of the VM: where it is on each side and which controller serves it. */
+interface Pairing {
+  socket: string;
+  source: VfioUserDeviceInfo & { address: PciAddress };
+  target: VfioUserDeviceInfo & { address: PciAddress };
+  sourceController: ControllerStatus;
+  targetController: ControllerStatus;
+  /** Taken at pre-switchover. */
+  config?: Buffer;
+  msixTable?: Uint8Array;
+  state?: Uint8Array;
+  quiesceMs?: number;
+  dmaWriteBytes?: number;
+}
+
+export class MigrationError extends Error {}
+
+const stamp = (e: QmpEvent): number => e.timestamp.seconds * 1000 + e.timestamp.microseconds / 1000;
+
+function adminSubmitter(control: ControlClient): AdminSubmitter {
+  return async (fields: CommandFields, data?: Uint8Array) => {
+    const response = await control.request({ admin: { command: buildCommand(fields), ...(data ? { data } : {}) } });
+    if (response.error) throw new MigrationError(response.error);
+    const result = response.admin!;
+    if (result.status !== 0) throw new AdminFailure(result.status, `${result.statusName || statusName(result.status)}${result.detail ? `: ${result.detail}` : ''}`);
+    return { dw0: result.dw0, data: result.data };
+  };
+}
+
+class AdminFailure extends MigrationError {
+  constructor(
+    readonly status: number,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+const suspendCommand = (cntlid: number): CommandFields => ({ opcode: PrimaryOpcode.MIGRATION_SEND, cdw10: MigrationSendSelect.SUSPEND, cdw11: (SuspendType.SUSPEND << 16) | cntlid });
+const resumeCommand = (cntlid: number): CommandFields => ({ opcode: PrimaryOpcode.MIGRATION_SEND, cdw10: MigrationSendSelect.RESUME, cdw11: cntlid });
+
+async function resumeIfSuspended(admin: AdminSubmitter, cntlid: number): Promise<void> {
+  try {
+    await admin(resumeCommand(cntlid));
+  } catch (error) {
+    if (!(error instanceof AdminFailure && (error.status & 0x7ff) === (Status.CONTROLLER_NOT_SUSPENDED & 0x7ff))) throw error;
+  }
+}
+
+async function connectControl(address: string, token: string | undefined): Promise<ControlClient> {
+  return ControlClient.connect(parseControlAddress(address), token !== undefined ? { token } : {});
+}
+
+async function status(control: ControlClient): Promise<ControllerStatus[]> {
+  const response = await control.request({ status: {} });
+  if (response.error) throw new MigrationError(response.error);
+  return response.status!.controllers;
+}
+
+/** Matches the VM's vfio-user devices with their controllers on both sides by socket and virtual identity. */
+async function pairDevices(sourceQmp: QmpClient, targetQmp: QmpClient, sourceControl: ControlClient, targetControl: ControlClient): Promise<Pairing[]> {
+  const [sourceDevices, targetDevices, sourceControllers, targetControllers] = await Promise.all([
+    findVfioUserDevices(sourceQmp),
+    findVfioUserDevices(targetQmp),
+    status(sourceControl),
+    status(targetControl),
+  ]);
+  const pairings: Pairing[] = [];
+  for (const device of sourceDevices) {
+    const sourceController = sourceControllers.find((c) => c.socket !== '' && c.socket === device.socketPath);
+    if (!sourceController) continue; // another server's device: not ours to move
+    if (!device.address) throw new MigrationError(`${device.qomPath} has no PCI address yet`);
+    if (sourceController.role !== 'secondary' || !sourceController.virtualNqn) {
+      throw new MigrationError(`${device.socketPath} is controller ${sourceController.cntlid}, not a secondary in a virtual subsystem: it cannot move`);
+    }
+    const targetController = targetControllers.find((c) => c.virtualNqn === sourceController.virtualNqn && c.virtualCntlid === sourceController.virtualCntlid);
+    if (!targetController) throw new MigrationError(`the destination server has no controller ${sourceController.virtualCntlid} of ${sourceController.virtualNqn}`);
+    if (!targetController.online || !targetController.socket) throw new MigrationError(`destination controller ${targetController.cntlid} is not online and exported`);
+    const target = targetDevices.find((d) => d.socketPath === targetController.socket);
+    if (!target?.address) throw new MigrationError(`the destination VM has no device on ${targetController.socket}`);
+    if (target.devfn !== device.devfn || target.parentBus !== device.parentBus) {
+      throw new MigrationError(`${device.socketPath} sits at ${device.parentBus}/${device.devfn} on the source but ${target.parentBus}/${target.devfn} on the destination`);
+    }
+    pairings.push({ socket: device.socketPath!, source: device as Pairing['source'], target: target as Pairing['target'], sourceController, targetController });
+  }
+  if (pairings.length === 0) throw new MigrationError('the source VM has no vfio-user device served by the source control socket');
+  return pairings;
+}
+
+/** Capability offsets in a config space copy. */
+function capabilities(config: Buffer): Map<number, number> {
+  const found = new Map<number, number>();
+  for (let at = config[Cfg.CAPABILITY_LIST]! & 0xfc, hops = 0; at !== 0 && hops < 48; at = config[at + 1]! & 0xfc, hops++) found.set(config[at]!, at);
+  return found;
+}
+
+/** Where the MSI-X table is, from a config space and the BAR addresses QEMU reported. */
+function msixTable(config: Buffer, device: VfioUserDeviceInfo): { address: number; bytes: number } | null {
+  const cap = capabilities(config).get(CapId.MSIX);
+  if (cap === undefined) return null;
+  const entries = (config.readUInt16LE(cap + MsixCap.CONTROL) & MsixCap.CTRL_TABLE_SIZE_MASK) + 1;
+  const table = config.readUInt32LE(cap + MsixCap.TABLE);
+  const bar = device.bars.find((b) => b.index === (table & 0x7));
+  if (!bar?.address) return null;
+  return { address: bar.address + (table & ~0x7), bytes: entries * MsixCap.TABLE_ENTRY_SIZE };
+}
+
+/**
+ * Writes what QEMU's copy of the function's config held on the source into the paused
+ * destination: BARs first, then the command register, MSI (enable last), the MSI-X table (through
+ * the server, as no monitor command writes MMIO) and finally MSI-X control.
+ */
+async function replayConfig(qmp: QmpClient, targetControl: ControlClient, p: Pairing): Promise<void> {
+  const config = p.config!;
+  const address = p.target.address;
+  for (let bar = Cfg.BAR0; bar <= Cfg.BAR0 + 0x14; bar += 4) await writeConfig(qmp, address, bar, 4, config.readUInt32LE(bar));
+  await writeConfig(qmp, address, Cfg.COMMAND, 2, config.readUInt16LE(Cfg.COMMAND));
+  const caps = capabilities(config);
+  const msi = caps.get(CapId.MSI);
+  if (msi !== undefined) {
+    const control = config.readUInt16LE(msi + MsiCap.CONTROL);
+    await writeConfig(qmp, address, msi + MsiCap.ADDRESS_LO, 4, config.readUInt32LE(msi + MsiCap.ADDRESS_LO));
+    await writeConfig(qmp, address, msi + MsiCap.ADDRESS_HI, 4, config.readUInt32LE(msi + MsiCap.ADDRESS_HI));
+    await writeConfig(qmp, address, msi + MsiCap.DATA, 2, config.readUInt16LE(msi + MsiCap.DATA));
+    if (control & MsiCap.CTRL_PER_VECTOR_MASK) await writeConfig(qmp, address, msi + MsiCap.MASK, 4, config.readUInt32LE(msi + MsiCap.MASK));
+    await writeConfig(qmp, address, msi + MsiCap.CONTROL, 2, control);
+  }
+  const msix = caps.get(CapId.MSIX);
+  if (msix !== undefined && p.msixTable) {
+    const table = msixTable(config, p.source)!;
+    const response = await targetControl.request({ clientMemory: { cntlid: p.targetController.cntlid, address: table.address, writeData: p.msixTable } });
+    if (response.error) throw new MigrationError(`MSI-X table replay: ${response.error}`);
+    await writeConfig(qmp, address, msix + MsixCap.CONTROL, 2, config.readUInt16LE(msix + MsixCap.CONTROL));
+  }
+}
+
+/** Migrates the VM; resolves with the figures once the destination runs. */
+export async function migrateVm(o: MigrateOptions): Promise<MigrationFigures> {
+  const started = performance.now();
+  const say = o.progress ?? (() => undefined);
+  const timeoutMs = o.timeoutMs ?? 120_000;
+  const sourceQmp = await QmpClient.connect(o.sourceQmp);
+  const targetQmp = await QmpClient.connect(o.targetQmp);
+  const sourceControl = await connectControl(o.sourceControl, o.controlToken);
+  const targetControl = await connectControl(o.targetControl, o.controlToken);
+  const sourceAdmin = adminSubmitter(sourceControl);
+  const targetAdmin = adminSubmitter(targetControl);
+  let pairings: Pairing[] = [];
+  let destinationRuns = false;
+  try {
+    const targetState = (await queryStatus(targetQmp)).status;
+    if (targetState !== 'inmigrate') throw new MigrationError(`the destination QEMU is '${targetState}': start it with -incoming defer and -S`);
+    pairings = await pairDevices(sourceQmp, targetQmp, sourceControl, targetControl);
+    say(`${pairings.length} NVMe controller(s): ${pairings.map((p) => `${p.sourceController.virtualNqn}#${p.sourceController.virtualCntlid} (source ${p.sourceController.cntlid} -> destination ${p.targetController.cntlid})`).join(', ')}`);
+    await setMigrationCapabilities(sourceQmp, { events: true, 'pause-before-switchover': true });
+    await setMigrationCapabilities(targetQmp, { events: true });
+    await migrateIncoming(targetQmp, o.uri);
+    // From here on QEMU tracks dirty RAM: device writes must pass through it.
+    for (const p of pairings) await request(sourceControl, { writeThrough: { cntlid: p.sourceController.cntlid, on: true } });
+    const before = new Map((await status(sourceControl)).map((c) => [c.cntlid, c.dmaWriteBytes]));
+    const stopSeen = sourceQmp.waitForEvent('STOP', undefined, timeoutMs);
+    const cursor = await migrate(sourceQmp, o.uri);
+    say(`migrating RAM to ${o.uri}`);
+    await waitForMigrationStatus(sourceQmp, 'pre-switchover', { since: cursor, timeoutMs });
+    const stopAt = stamp(await stopSeen);
+    say('pre-switchover: vCPUs stopped; suspending the controllers');
+    for (const p of pairings) {
+      const t0 = performance.now();
+      await sourceAdmin(suspendCommand(p.sourceController.cntlid));
+      p.quiesceMs = performance.now() - t0;
+      p.state = (await receiveState(sourceAdmin, p.sourceController.cntlid)).bytes;
+      p.config = await readConfigSpace(sourceQmp, p.source.address);
+      const table = msixTable(p.config, p.source);
+      if (table) {
+        const response = await sourceControl.request({ clientMemory: { cntlid: p.sourceController.cntlid, address: table.address, readLength: table.bytes } });
+        if (response.error) throw new MigrationError(`MSI-X table read: ${response.error}`);
+        p.msixTable = response.data!;
+      }
+      say(`controller ${p.sourceController.cntlid}: suspended in ${p.quiesceMs.toFixed(1)} ms, state ${p.state.length} bytes`);
+    }
+    const after = await status(sourceControl);
+    for (const p of pairings) p.dmaWriteBytes = (after.find((c) => c.cntlid === p.sourceController.cntlid)?.dmaWriteBytes ?? 0) - (before.get(p.sourceController.cntlid) ?? 0);
+    const continued = await migrateContinue(sourceQmp);
+    await waitForMigrationStatus(sourceQmp, 'completed', { since: continued, timeoutMs });
+    const targetCompleted = await waitForTargetPaused(targetQmp, timeoutMs);
+    if (!targetCompleted) throw new MigrationError('the destination did not finish loading the migration');
+    say('RAM switched over; loading the controllers on the destination');
+    for (const p of pairings) {
+      await replayConfig(targetQmp, targetControl, p);
+      await targetAdmin(suspendCommand(p.targetController.cntlid));
+      await sendState(targetAdmin, p.targetController.cntlid, p.state!);
+      await targetAdmin(resumeCommand(p.targetController.cntlid));
+    }
+    const resumed = targetQmp.waitForEvent('RESUME', undefined, timeoutMs);
+    await cont(targetQmp);
+    destinationRuns = true;
+    const resumeAt = stamp(await resumed);
+    const info = await queryMigrate(sourceQmp);
+    const figures: MigrationFigures = {
+      totalMs: performance.now() - started,
+      vmDowntimeMs: resumeAt - stopAt,
+      qemuDowntimeMs: info.downtimeMs ?? null,
+      ramBytes: info.ram?.transferredBytes ?? 0,
+      devices: pairings.map((p) => ({
+        socket: p.socket,
+        virtualNqn: p.sourceController.virtualNqn,
+        virtualCntlid: p.sourceController.virtualCntlid,
+        sourceCntlid: p.sourceController.cntlid,
+        targetCntlid: p.targetController.cntlid,
+        quiesceMs: p.quiesceMs!,
+        stateBytes: p.state!.length,
+        dmaWriteBytes: p.dmaWriteBytes!,
+      })),
+    };
+    say(`destination runs: downtime ${figures.vmDowntimeMs.toFixed(0)} ms, total ${figures.totalMs.toFixed(0)} ms`);
+    return figures;
+  } catch (error) {
+    if (!destinationRuns) {
+      say(`failed: ${(error as Error).message}; putting the source back into service`);
+      await restoreSource(sourceQmp, sourceControl, sourceAdmin, pairings.map((p) => p.sourceController.cntlid), say).catch((restoreError: unknown) => {
+        say(`could not restore the source: ${(restoreError as Error).message}`);
+      });
+    }
+    throw error;
+  } finally {
+    for (const c of [sourceQmp, targetQmp]) c.close();
+    for (const c of [sourceControl, targetControl]) c.close();
+  }
+}
+
+async function request(control: ControlClient, operation: Parameters<ControlClient['request']>[0]): Promise<void> {
+  const response = await control.request(operation);
+  if (response.error) throw new MigrationError(response.error);
+}
+
+/** After switchover the destination loads the stream and stays paused (-S). */
+async function waitForTargetPaused(qmp: QmpClient, timeoutMs: number): Promise<boolean> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const { status: s } = await queryMigrate(qmp);
+    const run = (await queryStatus(qmp)).status;
+    if (s === 'completed' && run !== 'inmigrate') return true;
+    if (s === 'failed' || s === 'cancelled') return false;
+    if (Date.now() > deadline) return false;
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
+/**
+ * Back into service: no migration in flight, the controllers resumed with their state (never
+ * sent anywhere that runs), writes no longer routed through QEMU, and the VM running.
+ */
+async function restoreSource(qmp: QmpClient, control: ControlClient, admin: AdminSubmitter, cntlids: number[], say: (line: string) => void): Promise<void> {
+  const info = await queryMigrate(qmp);
+  if (['setup', 'active', 'pre-switchover', 'device', 'postcopy-active'].includes(info.status)) {
+    const cursor = await migrateCancel(qmp);
+    await waitForMigrationStatus(qmp, ['cancelled', 'failed'], { since: cursor, timeoutMs: 30_000 }).catch(() => undefined);
+    say('migration cancelled');
+  }
+  for (const cntlid of cntlids) {
+    await resumeIfSuspended(admin, cntlid);
+    const response = await control.request({ writeThrough: { cntlid, on: false } });
+    if (response.error) say(`controller ${cntlid}: ${response.error}`);
+  }
+  const run = (await queryStatus(qmp)).status;
+  if (run !== 'running') {
+    await cont(qmp);
+    say(`source VM continued (it was ${run})`);
+  }
+}
+
+/**
+ * `migrate recover`: a source left paused by an orchestrator that died is put back into service.
+ * Controllers of this VM that are suspended resume (they were never loaded anywhere that runs).
+ */
+export async function recoverSource(o: { sourceQmp: string; sourceControl: string; controlToken?: string; progress?: (line: string) => void }): Promise<{ resumed: number[] }> {
+  const say = o.progress ?? (() => undefined);
+  const qmp = await QmpClient.connect(o.sourceQmp);
+  const control = await connectControl(o.sourceControl, o.controlToken);
+  try {
+    const [devices, controllers] = await Promise.all([findVfioUserDevices(qmp), status(control)]);
+    const ours = controllers.filter((c) => c.socket !== '' && devices.some((d) => d.socketPath === c.socket));
+    if (ours.length === 0) throw new MigrationError('the VM has no vfio-user device served by this control socket');
+    await restoreSource(qmp, control, adminSubmitter(control), ours.map((c) => c.cntlid), say);
+    return { resumed: ours.filter((c) => c.runState !== 'running').map((c) => c.cntlid) };
+  } finally {
+    qmp.close();
+    control.close();
+  }
+}
