@@ -183,6 +183,8 @@ for (const interrupts of ['msix', 'msi'] as const) {
         expect(hop.figures.devices).toHaveLength(1);
         expect(hop.figures.devices[0]!.stateBytes).toBeGreaterThan(48);
       }
+      // The device's writes during the RAM copy went through QEMU (so its dirty tracking saw them).
+      expect(result.hops.reduce((n, h) => n + h.figures.devices[0]!.dmaWriteBytes, 0)).toBeGreaterThan(0);
     });
 
     it('every round of verified I/O passes, before, across and after every hop', () => {
