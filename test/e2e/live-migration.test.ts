@@ -14,6 +14,8 @@ import { Vm } from './vm.js';
 import { fields, HELPERS } from './shell.js';
 import { startServe, type Served } from '../support/serve.js';
 import { cli, runCli } from '../support/cli.js';
+import { QmpClient } from '../../src/mgmt/qemu/qmp.js';
+import { queryStatus } from '../../src/mgmt/qemu/migration.js';
 
 const VNQN = 'nqn.2026-11.io.example:migrating-vm';
 const DISK_MIB = 128;
@@ -209,3 +211,90 @@ for (const interrupts of ['msix', 'msi'] as const) {
     });
   });
 }
+
+describe('a migration that fails before the destination runs never loses the VM', () => {
+  it('destination QEMU killed mid-migration, orchestrator killed at pre-switchover (then migrate recover), destination refusing the state: the VM keeps running on the source, verified', async () => {
+    const disk = join(dir, 'disk-abort.img');
+    const a = await side('a', 1, disk, []);
+    const b = await side('b', 2, disk, []);
+    const stopMarker = 'NVU-STOP-ABORT';
+    const script = workload(stopMarker);
+    const vm = await Vm.start({ name: 'vm-abort', script, vfioUserSockets: [a.socket], memMiB: 384 });
+    const attempt = async (what: string, onLine: (line: string, target: Vm, orchestrator: import('node:child_process').ChildProcess) => void) => {
+      await vm.waitForLine(/^round\.\d+=/, 240_000, vm.lines.length);
+      await new Promise((r) => setTimeout(r, 1500));
+      const target = await Vm.start({ name: `target-${what}`, script, vfioUserSockets: [b.socket], memMiB: 384, incoming: true });
+      const port = await freePort();
+      const run = await runCli(
+        ['migrate', '--source-qmp', `unix:${vm.qmpPath}`, '--source-control', a.control, '--target-qmp', `unix:${target.qmpPath}`, '--target-control', b.control, '--uri', `tcp:127.0.0.1:${port}`],
+        { timeoutMs: 240_000, onStderrLine: (line, child) => onLine(line, target, child) },
+      );
+      await target.kill();
+      console.error(`[e2e migration abort] ${what}: exit ${run.code ?? run.signal}\n${run.stderr}`);
+      return run;
+    };
+    try {
+      // 1. The destination QEMU dies while RAM is being copied.
+      const killed = await attempt('destination killed', (line, target) => {
+        if (line.includes('migrating RAM')) void target.kill();
+      });
+      expect(killed.code).toBe(1);
+      expect(killed.stderr).toMatch(/putting the source back into service/);
+      // 2. The orchestrator itself dies at pre-switchover: the source is left paused with its
+      //    controller suspended, until `migrate recover`.
+      const dead = await attempt('orchestrator killed', (line, _target, orchestrator) => {
+        // Dead after the suspend, with the VM paused at pre-switchover: the hardest state to leave.
+        if (/controller \d+: suspended in/.test(line)) orchestrator.kill('SIGKILL');
+      });
+      expect(dead.code).toBeNull();
+      const stuck = JSON.parse(await cli(['list', '--control', a.control, '--json'])) as { controllers: { cntlid: number; runState: string }[] };
+      expect(stuck.controllers.find((c) => c.cntlid === 1)!.runState).toBe('suspended');
+      // QEMU's QMP socket takes one client at a time: look, then make room for `migrate recover`.
+      const running = async (): Promise<boolean> => {
+        const qmp = await QmpClient.connect(`unix:${vm.qmpPath}`);
+        try {
+          return (await queryStatus(qmp)).running;
+        } finally {
+          qmp.close();
+        }
+      };
+      expect(await running()).toBe(false);
+      const recovered = await runCli(['migrate', 'recover', '--source-qmp', `unix:${vm.qmpPath}`, '--source-control', a.control]);
+      if (recovered.code !== 0) console.error(recovered.stderr);
+      expect(recovered.code).toBe(0);
+      expect(recovered.stdout).toMatch(/back in service; resumed controllers: 1/);
+      expect(await running()).toBe(true);
+      // 3. The destination refuses the state: its controller has fewer queues than the VM uses.
+      const c = ['--control', b.control];
+      await cli(['ctrl', 'offline', ...c, '--ctrl', '2']);
+      await cli(['ctrl', 'assign', ...c, '--ctrl', '2', '--vq', '2', '--vi', '3']);
+      await cli(['ctrl', 'online', ...c, '--ctrl', '2']);
+      const refused = await attempt('state refused', () => undefined);
+      expect(refused.code).toBe(1);
+      expect(refused.stderr).toMatch(/NOT_ENOUGH_RESOURCES/);
+      expect(refused.stderr).toMatch(/putting the source back into service/);
+      // The VM never stopped being ours: verified rounds go on, on the same QEMU.
+      const roundsAfter = vm.lines.filter((l) => /^round\.\d+=/.test(l)).length;
+      await vm.waitForLine(/^round\.\d+=/, 240_000, vm.lines.length);
+      const fd = openSync(disk, 'r+');
+      try {
+        const { writeSync } = await import('node:fs');
+        writeSync(fd, Buffer.from(stopMarker), 0, stopMarker.length, DISK_MIB * 1024 * 1024 - 4096);
+      } finally {
+        closeSync(fd);
+      }
+      await vm.waitForLine(/@@NVTEST-EXIT 0@@/, 240_000);
+      const output = vm.lines.join('\n');
+      const rounds = [...output.matchAll(/^round\.\d+=(\d+),(\d*),\d+$/gm)].map((m) => [m[1], m[2]]);
+      expect(rounds.length).toBeGreaterThan(roundsAfter);
+      for (const r of rounds) expect(r).toEqual(['0', '0']);
+      expect(fields(output).get('kernel.nvme_trouble')).toBe('0');
+      const sha = createHash('sha256').update(readRange(disk, 1024 * 64 * 1024, 32 * 64 * 1024)).digest('hex');
+      expect(sha).toBe(fields(output).get('pattern.sha'));
+    } finally {
+      await vm.kill();
+      await a.server.stop();
+      await b.server.stop();
+    }
+  }, 900_000);
+});

@@ -1,30 +1,43 @@
 // Runs the management verbs of the real `nvme-vfio-user` command against a server's control socket.
 
-import { spawn } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import { join } from 'node:path';
 import { repoRoot } from './server-process.js';
 
 export interface CliResult {
   code: number | null;
+  signal: NodeJS.Signals | null;
   stdout: string;
   stderr: string;
 }
 
 /** `nvme-vfio-user ARGS...` from this checkout's sources; resolves when it exits. */
-export function runCli(args: string[], options: { stdin?: Uint8Array; timeoutMs?: number } = {}): Promise<CliResult> {
+export function runCli(
+  args: string[],
+  options: { stdin?: Uint8Array; timeoutMs?: number; onStderrLine?: (line: string, child: ChildProcess) => void } = {},
+): Promise<CliResult> {
   return new Promise((resolve, reject) => {
     const child = spawn(process.execPath, ['--import', 'tsx', join(repoRoot, 'src', 'cli.ts'), ...args], { cwd: repoRoot, stdio: ['pipe', 'pipe', 'pipe'] });
     let stdout = '';
     let stderr = '';
     child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    let partial = '';
+    child.stderr.on('data', (d: Buffer) => {
+      stderr += d.toString();
+      partial += d.toString();
+      let i: number;
+      while ((i = partial.indexOf('\n')) >= 0) {
+        options.onStderrLine?.(partial.slice(0, i), child);
+        partial = partial.slice(i + 1);
+      }
+    });
     const timer = setTimeout(() => {
       child.kill('SIGKILL');
       reject(new Error(`nvme-vfio-user ${args.join(' ')} did not finish: ${stderr}`));
     }, options.timeoutMs ?? 20_000);
-    child.on('exit', (code) => {
+    child.on('exit', (code, signal) => {
       clearTimeout(timer);
-      resolve({ code, stdout, stderr });
+      resolve({ code, signal, stdout, stderr });
     });
     child.stdin.end(options.stdin ?? new Uint8Array(0));
   });
