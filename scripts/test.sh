@@ -8,6 +8,7 @@ bash scripts/ensure-deps.sh
 echo "[test] QEMU and guest harness" >&2
 bash scripts/setup-qemu.sh >&2
 bash scripts/build-guest.sh >&2
+bash scripts/ensure-tools.sh
 echo "[test] typecheck" >&2
 npx tsc -p tsconfig.json --noEmit
 report=$(mktemp)

@@ -8,6 +8,7 @@ import { createHash } from 'node:crypto';
 import { closeSync, mkdtempSync, openSync, readSync, rmSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
+import { spawnSync } from 'node:child_process';
 import { join } from 'node:path';
 import { ensureHarness } from './guest.js';
 import { Vm } from './vm.js';
@@ -70,21 +71,40 @@ echo kernel.nvme_trouble=$(dmesg | grep -ciE 'nvme.*(timeout|reset|I/O error|abo
 interface Side {
   name: 'a' | 'b';
   server: Served;
+  /** How the orchestrator and the CLI reach its control socket (with the token on TCP). */
   control: string;
+  controlArgs: string[];
   socket: string;
+  placement: Placement | undefined;
 }
 
-async function side(name: 'a' | 'b', cntlid: number, disk: string, extra: string[]): Promise<Side> {
-  const control = join(dir, `${name}-control.sock`);
+/** Another "host": a network namespace with an address the orchestrator reaches and one the peer reaches. */
+interface Placement {
+  netns: string;
+  /** Where its control socket and QEMU's QMP listen (reached from the orchestrator's namespace). */
+  managementAddress: string;
+  /** Where its QEMU listens for an incoming migration (reached from the other host). */
+  migrationAddress: string;
+}
+
+let tokenFile: string | undefined;
+
+async function side(name: 'a' | 'b', cntlid: number, disk: string, extra: string[], placement?: Placement): Promise<Side> {
+  const control = placement ? `tcp:${placement.managementAddress}:${7000 + cntlid}` : join(dir, `${name}-control.sock`);
   const socket = join(dir, `${name}-vm.sock`);
-  const server = await startServe(['--secondaries', '2', '--control', control, '--namespace', `file=${disk},size=${DISK_MIB}M`, ...extra], `control on ${control}`);
-  const c = ['--control', control];
-  await cli(['vsubsys', 'create', ...c, '--virtual-nqn', VNQN]);
-  await cli(['vsubsys', 'add', ...c, '--virtual-nqn', VNQN, '--ctrl', String(cntlid), '--vcid', '1']);
-  await cli(['ctrl', 'assign', ...c, '--ctrl', String(cntlid), '--vq', '3', '--vi', '3']);
-  await cli(['ctrl', 'online', ...c, '--ctrl', String(cntlid)]);
-  await cli(['ctrl', 'export', ...c, '--ctrl', String(cntlid), '--socket', socket]);
-  return { name, server, control, socket };
+  if (placement && !tokenFile) {
+    tokenFile = join(dir, 'control.token');
+    const { writeFileSync } = await import('node:fs');
+    writeFileSync(tokenFile, `${createHash('sha256').update(String(Math.random())).digest('hex')}\n`, { mode: 0o600 });
+  }
+  const controlArgs = ['--control', control, ...(placement ? ['--control-token', tokenFile!] : [])];
+  const server = await startServe(['--secondaries', '2', ...controlArgs, '--namespace', `file=${disk},size=${DISK_MIB}M`, ...extra], 'control on ', 15_000, placement?.netns);
+  await cli(['vsubsys', 'create', ...controlArgs, '--virtual-nqn', VNQN]);
+  await cli(['vsubsys', 'add', ...controlArgs, '--virtual-nqn', VNQN, '--ctrl', String(cntlid), '--vcid', '1']);
+  await cli(['ctrl', 'assign', ...controlArgs, '--ctrl', String(cntlid), '--vq', '3', '--vi', '3']);
+  await cli(['ctrl', 'online', ...controlArgs, '--ctrl', String(cntlid)]);
+  await cli(['ctrl', 'export', ...controlArgs, '--ctrl', String(cntlid), '--socket', socket]);
+  return { name, server, control, controlArgs, socket, placement };
 }
 
 interface HopResult {
@@ -93,16 +113,28 @@ interface HopResult {
 }
 
 /** Runs the VM on A, migrates it HOPS times between A and B, then stops the workload. */
-async function migrateBackAndForth(hops: number, interrupts: 'msix' | 'msi'): Promise<{ lines: string[]; hops: HopResult[]; disk: string; sides: Side[] }> {
-  const disk = join(dir, `disk-${interrupts}.img`);
+async function migrateBackAndForth(
+  hops: number,
+  interrupts: 'msix' | 'msi',
+  network?: { a: Placement; b: Placement },
+): Promise<{ lines: string[]; hops: HopResult[]; disk: string; sides: Side[] }> {
+  const label = `${interrupts}${network ? '-hosts' : ''}`;
+  const disk = join(dir, `disk-${label}.img`);
   const extra = interrupts === 'msi' ? ['--interrupts', 'msi'] : [];
-  const a = await side('a', 1, disk, extra);
-  const b = await side('b', 2, disk, extra);
-  const stopMarker = `NVU-STOP-${interrupts}`;
+  const a = await side('a', 1, disk, extra, network?.a);
+  const b = await side('b', 2, disk, extra, network?.b);
+  const stopMarker = `NVU-STOP-${label}`;
   const script = workload(stopMarker);
   const lines: string[] = [];
   const results: HopResult[] = [];
-  let vm = await Vm.start({ name: 'vm-a0', script, vfioUserSockets: [a.socket], memMiB: 384 });
+  let qmpPort = 7100;
+  /** QEMU's QMP as the orchestrator reaches it: over TCP from another namespace, or its unix socket. */
+  const startVm = async (name: string, on: Side, incoming: boolean): Promise<{ vm: Vm; qmp: string }> => {
+    const tcp = on.placement ? `${on.placement.managementAddress}:${qmpPort++}` : undefined;
+    const vm = await Vm.start({ name, script, vfioUserSockets: [on.socket], memMiB: 384, incoming, ...(on.placement ? { netns: on.placement.netns, qmpTcp: tcp } : {}) });
+    return { vm, qmp: tcp ? `tcp:${tcp}` : `unix:${vm.qmpPath}` };
+  };
+  let { vm, qmp } = await startVm('vm-a0', a, false);
   vm.onLine((l) => lines.push(l));
   let here = a;
   try {
@@ -112,15 +144,16 @@ async function migrateBackAndForth(hops: number, interrupts: 'msix' | 'msi'): Pr
       const rounds = lines.filter((l) => /^round\.\d+=/.test(l)).length;
       await vm.waitForLine(/^round\.\d+=/, 240_000, vm.lines.length);
       await new Promise((r) => setTimeout(r, 1500 + Math.random() * 2000)); // into the next round
-      const port = await freePort();
-      const target = await Vm.start({ name: `vm-${there.name}${hop + 1}`, script, vfioUserSockets: [there.socket], memMiB: 384, incoming: true });
+      const port = there.placement ? 7200 + hop : await freePort();
+      const { vm: target, qmp: targetQmp } = await startVm(`vm-${there.name}${hop + 1}`, there, true);
       const run = await runCli([
         'migrate',
-        '--source-qmp', `unix:${vm.qmpPath}`,
+        '--source-qmp', qmp,
         '--source-control', here.control,
-        '--target-qmp', `unix:${target.qmpPath}`,
+        '--target-qmp', targetQmp,
         '--target-control', there.control,
-        '--uri', `tcp:127.0.0.1:${port}`,
+        '--uri', `tcp:${there.placement?.migrationAddress ?? '127.0.0.1'}:${port}`,
+        ...(tokenFile && here.placement ? ['--control-token', tokenFile] : []),
         '--json',
       ], { timeoutMs: 240_000 });
       if (run.code !== 0) {
@@ -128,11 +161,12 @@ async function migrateBackAndForth(hops: number, interrupts: 'msix' | 'msi'): Pr
         throw new Error(`hop ${hop + 1} failed (${run.code}): ${run.stderr}\n${here.server.log()}\n${there.server.log()}`);
       }
       results.push({ figures: JSON.parse(run.stdout) as HopResult['figures'], roundsBefore: rounds });
-      console.error(`[e2e migration ${interrupts}] hop ${hop + 1}: ${run.stderr.split('\n').filter((l) => l.includes('downtime')).join(' ')}`);
+      console.error(`[e2e migration ${label}] hop ${hop + 1}: ${run.stderr.split('\n').filter((l) => l.includes('downtime')).join(' ')}`);
       target.onLine((l) => lines.push(l));
       // The source QEMU stays in postmigrate: end it, so its server's socket can take the next VM.
       await vm.kill();
       vm = target;
+      qmp = targetQmp;
       here = there;
     }
     await vm.waitForLine(/^round\.\d+=/, 240_000, vm.lines.length);
@@ -175,7 +209,7 @@ for (const interrupts of ['msix', 'msi'] as const) {
       rounds = [...output.matchAll(/^round\.\d+=(\d+),(\d*),(\d+)$/gm)].map((m) => ({ rc: m[1]!, errors: m[2]!, irqs: Number(m[3]) }));
       console.error(`[e2e migration ${interrupts}] rounds: ${rounds.map((r) => `${r.rc}/${r.errors}/${r.irqs}`).join(' ')}`);
       for (const s of result.sides) await s.server.stop();
-    }, 1_500_000);
+    }, Math.max(1_500_000, HOPS * 60_000));
 
     it('every hop completes with the figures the orchestrator reports', () => {
       expect(result.hops).toHaveLength(interrupts === 'msix' ? HOPS : 2);
@@ -265,7 +299,7 @@ describe('a migration that fails before the destination runs never loses the VM'
       expect(recovered.stdout).toMatch(/back in service; resumed controllers: 1/);
       expect(await running()).toBe(true);
       // 3. The destination refuses the state: its controller has fewer queues than the VM uses.
-      const c = ['--control', b.control];
+      const c = b.controlArgs;
       await cli(['ctrl', 'offline', ...c, '--ctrl', '2']);
       await cli(['ctrl', 'assign', ...c, '--ctrl', '2', '--vq', '2', '--vi', '3']);
       await cli(['ctrl', 'online', ...c, '--ctrl', '2']);
@@ -297,4 +331,75 @@ describe('a migration that fails before the destination runs never loses the VM'
       await b.server.stop();
     }
   }, 900_000);
+});
+
+/** Two "hosts" on this machine: network namespaces joined to the orchestrator's and to each other. */
+function makeHosts(): { a: Placement; b: Placement; remove(): void } {
+  const run = (args: string): void => {
+    const r = spawnSync('ip', args.split(' '), { encoding: 'utf8' });
+    if (r.status !== 0) throw new Error(`ip ${args}: ${r.stderr || r.error?.message}`);
+  };
+  const remove = (): void => {
+    for (const ns of ['nvu-host-a', 'nvu-host-b']) spawnSync('ip', ['netns', 'del', ns]);
+    for (const link of ['nvu-ra', 'nvu-rb']) spawnSync('ip', ['link', 'del', link]);
+  };
+  remove();
+  run('netns add nvu-host-a');
+  run('netns add nvu-host-b');
+  for (const ns of ['nvu-host-a', 'nvu-host-b']) run(`-n ${ns} link set lo up`);
+  // Orchestrator <-> a, orchestrator <-> b, a <-> b (the migration stream).
+  const link = (left: string, leftNs: string | null, leftIp: string, right: string, rightNs: string, rightIp: string): void => {
+    run(`link add ${left} type veth peer name ${right}`);
+    run(`link set ${right} netns ${rightNs}`);
+    if (leftNs) run(`link set ${left} netns ${leftNs}`);
+    const n = (ns: string | null): string => (ns ? `-n ${ns} ` : '');
+    run(`${n(leftNs)}addr add ${leftIp}/24 dev ${left}`);
+    run(`${n(rightNs)}addr add ${rightIp}/24 dev ${right}`);
+    run(`${n(leftNs)}link set ${left} up`);
+    run(`${n(rightNs)}link set ${right} up`);
+  };
+  link('nvu-ra', null, '10.77.1.1', 'nvu-ar', 'nvu-host-a', '10.77.1.2');
+  link('nvu-rb', null, '10.77.2.1', 'nvu-br', 'nvu-host-b', '10.77.2.2');
+  link('nvu-ab', 'nvu-host-a', '10.77.3.1', 'nvu-ba', 'nvu-host-b', '10.77.3.2');
+  return {
+    a: { netns: 'nvu-host-a', managementAddress: '10.77.1.2', migrationAddress: '10.77.3.1' },
+    b: { netns: 'nvu-host-b', managementAddress: '10.77.2.2', migrationAddress: '10.77.3.2' },
+    remove,
+  };
+}
+
+describe('across two hosts (network namespaces): control and QMP over TCP with a token, the migration stream between them', () => {
+  let result: Awaited<ReturnType<typeof migrateBackAndForth>>;
+  let hosts: ReturnType<typeof makeHosts>;
+
+  beforeAll(async () => {
+    hosts = makeHosts();
+    result = await migrateBackAndForth(2, 'msix', hosts);
+    for (const s of result.sides) await s.server.stop();
+  }, 900_000);
+
+  afterAll(() => hosts?.remove());
+
+  it('moves the VM there and back with every round verified', () => {
+    const output = result.lines.join('\n');
+    const rounds = [...output.matchAll(/^round\.\d+=(\d+),(\d*),\d+$/gm)].map((m) => [m[1], m[2]]);
+    expect(result.hops).toHaveLength(2);
+    expect(rounds.length).toBeGreaterThan(2);
+    for (const r of rounds) expect(r).toEqual(['0', '0']);
+    expect(fields(output).get('kernel.nvme_trouble')).toBe('0');
+    const sha = createHash('sha256').update(readRange(result.disk, 1024 * 64 * 1024, 32 * 64 * 1024)).digest('hex');
+    expect(sha).toBe(fields(output).get('pattern.sha'));
+  });
+
+  it('refuses a control request without the token', async () => {
+    const server = await startServe(['--secondaries', '1', '--control', 'tcp:10.77.1.2:7099', '--control-token', tokenFile!], 'control on ', 15_000, 'nvu-host-a');
+    try {
+      const refused = await runCli(['list', '--control', 'tcp:10.77.1.2:7099']);
+      expect(refused.code).toBe(1);
+      expect(refused.stderr).toMatch(/missing or wrong control token/);
+      expect(await cli(['list', '--control', 'tcp:10.77.1.2:7099', '--control-token', tokenFile!])).toMatch(/primary/);
+    } finally {
+      await server.stop();
+    }
+  });
 });

@@ -24,6 +24,10 @@ export interface VmOptions {
   accel?: Accel;
   /** Prefix for the serial console lines echoed to stderr (none when undefined). */
   echo?: string;
+  /** Run QEMU inside this network namespace (another "host"). */
+  netns?: string;
+  /** A second QMP monitor on TCP (HOST:PORT), for an orchestrator that reaches the VM over the network. */
+  qmpTcp?: string;
 }
 
 const live = new Set<ChildProcess>();
@@ -89,10 +93,13 @@ export class Vm {
         `unix:${qmpPath},server=on,wait=off`,
         ...(o.paused || o.incoming ? ['-S'] : []),
         ...(o.incoming ? ['-incoming', 'defer'] : []),
+        ...(o.qmpTcp ? ['-qmp', `tcp:${o.qmpTcp},server=on,wait=off`] : []),
         ...(o.extraQemuArgs ?? []),
       ],
     });
-    const child = spawn(qemuBinary(), args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = o.netns
+      ? spawn('ip', ['netns', 'exec', o.netns, qemuBinary(), ...args], { stdio: ['ignore', 'pipe', 'pipe'] })
+      : spawn(qemuBinary(), args, { stdio: ['ignore', 'pipe', 'pipe'] });
     const vm = new Vm(o.name, child, qmpPath, accel, args, tmp);
     if (o.echo !== undefined) vm.onLine((line) => process.stderr.write(`${o.echo}${line}\n`));
     const deadline = Date.now() + 20_000;

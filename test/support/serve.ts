@@ -16,8 +16,11 @@ export interface Served {
   stop(signal?: NodeJS.Signals): Promise<number | null>;
 }
 
-export async function startServe(args: string[], ready: string, timeoutMs = 15_000): Promise<Served> {
-  const child = spawn(process.execPath, ['--import', 'tsx', join(repoRoot, 'src', 'cli.ts'), 'serve', ...args], { cwd: repoRoot, stdio: ['ignore', 'pipe', 'pipe'] });
+/** `netns`: run inside that network namespace (ip netns exec), as a server on another host would. */
+export async function startServe(args: string[], ready: string, timeoutMs = 15_000, netns?: string): Promise<Served> {
+  const command = [process.execPath, '--import', 'tsx', join(repoRoot, 'src', 'cli.ts'), 'serve', ...args];
+  const [program, ...rest] = netns ? ['ip', 'netns', 'exec', netns, ...command] : command;
+  const child = spawn(program!, rest, { cwd: repoRoot, stdio: ['ignore', 'pipe', 'pipe'] });
   let stdout = '';
   let stderr = '';
   child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
