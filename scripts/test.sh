@@ -11,6 +11,7 @@ bash scripts/build-guest.sh >&2
 bash scripts/ensure-tools.sh
 echo "[test] typecheck" >&2
 npx tsc -p tsconfig.json --noEmit
+npx tsc -p tsconfig.tests.json
 report=$(mktemp)
 trap 'rm -f "$report"' EXIT
 status=0

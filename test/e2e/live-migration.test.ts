@@ -5,21 +5,20 @@
 
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createHash } from 'node:crypto';
-import { closeSync, mkdtempSync, openSync, readSync, rmSync } from 'node:fs';
-import { createServer } from 'node:net';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { spawnSync } from 'node:child_process';
 import { join } from 'node:path';
 import { ensureHarness } from './guest.js';
 import { Vm } from './vm.js';
-import { fields, HELPERS } from './shell.js';
-import { startServe, type Served } from '../support/serve.js';
+import { fields } from './shell.js';
+import { freePort, side, stopWorkload, workload, type Placement, type Side } from './migration-scenario.js';
+import { startServe } from '../support/serve.js';
+import { fileRange } from '../support/files.js';
 import { cli, runCli } from '../support/cli.js';
 import { QmpClient } from '../../src/mgmt/qemu/qmp.js';
 import { queryStatus } from '../../src/mgmt/qemu/migration.js';
 
-const VNQN = 'nqn.2026-11.io.example:migrating-vm';
-const DISK_MIB = 128;
 const HOPS = Number(process.env.NVU_MIGRATION_HOPS ?? 5);
 let dir: string;
 
@@ -28,84 +27,11 @@ beforeAll(() => {
   dir = mkdtempSync(join(tmpdir(), 'nvu-e2e-mig-'));
 });
 
+const tokenFile = (): string => join(dir, 'control.token');
+
 afterAll(() => {
   if (dir) rmSync(dir, { recursive: true, force: true });
 });
-
-/** A free TCP port on loopback for the migration stream. */
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = createServer();
-    server.listen(0, '127.0.0.1', () => {
-      const address = server.address();
-      server.close(() => (typeof address === 'object' && address ? resolve(address.port) : reject(new Error('no port'))));
-    });
-  });
-}
-
-/**
- * The guest: rounds of fio random writes with crc32c verification until told to stop by the
- * host (a marker in the namespace's last block), each round printing its result and the nvme
- * interrupt count; then a pattern whose checksum the host compares with the backing file.
- */
-function workload(stopMarker: string): string {
-  return `${HELPERS}
-d=$(wait_dev 1) || exit 10
-irqs() { grep -E 'nvme[0-9]q[1-9]' /proc/interrupts | awk '{s+=$2+$3} END {print s+0}'; }
-i=0
-while ! dd if=$d bs=4096 skip=$((${DISK_MIB} * 256 - 1)) count=1 iflag=direct 2>/dev/null | grep -q ${stopMarker}; do
-  fio --name=r$i --filename=$d --ioengine=libaio --direct=1 --rw=randwrite --bs=4k --iodepth=16 --numjobs=2 --size=8M --offset_increment=8M \\
-    --time_based --runtime=6 --verify=crc32c --do_verify=1 --verify_fatal=1 --group_reporting --output-format=terse --terse-version=3 > /tmp/r.out 2>&1
-  echo round.$i=$?,$(grep '^3;' /tmp/r.out | cut -d';' -f5),$(irqs)
-  i=$((i+1))
-  [ $i -gt 400 ] && break
-done
-echo rounds=$i
-dd if=/dev/urandom of=/tmp/pattern bs=64k count=32 2>/dev/null
-dd if=/tmp/pattern of=$d bs=64k seek=1024 oflag=direct conv=fsync 2>/dev/null; echo pattern.rc=$?
-echo pattern.sha=$(sha256sum /tmp/pattern | cut -d' ' -f1)
-echo kernel.nvme_trouble=$(dmesg | grep -ciE 'nvme.*(timeout|reset|I/O error|abort)|I/O error, dev nvme')
-`;
-}
-
-interface Side {
-  name: 'a' | 'b';
-  server: Served;
-  /** How the orchestrator and the CLI reach its control socket (with the token on TCP). */
-  control: string;
-  controlArgs: string[];
-  socket: string;
-  placement: Placement | undefined;
-}
-
-/** Another "host": a network namespace with an address the orchestrator reaches and one the peer reaches. */
-interface Placement {
-  netns: string;
-  /** Where its control socket and QEMU's QMP listen (reached from the orchestrator's namespace). */
-  managementAddress: string;
-  /** Where its QEMU listens for an incoming migration (reached from the other host). */
-  migrationAddress: string;
-}
-
-let tokenFile: string | undefined;
-
-async function side(name: 'a' | 'b', cntlid: number, disk: string, extra: string[], placement?: Placement): Promise<Side> {
-  const control = placement ? `tcp:${placement.managementAddress}:${7000 + cntlid}` : join(dir, `${name}-control.sock`);
-  const socket = join(dir, `${name}-vm.sock`);
-  if (placement && !tokenFile) {
-    tokenFile = join(dir, 'control.token');
-    const { writeFileSync } = await import('node:fs');
-    writeFileSync(tokenFile, `${createHash('sha256').update(String(Math.random())).digest('hex')}\n`, { mode: 0o600 });
-  }
-  const controlArgs = ['--control', control, ...(placement ? ['--control-token', tokenFile!] : [])];
-  const server = await startServe(['--secondaries', '2', ...controlArgs, '--namespace', `file=${disk},size=${DISK_MIB}M`, ...extra], 'control on ', 15_000, placement?.netns);
-  await cli(['vsubsys', 'create', ...controlArgs, '--virtual-nqn', VNQN]);
-  await cli(['vsubsys', 'add', ...controlArgs, '--virtual-nqn', VNQN, '--ctrl', String(cntlid), '--vcid', '1']);
-  await cli(['ctrl', 'assign', ...controlArgs, '--ctrl', String(cntlid), '--vq', '3', '--vi', '3']);
-  await cli(['ctrl', 'online', ...controlArgs, '--ctrl', String(cntlid)]);
-  await cli(['ctrl', 'export', ...controlArgs, '--ctrl', String(cntlid), '--socket', socket]);
-  return { name, server, control, controlArgs, socket, placement };
-}
 
 interface HopResult {
   figures: { totalMs: number; vmDowntimeMs: number; devices: { quiesceMs: number; stateBytes: number; dmaWriteBytes: number }[] };
@@ -121,8 +47,8 @@ async function migrateBackAndForth(
   const label = `${interrupts}${network ? '-hosts' : ''}`;
   const disk = join(dir, `disk-${label}.img`);
   const extra = interrupts === 'msi' ? ['--interrupts', 'msi'] : [];
-  const a = await side('a', 1, disk, extra, network?.a);
-  const b = await side('b', 2, disk, extra, network?.b);
+  const a = await side(dir, 'a', 1, disk, extra, network?.a);
+  const b = await side(dir, 'b', 2, disk, extra, network?.b);
   const stopMarker = `NVU-STOP-${label}`;
   const script = workload(stopMarker);
   const lines: string[] = [];
@@ -153,7 +79,7 @@ async function migrateBackAndForth(
         '--target-qmp', targetQmp,
         '--target-control', there.control,
         '--uri', `tcp:${there.placement?.migrationAddress ?? '127.0.0.1'}:${port}`,
-        ...(tokenFile && here.placement ? ['--control-token', tokenFile] : []),
+        ...(here.placement ? ['--control-token', tokenFile()] : []),
         '--json',
       ], { timeoutMs: 240_000 });
       if (run.code !== 0) {
@@ -170,13 +96,7 @@ async function migrateBackAndForth(
       here = there;
     }
     await vm.waitForLine(/^round\.\d+=/, 240_000, vm.lines.length);
-    const fd = openSync(disk, 'r+');
-    try {
-      const { writeSync } = await import('node:fs');
-      writeSync(fd, Buffer.from(stopMarker), 0, stopMarker.length, DISK_MIB * 1024 * 1024 - 4096);
-    } finally {
-      closeSync(fd);
-    }
+    stopWorkload(disk, stopMarker);
     await vm.waitForLine(/@@NVTEST-EXIT/, 240_000);
     await vm.exited;
     return { lines, hops: results, disk, sides: [a, b] };
@@ -185,16 +105,6 @@ async function migrateBackAndForth(
   }
 }
 
-function readRange(path: string, offset: number, length: number): Buffer {
-  const fd = openSync(path, 'r');
-  try {
-    const out = Buffer.alloc(length);
-    readSync(fd, out, 0, length, offset);
-    return out;
-  } finally {
-    closeSync(fd);
-  }
-}
 
 for (const interrupts of ['msix', 'msi'] as const) {
   describe(`a VM with ${interrupts === 'msix' ? 'MSI-X' : 'MSI'} migrates back and forth ${interrupts === 'msix' ? HOPS : 2} times mid-I/O`, () => {
@@ -240,7 +150,7 @@ for (const interrupts of ['msix', 'msi'] as const) {
 
     it('the shared backing file holds what the guest wrote last', () => {
       expect(f.get('pattern.rc')).toBe('0');
-      const sha = createHash('sha256').update(readRange(result.disk, 1024 * 64 * 1024, 32 * 64 * 1024)).digest('hex');
+      const sha = createHash('sha256').update(fileRange(result.disk, 1024 * 64 * 1024, 32 * 64 * 1024)).digest('hex');
       expect(sha).toBe(f.get('pattern.sha'));
     });
   });
@@ -249,8 +159,8 @@ for (const interrupts of ['msix', 'msi'] as const) {
 describe('a migration that fails before the destination runs never loses the VM', () => {
   it('destination QEMU killed mid-migration, orchestrator killed at pre-switchover (then migrate recover), destination refusing the state: the VM keeps running on the source, verified', async () => {
     const disk = join(dir, 'disk-abort.img');
-    const a = await side('a', 1, disk, []);
-    const b = await side('b', 2, disk, []);
+    const a = await side(dir, 'a', 1, disk, []);
+    const b = await side(dir, 'b', 2, disk, []);
     const stopMarker = 'NVU-STOP-ABORT';
     const script = workload(stopMarker);
     const vm = await Vm.start({ name: 'vm-abort', script, vfioUserSockets: [a.socket], memMiB: 384 });
@@ -310,20 +220,14 @@ describe('a migration that fails before the destination runs never loses the VM'
       // The VM never stopped being ours: verified rounds go on, on the same QEMU.
       const roundsAfter = vm.lines.filter((l) => /^round\.\d+=/.test(l)).length;
       await vm.waitForLine(/^round\.\d+=/, 240_000, vm.lines.length);
-      const fd = openSync(disk, 'r+');
-      try {
-        const { writeSync } = await import('node:fs');
-        writeSync(fd, Buffer.from(stopMarker), 0, stopMarker.length, DISK_MIB * 1024 * 1024 - 4096);
-      } finally {
-        closeSync(fd);
-      }
+      stopWorkload(disk, stopMarker);
       await vm.waitForLine(/@@NVTEST-EXIT 0@@/, 240_000);
       const output = vm.lines.join('\n');
       const rounds = [...output.matchAll(/^round\.\d+=(\d+),(\d*),\d+$/gm)].map((m) => [m[1], m[2]]);
       expect(rounds.length).toBeGreaterThan(roundsAfter);
       for (const r of rounds) expect(r).toEqual(['0', '0']);
       expect(fields(output).get('kernel.nvme_trouble')).toBe('0');
-      const sha = createHash('sha256').update(readRange(disk, 1024 * 64 * 1024, 32 * 64 * 1024)).digest('hex');
+      const sha = createHash('sha256').update(fileRange(disk, 1024 * 64 * 1024, 32 * 64 * 1024)).digest('hex');
       expect(sha).toBe(fields(output).get('pattern.sha'));
     } finally {
       await vm.kill();
@@ -387,17 +291,17 @@ describe('across two hosts (network namespaces): control and QMP over TCP with a
     expect(rounds.length).toBeGreaterThan(2);
     for (const r of rounds) expect(r).toEqual(['0', '0']);
     expect(fields(output).get('kernel.nvme_trouble')).toBe('0');
-    const sha = createHash('sha256').update(readRange(result.disk, 1024 * 64 * 1024, 32 * 64 * 1024)).digest('hex');
+    const sha = createHash('sha256').update(fileRange(result.disk, 1024 * 64 * 1024, 32 * 64 * 1024)).digest('hex');
     expect(sha).toBe(fields(output).get('pattern.sha'));
   });
 
   it('refuses a control request without the token', async () => {
-    const server = await startServe(['--secondaries', '1', '--control', 'tcp:10.77.1.2:7099', '--control-token', tokenFile!], 'control on ', 15_000, 'nvu-host-a');
+    const server = await startServe(['--secondaries', '1', '--control', 'tcp:10.77.1.2:7099', '--control-token', tokenFile()], 'control on ', 15_000, 'nvu-host-a');
     try {
       const refused = await runCli(['list', '--control', 'tcp:10.77.1.2:7099']);
       expect(refused.code).toBe(1);
       expect(refused.stderr).toMatch(/missing or wrong control token/);
-      expect(await cli(['list', '--control', 'tcp:10.77.1.2:7099', '--control-token', tokenFile!])).toMatch(/primary/);
+      expect(await cli(['list', '--control', 'tcp:10.77.1.2:7099', '--control-token', tokenFile()])).toMatch(/primary/);
     } finally {
       await server.stop();
     }

@@ -5,11 +5,12 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createHash } from 'node:crypto';
 import { spawnSync } from 'node:child_process';
-import { closeSync, mkdtempSync, openSync, readSync, rmSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { ensureHarness, runGuest, type GuestRun } from './guest.js';
 import { startServerProcess, type ServerProcess } from '../support/server-process.js';
+import { fileRange } from '../support/files.js';
 
 const MiB = 1 << 20;
 let dir: string;
@@ -29,17 +30,6 @@ const fields = (run: GuestRun): Map<string, string> =>
     const m = /^([\w.-]+)=(.*)$/.exec(line.trim());
     return m ? [[m[1]!, m[2]!] as [string, string]] : [];
   }));
-
-function fileRange(path: string, offset: number, length: number): Buffer {
-  const fd = openSync(path, 'r');
-  try {
-    const out = Buffer.alloc(length);
-    readSync(fd, out, 0, length, offset);
-    return out;
-  } finally {
-    closeSync(fd);
-  }
-}
 
 /** Offset of the first allocated byte at or after `offset` (SEEK_DATA), or the file size. */
 function nextData(path: string, offset: number): number {

@@ -47,7 +47,7 @@ export class Vm {
     readonly qmpPath: string,
     readonly accel: Accel,
     readonly args: string[],
-    private readonly tmp: string,
+    tmp: string,
   ) {
     live.add(child);
     let buffer = '';

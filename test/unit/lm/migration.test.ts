@@ -3,7 +3,7 @@
 // state in, resume, every command completed exactly once; and every way a state is refused.
 
 import { describe, expect, it } from 'vitest';
-import { buildCommand } from '../../../src/nvme/command.js';
+import { buildCommand, type CommandFields } from '../../../src/nvme/command.js';
 import { RamBackend } from '../../../src/nvme/backend.js';
 import { Namespace } from '../../../src/nvme/namespace.js';
 import { AdminOpcode, Cns, CSTS, NvmOpcode, PrimaryOpcode, Reg, Status, VirtAction, VirtResource } from '../../../src/nvme/spec.js';
@@ -30,7 +30,7 @@ function server(name: string, backend: RamBackend, scid: number, vcid = 3, vq = 
   return cf;
 }
 
-const send = (cf: ControllingFunction, fields: Parameters<typeof buildCommand>[0], data?: Uint8Array) =>
+const send = (cf: ControllingFunction, fields: Omit<CommandFields, 'opcode'>, data?: Uint8Array) =>
   cf.primary.executeAdmin(buildCommand({ opcode: PrimaryOpcode.MIGRATION_SEND, ...fields }), data);
 const suspend = (cf: ControllingFunction, cntlid: number) => send(cf, { cdw10: 0, cdw11: (1 << 16) | cntlid });
 const resume = (cf: ControllingFunction, cntlid: number) => send(cf, { cdw10: 1, cdw11: cntlid });
