@@ -16,7 +16,7 @@ import { ControlClient, parseControlAddress } from './control/client.js';
 import type { ControllerStatus } from './control/messages.js';
 import { findVfioUserDevices, type VfioUserDeviceInfo } from './qemu/devices.js';
 import { cont, migrate, migrateCancel, migrateContinue, migrateIncoming, queryMigrate, queryStatus, setMigrationCapabilities, waitForMigrationStatus } from './qemu/migration.js';
-import { readConfigSpace, writeConfig, type PciAddress } from './qemu/pci-config.js';
+import { readConfigSpace, writeConfig, writeConfigSequence, type ConfigWrite, type PciAddress } from './qemu/pci-config.js';
 import { QmpClient, type QmpEvent } from './qemu/qmp.js';
 
 export interface MigrateOptions {
@@ -52,6 +52,8 @@ export interface MigrationFigures {
   qemuDowntimeMs: number | null;
   ramBytes: number;
   devices: DeviceFigures[];
+  /** When each step of the switchover ended, in ms after the source stopped. */
+  switchover: Record<string, number>;
 }
 
 /** One vfio-user device of the VM: where it is on each side and which controller serves it. */
@@ -169,18 +171,20 @@ function msixTable(config: Buffer, device: VfioUserDeviceInfo): { address: numbe
 async function replayConfig(qmp: QmpClient, targetControl: ControlClient, p: Pairing): Promise<void> {
   const config = p.config!;
   const address = p.target.address;
-  for (let bar = Cfg.BAR0; bar <= Cfg.BAR0 + 0x14; bar += 4) await writeConfig(qmp, address, bar, 4, config.readUInt32LE(bar));
-  await writeConfig(qmp, address, Cfg.COMMAND, 2, config.readUInt16LE(Cfg.COMMAND));
+  const writes: ConfigWrite[] = [];
+  for (let bar = Cfg.BAR0; bar <= Cfg.BAR0 + 0x14; bar += 4) writes.push({ offset: bar, size: 4, value: config.readUInt32LE(bar) });
+  writes.push({ offset: Cfg.COMMAND, size: 2, value: config.readUInt16LE(Cfg.COMMAND) });
   const caps = capabilities(config);
   const msi = caps.get(CapId.MSI);
   if (msi !== undefined) {
     const control = config.readUInt16LE(msi + MsiCap.CONTROL);
-    await writeConfig(qmp, address, msi + MsiCap.ADDRESS_LO, 4, config.readUInt32LE(msi + MsiCap.ADDRESS_LO));
-    await writeConfig(qmp, address, msi + MsiCap.ADDRESS_HI, 4, config.readUInt32LE(msi + MsiCap.ADDRESS_HI));
-    await writeConfig(qmp, address, msi + MsiCap.DATA, 2, config.readUInt16LE(msi + MsiCap.DATA));
-    if (control & MsiCap.CTRL_PER_VECTOR_MASK) await writeConfig(qmp, address, msi + MsiCap.MASK, 4, config.readUInt32LE(msi + MsiCap.MASK));
-    await writeConfig(qmp, address, msi + MsiCap.CONTROL, 2, control);
+    writes.push({ offset: msi + MsiCap.ADDRESS_LO, size: 4, value: config.readUInt32LE(msi + MsiCap.ADDRESS_LO) });
+    writes.push({ offset: msi + MsiCap.ADDRESS_HI, size: 4, value: config.readUInt32LE(msi + MsiCap.ADDRESS_HI) });
+    writes.push({ offset: msi + MsiCap.DATA, size: 2, value: config.readUInt16LE(msi + MsiCap.DATA) });
+    if (control & MsiCap.CTRL_PER_VECTOR_MASK) writes.push({ offset: msi + MsiCap.MASK, size: 4, value: config.readUInt32LE(msi + MsiCap.MASK) });
+    writes.push({ offset: msi + MsiCap.CONTROL, size: 2, value: control });
   }
+  await writeConfigSequence(qmp, address, writes);
   const msix = caps.get(CapId.MSIX);
   if (msix !== undefined && p.msixTable) {
     const table = msixTable(config, p.source)!;
@@ -218,39 +222,60 @@ export async function migrateVm(o: MigrateOptions): Promise<MigrationFigures> {
     const cursor = await migrate(sourceQmp, o.uri);
     say(`migrating RAM to ${o.uri}`);
     await waitForMigrationStatus(sourceQmp, 'pre-switchover', { since: cursor, timeoutMs });
-    const stopAt = stamp(await stopSeen);
+    const stopEvent = await stopSeen;
+    const stopAt = stamp(stopEvent);
+    // Steps are timed from the moment this process saw the STOP (QEMU's clock may be another host's).
+    const stoppedHere = performance.now();
+    const switchover: Record<string, number> = {};
+    const mark = (step: string): void => void (switchover[step] = Math.round((performance.now() - stoppedHere) * 10) / 10);
     say('pre-switchover: vCPUs stopped; suspending the controllers');
-    for (const p of pairings) {
-      const t0 = performance.now();
-      await sourceAdmin(suspendCommand(p.sourceController.cntlid));
-      p.quiesceMs = performance.now() - t0;
-      p.state = (await receiveState(sourceAdmin, p.sourceController.cntlid)).bytes;
-      p.config = await readConfigSpace(sourceQmp, p.source.address);
-      const table = msixTable(p.config, p.source);
-      if (table) {
-        const response = await sourceControl.request({ clientMemory: { cntlid: p.sourceController.cntlid, address: table.address, readLength: table.bytes } });
-        if (response.error) throw new MigrationError(`MSI-X table read: ${response.error}`);
-        p.msixTable = response.data!;
-      }
-      say(`controller ${p.sourceController.cntlid}: suspended in ${p.quiesceMs.toFixed(1)} ms, state ${p.state.length} bytes`);
-    }
+    await Promise.all(
+      pairings.map(async (p) => {
+        const t0 = performance.now();
+        await sourceAdmin(suspendCommand(p.sourceController.cntlid));
+        p.quiesceMs = performance.now() - t0;
+        // QEMU's copy of the config space and the MSI-X table, read while the state is.
+        const [state, config] = await Promise.all([receiveState(sourceAdmin, p.sourceController.cntlid), readConfigSpace(sourceQmp, p.source.address)]);
+        p.state = state.bytes;
+        p.config = config;
+        const table = msixTable(p.config, p.source);
+        if (table) {
+          const response = await sourceControl.request({ clientMemory: { cntlid: p.sourceController.cntlid, address: table.address, readLength: table.bytes } });
+          if (response.error) throw new MigrationError(`MSI-X table read: ${response.error}`);
+          p.msixTable = response.data!;
+        }
+        say(`controller ${p.sourceController.cntlid}: suspended in ${p.quiesceMs.toFixed(1)} ms, state ${p.state.length} bytes`);
+      }),
+    );
+    mark('source controllers suspended, state out');
     const after = await status(sourceControl);
     for (const p of pairings) p.dmaWriteBytes = (after.find((c) => c.cntlid === p.sourceController.cntlid)?.dmaWriteBytes ?? 0) - (before.get(p.sourceController.cntlid) ?? 0);
+    const targetCursor = targetQmp.eventCursor();
     const continued = await migrateContinue(sourceQmp);
+    // The destination controllers take their state while the last RAM pass runs: they are
+    // suspended, so nothing of theirs touches the guest until they resume.
+    const loaded = Promise.all(
+      pairings.map(async (p) => {
+        await targetAdmin(suspendCommand(p.targetController.cntlid));
+        await sendState(targetAdmin, p.targetController.cntlid, p.state!);
+      }),
+    ).then(() => mark('destination controllers loaded'));
+    loaded.catch(() => undefined); // awaited below; a refusal must not go unhandled meanwhile
     await waitForMigrationStatus(sourceQmp, 'completed', { since: continued, timeoutMs });
-    const targetCompleted = await waitForTargetPaused(targetQmp, timeoutMs);
-    if (!targetCompleted) throw new MigrationError('the destination did not finish loading the migration');
-    say('RAM switched over; loading the controllers on the destination');
-    for (const p of pairings) {
-      await replayConfig(targetQmp, targetControl, p);
-      await targetAdmin(suspendCommand(p.targetController.cntlid));
-      await sendState(targetAdmin, p.targetController.cntlid, p.state!);
-      await targetAdmin(resumeCommand(p.targetController.cntlid));
-    }
+    mark('RAM switched over (source)');
+    await waitForMigrationStatus(targetQmp, 'completed', { since: targetCursor, timeoutMs });
+    mark('destination loaded RAM');
+    await loaded;
+    say('RAM switched over; the destination gets its PCI configuration');
+    for (const p of pairings) await replayConfig(targetQmp, targetControl, p);
+    mark('PCI configuration replayed');
+    for (const p of pairings) await targetAdmin(resumeCommand(p.targetController.cntlid));
+    mark('destination controllers resumed');
     const resumed = targetQmp.waitForEvent('RESUME', undefined, timeoutMs);
     await cont(targetQmp);
     destinationRuns = true;
     const resumeAt = stamp(await resumed);
+    mark('destination VM runs');
     const info = await queryMigrate(sourceQmp);
     const figures: MigrationFigures = {
       totalMs: performance.now() - started,
@@ -267,6 +292,7 @@ export async function migrateVm(o: MigrateOptions): Promise<MigrationFigures> {
         stateBytes: p.state!.length,
         dmaWriteBytes: p.dmaWriteBytes!,
       })),
+      switchover,
     };
     say(`destination runs: downtime ${figures.vmDowntimeMs.toFixed(0)} ms, total ${figures.totalMs.toFixed(0)} ms`);
     return figures;
@@ -287,19 +313,6 @@ export async function migrateVm(o: MigrateOptions): Promise<MigrationFigures> {
 async function request(control: ControlClient, operation: Parameters<ControlClient['request']>[0]): Promise<void> {
   const response = await control.request(operation);
   if (response.error) throw new MigrationError(response.error);
-}
-
-/** After switchover the destination loads the stream and stays paused (-S). */
-async function waitForTargetPaused(qmp: QmpClient, timeoutMs: number): Promise<boolean> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const { status: s } = await queryMigrate(qmp);
-    const run = (await queryStatus(qmp)).status;
-    if (s === 'completed' && run !== 'inmigrate') return true;
-    if (s === 'failed' || s === 'cancelled') return false;
-    if (Date.now() > deadline) return false;
-    await new Promise((r) => setTimeout(r, 20));
-  }
 }
 
 /**

@@ -450,6 +450,7 @@ const VERBS: Record<string, Verb> = {
         ...figures.devices.map(
           (d) => `  ${d.virtualNqn} #${d.virtualCntlid}: suspended in ${d.quiesceMs.toFixed(1)} ms, state ${d.stateBytes} bytes, ${d.dmaWriteBytes} bytes through DMA_WRITE`,
         ),
+        `  switchover (ms after the source stopped): ${Object.entries(figures.switchover).map(([step, ms]) => `${step} ${ms}`).join('; ')}`,
       ].join('\n');
       s.print(text, figures);
     },

@@ -87,7 +87,8 @@ async function migrateBackAndForth(
         throw new Error(`hop ${hop + 1} failed (${run.code}): ${run.stderr}\n${here.server.log()}\n${there.server.log()}`);
       }
       results.push({ figures: JSON.parse(run.stdout) as HopResult['figures'], roundsBefore: rounds });
-      console.error(`[e2e migration ${label}] hop ${hop + 1}: ${run.stderr.split('\n').filter((l) => l.includes('downtime')).join(' ')}`);
+      const hopFigures = results[results.length - 1]!.figures as HopResult['figures'] & { switchover?: Record<string, number> };
+      console.error(`[e2e migration ${label}] hop ${hop + 1}: downtime ${hopFigures.vmDowntimeMs.toFixed(0)} ms, total ${hopFigures.totalMs.toFixed(0)} ms; ${JSON.stringify(hopFigures.switchover)}`);
       target.onLine((l) => lines.push(l));
       // The source QEMU stays in postmigrate: end it, so its server's socket can take the next VM.
       await vm.kill();
