@@ -1,12 +1,12 @@
-#!/usr/bin/env node
-// The `nvme-vfio-user` command. Bad arguments get one line on stderr and exit code 2; SIGTERM and
-// SIGINT stop the server, remove its socket and exit 0.
+// The `nvme-vfio-user` command (src/bin/nvme-vfio-user.ts runs main()). Bad arguments, and socket
+// paths the socket policy refuses, get one line on stderr and exit code 2; other startup failures
+// one line and exit code 1; SIGTERM and SIGINT stop the server, remove its socket and exit 0.
 
-import { mkdirSync, readFileSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
-import { createLogger, type LogLevel } from './log.js';
+import { createLogger, type Logger, type LogLevel } from './log.js';
 import {
   checkDevice,
   checkInterrupts,
@@ -17,10 +17,12 @@ import {
   loadConfigFile,
   parseNamespaceSpec,
   parsePositive,
+  parseSocketMode,
   type ServerConfig,
 } from './mgmt/config.js';
 import { ServerHost } from './mgmt/host.js';
 import { DEFAULT_CONTROL, isManagementVerb, runVerb, UsageError, VerbError, VERB_HELP } from './mgmt/verbs.js';
+import { checkSocketPath, createSocketDirectory, SocketPathError } from './socket-path.js';
 
 export { UsageError };
 
@@ -42,9 +44,14 @@ ${VERB_HELP}
 serve options:
   --socket PATH       Unix socket of one controller; repeat for more
                       controllers sharing the namespaces (default:
-                      ${DEFAULT_SOCKET}). Also --socket-path. A stale
-                      socket file left by a dead server is replaced; a live
-                      one is an error.
+                      ${DEFAULT_SOCKET}). Also --socket-path. Its
+                      directory must not be world-writable (a missing one is
+                      created). A stale socket file left by a dead server is
+                      replaced; a live one, or a path that is not a socket,
+                      is an error.
+  --socket-mode MODE  Permission bits of the vfio-user sockets (default 0600:
+                      only this user may connect; e.g. 0660 for QEMU in your
+                      group). The control socket stays 0600.
   --namespace SPEC    A namespace; repeat for more. SPEC is
                         file=PATH[,size=SIZE][,lbads=512|4096][,nsid=N]
                         ram,size=SIZE[,lbads=512|4096][,nsid=N]
@@ -54,7 +61,8 @@ serve options:
   --config FILE       JSON file with any of: device, sockets, namespaces
                       (objects like {"file":"disk.img","size":"1G"} or SPEC
                       strings), nqn, serial, model, ioQueues, queueEntries,
-                      mdts, interrupts, writeMultiple. Flags given too take
+                      mdts, interrupts, writeMultiple, socketMode. Flags
+                      given too take
                       precedence.
   --device KIND       nvme (default) or scratch (a minimal PCI function with
                       BAR0 registers and MSI-X, for plumbing tests).
@@ -84,6 +92,9 @@ serve options:
   --log-level L       ${LOG_LEVELS.join(', ')} (default: info). Logs go to stderr.
   -h, --help          Show this help.
 
+Exit status: 0 after SIGTERM/SIGINT, 1 when serving cannot start (socket in
+use, backing file unusable, ...), 2 for bad arguments or a refused socket path.
+
 Attach to QEMU (>= 10.1) with fd-backed shared guest RAM:
   qemu-system-x86_64 -machine q35,memory-backend=mem -m 1G \\
     -object memory-backend-memfd,id=mem,size=1G,share=on \\
@@ -105,6 +116,7 @@ export function parseServe(args: string[]): ServeOptions | 'help' {
       options: {
         socket: { type: 'string', multiple: true },
         'socket-path': { type: 'string', multiple: true },
+        'socket-mode': { type: 'string' },
         namespace: { type: 'string', multiple: true },
         config: { type: 'string' },
         device: { type: 'string' },
@@ -138,6 +150,7 @@ export function parseServe(args: string[]): ServeOptions | 'help' {
     const sockets = [...(values.socket ?? []), ...(values['socket-path'] ?? [])];
     if (sockets.some((s) => s === '')) throw new ConfigError('--socket needs a path');
     if (sockets.length > 0) config.sockets = sockets.map((s) => resolve(s));
+    if (values['socket-mode'] !== undefined) config.socketMode = parseSocketMode(values['socket-mode']);
     if (values.namespace) config.namespaces = values.namespace.map((spec) => parseNamespaceSpec(spec));
     if (values.device !== undefined) config.device = checkDevice(values.device);
     if (values['io-queues'] !== undefined) config.ioQueues = parsePositive(values['io-queues'], '--io-queues');
@@ -162,14 +175,20 @@ export function parseServe(args: string[]): ServeOptions | 'help' {
 
 async function serve(options: ServeOptions): Promise<void> {
   const log = createLogger(options.logLevel);
-  for (const socket of options.config.sockets) mkdirSync(dirname(socket), { recursive: true });
   let runtime: ServerHost;
   try {
+    // Socket paths first: a refused one is reported before namespaces are opened and logged.
+    for (const socket of unixSockets(options.config)) {
+      createSocketDirectory(dirname(socket));
+      checkSocketPath(socket);
+    }
     runtime = await ServerHost.start(options.config, log);
   } catch (error) {
-    process.stderr.write(`nvme-vfio-user: cannot start: ${(error as Error).message}\n`);
+    if (error instanceof SocketPathError) throw new UsageError(`serve: ${error.message}`);
+    process.stderr.write(`nvme-vfio-user: cannot start: ${oneLine(error)}\n`);
     process.exit(error instanceof ConfigError ? 2 : 1);
   }
+  installBugReporter(log);
   // One line per socket on stdout once it accepts clients: scripts wait for it before starting QEMU.
   for (const socket of runtime.sockets) process.stdout.write(`listening on ${socket}\n`);
   if (runtime.controlPath) process.stdout.write(`control on ${runtime.controlPath}\n`);
@@ -189,6 +208,31 @@ async function serve(options: ServeOptions): Promise<void> {
   };
   process.on('SIGTERM', () => stop('SIGTERM'));
   process.on('SIGINT', () => stop('SIGINT'));
+}
+
+/** Every unix socket serve will listen on: vfio-user sockets and the control socket. */
+function unixSockets(config: ServerConfig): string[] {
+  const control = config.control !== undefined && !config.control.startsWith('tcp:') ? [config.control] : [];
+  return [...config.sockets, ...(config.primarySocket ? [config.primarySocket] : []), ...control];
+}
+
+const oneLine = (error: unknown): string => (error instanceof Error ? error.message : String(error)).split('\n')[0]!;
+
+/**
+ * A promise rejection nobody handles is a bug of ours, but it belongs to one command or one client:
+ * ending the process for it would take every other controller down. Log it (with its stack, as a
+ * bug; repeats only as a count) and keep serving.
+ */
+export function installBugReporter(log: Logger): void {
+  const counts = new Map<string, number>();
+  process.on('unhandledRejection', (reason) => {
+    const text = reason instanceof Error ? (reason.stack ?? reason.message) : String(reason);
+    const count = (counts.get(text) ?? 0) + 1;
+    // Bounded: past 1000 distinct failures each further one is logged in full, never counted.
+    if (counts.has(text) || counts.size < 1000) counts.set(text, count);
+    if (count === 1) log.error(`BUG: unhandled promise rejection (please report it; still serving): ${text}`);
+    else if (Number.isInteger(Math.log10(count))) log.error(`BUG: unhandled promise rejection "${text.split('\n')[0]}" has now happened ${count} times`);
+  });
 }
 
 /** The QEMU options that attach this server (guest RAM must be fd-backed and shared). */
@@ -215,14 +259,15 @@ function packageVersion(): string {
   return 'unknown';
 }
 
-export function main(argv: string[]): void {
+/** Runs the command; resolves when a one-shot command is done or once a server is serving. */
+export async function main(argv: string[]): Promise<void> {
   const [command, ...rest] = argv;
   try {
     switch (command) {
       case 'serve': {
         const options = parseServe(rest);
         if (options === 'help') process.stdout.write(HELP);
-        else void serve(options);
+        else await serve(options);
         return;
       }
       case undefined:
@@ -266,8 +311,4 @@ export function main(argv: string[]): void {
     }
     throw error;
   }
-}
-
-if (process.argv[1] && resolve(process.argv[1]) === fileURLToPath(import.meta.url)) {
-  main(process.argv.slice(2));
 }

@@ -57,6 +57,8 @@ export interface ServerConfig {
   controlToken?: string;
   /** Virtual subsystems, resources, states and exports to set up at start. */
   provisioning: Provisioning;
+  /** Permission bits of the unix sockets (vfio-user and control); absent: the socket policy's default (0600). */
+  socketMode?: number;
 }
 
 export const DEFAULT_SOCKET = join(tmpdir(), 'nvme-vfio-user', 'ctrl0.sock');
@@ -156,6 +158,7 @@ export function loadConfigFile(path: string): Partial<ServerConfig> {
   const known = [
     'device',
     'sockets',
+    'socketMode',
     'namespaces',
     'nqn',
     'serial',
@@ -210,6 +213,7 @@ export function loadConfigFile(path: string): Partial<ServerConfig> {
     out.control = input.control.startsWith('tcp:') ? input.control : resolve(baseDir, input.control.replace(/^unix:/, ''));
   }
   out.provisioning = parseProvisioning(input, `config ${path}`, baseDir);
+  if (input.socketMode !== undefined) out.socketMode = parseSocketMode(String(input.socketMode), `config ${path}: socketMode`);
   return out;
 }
 
@@ -225,6 +229,19 @@ function namespaceFromJson(entry: unknown, what: string, baseDir: string): Names
   if (e.size !== undefined) ns.size = typeof e.size === 'number' ? parsePositive(String(e.size), `${what} size`, Number.MAX_SAFE_INTEGER) : parseSize(String(e.size), `${what} size`);
   if (e.nsid !== undefined) ns.nsid = parsePositive(String(e.nsid), `${what} nsid`);
   return checkNamespace(ns, e.ram === true, what);
+}
+
+/**
+ * Octal permission bits for the sockets, e.g. 0660 to let a group (QEMU's user) connect. The owner
+ * keeps read and write (connect() needs write permission); execute bits mean nothing on a socket.
+ */
+export function parseSocketMode(value: string, what = '--socket-mode'): number {
+  const match = /^(?:0o?)?([0-7]{3})$/.exec(value);
+  const mode = match ? parseInt(match[1]!, 8) : NaN;
+  if (!match || (mode & 0o600) !== 0o600 || (mode & 0o111) !== 0) {
+    throw new ConfigError(`${what} '${value}' must be octal permission bits with owner read/write and no execute bits (e.g. 0600, 0660)`);
+  }
+  return mode;
 }
 
 export function checkInterrupts(value: string): InterruptOffer {

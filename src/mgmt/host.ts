@@ -4,7 +4,7 @@
 // from the control plane or from a management VM's own admin commands, are recorded in --state-dir.
 
 import { createHash } from 'node:crypto';
-import { chmodSync, mkdirSync, readFileSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { dirname, resolve } from 'node:path';
 import type { Logger } from '../log.js';
@@ -18,9 +18,10 @@ import { CommandError } from '../nvme/transfer.js';
 import { ControllingFunction, PRIMARY_CNTLID } from '../nvme/virt/controlling-function.js';
 import { ScratchDevice } from '../pci/scratch-device.js';
 import type { VfioDevice } from '../vfio-user/device.js';
-import { removeStaleSocket, VfioUserServer } from '../vfio-user/server.js';
+import { VfioUserServer } from '../vfio-user/server.js';
 import type { Session } from '../vfio-user/session.js';
 import { vfioMigrationFor } from '../lm/vfio-migration.js';
+import { bindUnixSocket, createSocketDirectory, DEFAULT_SOCKET_MODE } from '../socket-path.js';
 import type { NamespaceConfig, ServerConfig } from './config.js';
 import { ConfigError } from './config.js';
 import { liveMigrationFor } from '../lm/primary.js';
@@ -219,14 +220,15 @@ export class ServerHost implements ControlTarget {
     if ([...this.exports.values()].some((e) => e.socket === path) || this.peerServers.some((s) => s.socketPath === path)) {
       throw new ControlError(`${path} is already a socket of this server`);
     }
-    mkdirSync(dirname(path), { recursive: true });
     const server = new VfioUserServer({
       socketPath: path,
       device: controller,
       log: this.log.child(cntlid === PRIMARY_CNTLID ? 'primary' : `secondary${cntlid}`),
       writeMultiple: this.config.writeMultiple,
+      socketMode: this.config.socketMode,
     });
     try {
+      createSocketDirectory(dirname(path));
       server.start();
     } catch (error) {
       throw new ControlError(`cannot export controller ${cntlid} on ${path}: ${(error as Error).message}`);
@@ -424,7 +426,13 @@ export class ServerHost implements ControlTarget {
 
   private startPeerServers(): void {
     this.config.sockets.forEach((socketPath, i) => {
-      const server = new VfioUserServer({ socketPath, device: this.devices[i]!, log: this.log.child(`ctrl${i}`), writeMultiple: this.config.writeMultiple });
+      const server = new VfioUserServer({
+        socketPath,
+        device: this.devices[i]!,
+        log: this.log.child(`ctrl${i}`),
+        writeMultiple: this.config.writeMultiple,
+        socketMode: this.config.socketMode,
+      });
       server.start();
       this.peerServers.push(server);
     });
@@ -445,10 +453,9 @@ export class ServerHost implements ControlTarget {
     }
     const control = new ControlServer({ target: this, log: this.log.child('control'), ...(token !== undefined ? { token } : {}) });
     if ('path' in address) {
-      mkdirSync(dirname(address.path), { recursive: true });
-      removeStaleSocket(address.path);
-      await control.listen(address.path);
-      chmodSync(address.path, 0o600);
+      createSocketDirectory(dirname(address.path));
+      // Always 0600 (--socket-mode is for QEMU's access to vfio-user sockets): it manages the server.
+      await bindUnixSocket(address.path, DEFAULT_SOCKET_MODE, (path) => control.listen(path));
       this.controlPath = address.path;
     } else {
       await control.listen(address);

@@ -1,9 +1,10 @@
 // Listens on one unix socket and serves one client at a time. When the client goes away its DMA
 // mappings and eventfds are dropped, the device keeps its state, and the socket listens again.
 
-import { existsSync, lstatSync, unlinkSync } from 'node:fs';
+import { existsSync, unlinkSync } from 'node:fs';
 import { native, type Connection, type Listener } from '../native.js';
 import type { Logger } from '../log.js';
+import { bindUnixSocket, DEFAULT_SOCKET_MODE } from '../socket-path.js';
 import type { VfioDevice } from './device.js';
 import { MigrationController } from './migration.js';
 import { Session } from './session.js';
@@ -13,6 +14,8 @@ export interface ServerOptions {
   device: VfioDevice;
   log: Logger;
   writeMultiple?: boolean;
+  /** Permission bits of the socket file (default 0600: only our user may connect). */
+  socketMode?: number;
 }
 
 export class VfioUserServer {
@@ -44,8 +47,9 @@ export class VfioUserServer {
   }
 
   start(): void {
-    removeStaleSocket(this.options.socketPath);
-    this.listener = new native.Listener(this.options.socketPath, (connection) => this.accept(connection));
+    this.listener = bindUnixSocket(this.options.socketPath, this.options.socketMode ?? DEFAULT_SOCKET_MODE, (path) =>
+      new native.Listener(path, (connection) => this.accept(connection)),
+    );
     this.options.log.debug(`listening on ${this.options.socketPath}`);
   }
 
@@ -80,7 +84,7 @@ export class VfioUserServer {
       if (this.session !== session) return;
       session.end();
       this.session = null;
-        log.info(`client gone (${reason}); device state kept, listening again`);
+      log.info(`client gone (${reason}); device state kept, listening again`);
       for (const listener of this.sessionEndListeners) listener();
     };
     connection.start(
@@ -90,17 +94,4 @@ export class VfioUserServer {
       (code) => finish(code ?? 'EOF'),
     );
   }
-}
-
-/** A socket file left by a crashed server blocks bind(); a live one must not be stolen. */
-export function removeStaleSocket(path: string): void {
-  if (!existsSync(path)) return;
-  if (!lstatSync(path).isSocket()) throw new Error(`${path} exists and is not a socket`);
-  try {
-    native.connect(path).close();
-  } catch {
-    unlinkSync(path);
-    return;
-  }
-  throw new Error(`${path} is in use by another server`);
 }

@@ -1,8 +1,7 @@
 // Runs the management verbs of the real `nvme-vfio-user` command against a server's control socket.
 
 import { spawn, type ChildProcess } from 'node:child_process';
-import { join } from 'node:path';
-import { repoRoot } from './server-process.js';
+import { repoRoot, SOURCE_COMMAND } from './server-process.js';
 
 export interface CliResult {
   code: number | null;
@@ -17,7 +16,7 @@ export function runCli(
   options: { stdin?: Uint8Array; timeoutMs?: number; onStderrLine?: (line: string, child: ChildProcess) => void } = {},
 ): Promise<CliResult> {
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, ['--import', 'tsx', join(repoRoot, 'src', 'cli.ts'), ...args], { cwd: repoRoot, stdio: ['pipe', 'pipe', 'pipe'] });
+    const child = spawn(SOURCE_COMMAND[0]!, [...SOURCE_COMMAND.slice(1), ...args], { cwd: repoRoot, stdio: ['pipe', 'pipe', 'pipe'] });
     let stdout = '';
     let stderr = '';
     child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));

@@ -1,11 +1,14 @@
 // Runs the real `nvme-vfio-user serve` command in a child process, as users and QEMU see it.
 
 import { spawn, type ChildProcess } from 'node:child_process';
-import { readdirSync } from 'node:fs';
+import { readdirSync, readFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 export const repoRoot = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
+
+/** The command from this checkout's sources, the way the installed bin runs it. */
+export const SOURCE_COMMAND: readonly string[] = [process.execPath, '--import', 'tsx', join(repoRoot, 'src', 'bin', 'nvme-vfio-user.ts')];
 
 export interface ServerProcess {
   child: ChildProcess;
@@ -14,36 +17,57 @@ export interface ServerProcess {
   log(): string;
   alive(): boolean;
   openFds(): number;
+  /** Resident set size in KiB (VmRSS of /proc/PID/status). */
+  rssKiB(): number;
   stop(signal?: NodeJS.Signals): Promise<number | null>;
 }
 
-/** Starts `serve --socket socketPath ...extraArgs` and resolves once the socket exists. */
-export async function startServerProcess(socketPath: string, extraArgs: string[] = [], timeoutMs = 15_000): Promise<ServerProcess> {
-  const child = spawn(process.execPath, ['--import', 'tsx', join(repoRoot, 'src', 'cli.ts'), 'serve', '--socket', socketPath, ...extraArgs], {
-    cwd: repoRoot,
+export interface ServerProcessOptions {
+  timeoutMs?: number;
+  /** The command and its leading arguments (default: this checkout's sources through tsx). */
+  command?: readonly string[];
+  cwd?: string;
+  env?: NodeJS.ProcessEnv;
+}
+
+/** Starts `serve --socket socketPath ...extraArgs` and resolves once it prints that it listens. */
+export async function startServerProcess(socketPath: string, extraArgs: string[] = [], options: ServerProcessOptions = {}): Promise<ServerProcess> {
+  const [program, ...leading] = options.command ?? SOURCE_COMMAND;
+  const timeoutMs = options.timeoutMs ?? 15_000;
+  const child = spawn(program!, [...leading, 'serve', '--socket', socketPath, ...extraArgs], {
+    cwd: options.cwd ?? repoRoot,
+    env: options.env ?? process.env,
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   let stderr = '';
   let stdout = '';
   child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
-  child.stdout!.on('data', (d: Buffer) => (stdout += d.toString()));
   let exitCode: number | null | undefined;
   const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve((exitCode = code))));
-  const deadline = Date.now() + timeoutMs;
-  while (!stdout.includes(`listening on ${socketPath}`)) {
-    if (exitCode !== undefined) throw new Error(`server exited with ${exitCode}: ${stderr}`);
-    if (Date.now() > deadline) {
+  await new Promise<void>((resolve, reject) => {
+    const timer = setTimeout(() => {
       child.kill('SIGKILL');
-      throw new Error(`server did not listen on ${socketPath} within ${timeoutMs} ms: ${stderr}`);
-    }
-    await new Promise((r) => setTimeout(r, 20));
-  }
+      reject(new Error(`server did not listen on ${socketPath} within ${timeoutMs} ms: ${stderr}`));
+    }, timeoutMs);
+    child.stdout!.on('data', (d: Buffer) => {
+      stdout += d.toString();
+      if (stdout.includes(`listening on ${socketPath}\n`)) {
+        clearTimeout(timer);
+        resolve();
+      }
+    });
+    void exited.then((code) => {
+      clearTimeout(timer);
+      reject(new Error(`server exited with ${code}: ${stderr}`));
+    });
+  });
   return {
     child,
     socketPath,
     log: () => stderr,
-    alive: () => exitCode === undefined && child.exitCode === null,
+    alive: () => exitCode === undefined && child.exitCode === null && child.signalCode === null,
     openFds: () => readdirSync(`/proc/${child.pid}/fd`).length,
+    rssKiB: () => Number(/VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${child.pid}/status`, 'utf8'))?.[1] ?? NaN),
     async stop(signal = 'SIGTERM') {
       if (exitCode === undefined) child.kill(signal);
       return exited;
