@@ -8,4 +8,4 @@ cd "$repo"
 bash scripts/ensure-deps.sh
 npx tsc -p tsconfig.json
 cd "${INIT_CWD:-$repo}"
-exec node "$repo/dist/src/cli.js" serve "$@"
+exec node "$repo/dist/src/bin/nvme-vfio-user.js" serve "$@"

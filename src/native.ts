@@ -142,11 +142,20 @@ function loadAddon(): NativeAddon {
   try {
     return require(path) as NativeAddon;
   } catch (err) {
-    throw new Error(`vfio_native: cannot load ${path} (build it with \`npm run build:native\`): ${String(err)}`, {
-      cause: err,
-    });
+    // One line a user can act on: npm may skip a dependency's install script (which builds the
+    // addon) when its allowScripts setting does not name this package.
+    const reason = String((err as Error).message ?? err).split('\n')[0];
+    throw new Error(`the native addon is not built (${reason}); run \`npm run build:native\` in ${findPackageRoot()}`, { cause: err });
   }
 }
 
-export const native: NativeAddon = loadAddon();
+let addon: NativeAddon | undefined;
+
+/**
+ * Loaded on first use, not on import: commands that never touch it (--help, --version) work
+ * without the compiled addon, and a missing addon is an error where serving starts.
+ */
+export const native: NativeAddon = new Proxy({} as NativeAddon, {
+  get: (_target, key) => (addon ??= loadAddon())[key as keyof NativeAddon],
+});
 export default native;
