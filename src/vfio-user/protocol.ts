@@ -174,6 +174,8 @@ export const errnoName = (value: number): string =>
 export const Limits = {
   /** Largest REGION/DMA read or write payload; QEMU's default is the same 1 MiB. */
   maxDataTransfer: 1 << 20,
+  /** The smallest max_data_xfer_size a client may ask for: one page (refused below, with EINVAL). */
+  minClientDataTransfer: 4096,
   /** fds we accept in one message: QEMU splits SET_IRQS fd arrays into runs of this size. */
   maxMessageFds: 16,
   maxDmaMaps: 65535,

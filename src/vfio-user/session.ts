@@ -268,6 +268,9 @@ export class Session {
   }
 
   private negotiate(payload: Uint8Array, requestSize: number): Uint8Array {
+    // Negotiation happens once per connection; a second VERSION must not change the parameters
+    // that replies and DMA requests already in flight were sized by.
+    if (this.negotiated) throw new VfioError(Errno.EINVAL, 'VERSION on a connection that already negotiated');
     const request = codec.version.decode(payload);
     if (request.major !== PROTOCOL_MAJOR) {
       throw new VfioError(Errno.ENOTSUP, `protocol ${request.major}.${request.minor} unsupported (server speaks ${PROTOCOL_MAJOR}.${PROTOCOL_MINOR})`);
@@ -545,8 +548,14 @@ function parseClientCaps(json: string): ClientCaps {
     }
     return value;
   };
+  const maxDataTransfer = number('max_data_xfer_size', defaults.maxDataTransfer);
+  // Message-based DMA is cut into pieces of this size: below a page, one NVMe data page would take
+  // several round trips (one per byte at 1), a client-made slowdown of every controller's event loop.
+  if (maxDataTransfer < Limits.minClientDataTransfer) {
+    throw new VfioError(Errno.EINVAL, `VERSION capability max_data_xfer_size ${maxDataTransfer} is below ${Limits.minClientDataTransfer}`);
+  }
   return {
-    maxDataTransfer: number('max_data_xfer_size', defaults.maxDataTransfer),
+    maxDataTransfer,
     maxFds: number('max_msg_fds', defaults.maxFds),
     writeMultiple: caps.write_multiple === true,
   };
