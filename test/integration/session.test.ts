@@ -18,6 +18,9 @@ beforeEach(async () => {
 
 afterEach(() => harness.cleanup());
 
+/** One full event-loop turn: timers, I/O polling (replies already in our socket buffer arrive), immediates. */
+const turnEventLoop = (): Promise<void> => new Promise((resolve) => setTimeout(() => setImmediate(resolve), 0));
+
 const u32 = (b: Uint8Array): number => new DataView(b.buffer, b.byteOffset).getUint32(0, true);
 const u16 = (b: Uint8Array): number => new DataView(b.buffer, b.byteOffset).getUint16(0, true);
 
@@ -45,6 +48,44 @@ describe('negotiation and device info', () => {
       const c = VfioUserClient.connect(fresh.socketPath);
       const { version } = await import('../../src/vfio-user/codec.js');
       await expect(c.request(Command.VERSION, version.encode({ major: 1, minor: 0, json: '{}' }))).rejects.toMatchObject({ errno: Errno.ENOTSUP });
+      c.close();
+    } finally {
+      fresh.cleanup();
+    }
+  });
+
+  it('answers a second VERSION with EINVAL and keeps the parameters negotiated first', async () => {
+    const fresh = startServer(new ProbeDevice());
+    const rom = new GuestMemory(0x200000, 0x10000);
+    try {
+      const c = VfioUserClient.connect(fresh.socketPath);
+      await c.negotiate({ max_msg_fds: 16, max_data_xfer_size: 8192 });
+      await c.dmaMap(rom, { viaMessages: true });
+      const probe = fresh.server.activeSession!.dma;
+      await probe.read(0x200000, 20_000);
+      expect(c.dmaRequests.read).toBe(3); // 8 KiB pieces
+      await expect(c.negotiate({ max_msg_fds: 16, max_data_xfer_size: 1 << 20 })).rejects.toMatchObject({ errno: Errno.EINVAL });
+      await probe.read(0x200000, 20_000);
+      expect(c.dmaRequests.read).toBe(6); // still 8 KiB pieces
+      expect((await c.deviceInfo()).numRegions).toBe(9); // and the connection still serves
+      c.close();
+    } finally {
+      rom.close();
+      fresh.cleanup();
+    }
+  });
+
+  it('refuses a max_data_xfer_size below one page (EINVAL) and accepts a page', async () => {
+    const fresh = startServer(new ProbeDevice());
+    try {
+      const c = VfioUserClient.connect(fresh.socketPath);
+      for (const tooSmall of [1, 512, 4095]) {
+        await expect(c.negotiate({ max_msg_fds: 16, max_data_xfer_size: tooSmall })).rejects.toMatchObject({ errno: Errno.EINVAL });
+      }
+      // A refused VERSION negotiates nothing: the client may try again.
+      await expect(c.deviceInfo()).rejects.toMatchObject({ errno: Errno.EINVAL });
+      expect((await c.negotiate({ max_msg_fds: 16, max_data_xfer_size: 4096 })).max_data_xfer_size).toBe(1 << 20);
+      expect((await c.deviceInfo()).numRegions).toBe(9);
       c.close();
     } finally {
       fresh.cleanup();
@@ -260,16 +301,20 @@ describe('reset and reconnect', () => {
     const ram = new GuestMemory(0x100000, 0x10000);
     try {
       await client.dmaMap(ram);
+      await client.write32(PciRegion.BAR0, ScratchReg.SCRATCH32, 42);
       const pinned = device.dma.pin(0x100000, 4096, true)!;
       const order: string[] = [];
       const reset = client.reset().then(() => order.push('reset'));
       const read = client.read32(PciRegion.BAR0, ScratchReg.MAGIC).then((v) => order.push(`read ${v.toString(16)}`));
-      await new Promise((r) => setTimeout(r, 50));
-      expect(order).toEqual([]); // the reset waits for the pinned I/O, the read waits behind it
+      // The server has run the reset (registers cleared) and would have replied by now if it did not wait.
+      await waitUntil(() => u32(device.regionRead(PciRegion.BAR0, ScratchReg.SCRATCH32, 4)) === 0, 2000, 'reset to reach the device');
+      await turnEventLoop();
+      order.push('I/O done');
       pinned.bytes.fill(0xee); // the I/O lands
       pinned.release();
       await Promise.all([reset, read]);
-      expect(order).toEqual(['reset', `read ${SCRATCH_MAGIC.toString(16)}`]);
+      // The reset waited for the pinned I/O; the read waited behind the reset.
+      expect(order).toEqual(['I/O done', 'reset', `read ${SCRATCH_MAGIC.toString(16)}`]);
     } finally {
       ram.close();
     }
