@@ -213,6 +213,8 @@ export class FileBackend extends VectoredBackend {
     let pos = offset;
     while (pending.length > 0) {
       const { bytesWritten } = await this.handle.writev(pending, pos);
+      // A file system that accepts nothing (and reports no error) would otherwise be retried forever.
+      if (bytesWritten === 0) throw Object.assign(new Error(`${this.path}: write at ${pos} stored 0 bytes`), { code: 'EIO' });
       pos += bytesWritten;
       pending = advance(pending, bytesWritten);
     }
