@@ -6,6 +6,15 @@ import { native, type Connection, type Listener, type NativeError } from '../../
 
 const openFdCount = (): number => readdirSync('/proc/self/fd').length;
 
+/** Resolves once `predicate` holds (checked every event-loop turn); rejects after `timeoutMs`. */
+async function waitUntil(predicate: () => boolean, what: string, timeoutMs = 5000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!predicate()) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 1));
+  }
+}
+
 function errorOf(fn: () => unknown): NativeError {
   try {
     fn();
@@ -163,8 +172,8 @@ describe('native addon', () => {
     );
     server.close();
     client.send(Buffer.from('x'));
-    await new Promise((r) => setTimeout(r, 50));
-    expect(closedWith === null || closedWith === 'EPIPE' || closedWith === 'ECONNRESET').toBe(true);
+    await waitUntil(() => closedWith !== undefined, 'onClose');
+    expect([null, 'EPIPE', 'ECONNRESET']).toContain(closedWith);
   });
 
   it('errors carry errno codes', () => {
@@ -220,7 +229,7 @@ describe('native addon', () => {
     expect(native.eventfdRead(native.eventfd(3))).toBe(3n); // leaks one fd, fine in a test
   });
 
-  it('watchFd fires when an eventfd is written', async () => {
+  it('watchFd fires when an eventfd is written, and not once closed', async () => {
     const fd = native.eventfd();
     let fired = 0;
     const w = native.watchFd(fd, () => {
@@ -228,21 +237,32 @@ describe('native addon', () => {
       native.eventfdRead(fd);
     });
     native.eventfdWrite(fd);
-    await new Promise((r) => setTimeout(r, 20));
-    expect(fired).toBe(1);
+    await waitUntil(() => fired === 1, 'the watcher');
     w.close();
     w.close();
+    // A control watcher made readable at the same moment: once it has fired, libuv has polled
+    // both fds, so the closed watcher would have fired too.
+    const control = native.eventfd();
+    let controlFired = false;
+    const cw = native.watchFd(control, () => {
+      controlFired = true;
+      native.eventfdRead(control);
+    });
     native.eventfdWrite(fd);
-    await new Promise((r) => setTimeout(r, 20));
+    native.eventfdWrite(control);
+    await waitUntil(() => controlFired, 'the control watcher');
     expect(fired).toBe(1);
+    cw.close();
+    native.closeFd(control);
     native.closeFd(fd);
   });
 
   it('does not leak fds over 1000 connect/close cycles', async () => {
+    let serverSideClosed = 0;
     listener = new native.Listener(sockPath, (c) => {
       c.start(
         (_data, fds) => fds.forEach((fd) => native.closeFd(fd)),
-        () => {},
+        () => serverSideClosed++,
       );
     });
     const cycle = () => {
@@ -253,14 +273,14 @@ describe('native addon', () => {
       c.close();
     };
     cycle();
-    await new Promise((r) => setTimeout(r, 20));
+    await waitUntil(() => serverSideClosed === 1, 'the first connection to be torn down');
     const before = openFdCount();
     for (let i = 0; i < 1000; i++) {
       cycle();
       // connect() blocks while the backlog (4) is full, so let the listener accept.
       await new Promise((r) => setImmediate(r));
     }
-    await new Promise((r) => setTimeout(r, 100));
+    await waitUntil(() => serverSideClosed === 1001, 'every connection to be torn down', 10_000);
     expect(openFdCount()).toBe(before);
   });
 });

@@ -4,7 +4,7 @@ import { Namespace } from '../../../src/nvme/namespace.js';
 import { RamBackend } from '../../../src/nvme/backend.js';
 import { Subsystem } from '../../../src/nvme/subsystem.js';
 import { buildCommand } from '../../../src/nvme/command.js';
-import { DATA, TestHost, code, until } from './helpers.js';
+import { DATA, TestHost, code, tick, until } from './helpers.js';
 
 const u16 = (b: Uint8Array, at: number): number => b[at]! | (b[at + 1]! << 8);
 const u32 = (b: Uint8Array, at: number): number => new DataView(b.buffer, b.byteOffset).getUint32(at, true);
@@ -266,7 +266,8 @@ describe('asynchronous events', () => {
     h.write32(0x1000 + 8 * 5, 1);
     const cid = h.place(0, aer());
     h.ringSq(0);
-    await new Promise((r) => setTimeout(r, 10));
+    await until(() => h.controller.state.asyncEvents.outstanding.length === 1, 'the AER to be outstanding');
+    await tick(); // delivery of queued events runs in a microtask
     expect(h.peek(0)).toBeNull();
     // Doorbell of a queue that does not exist.
     h.write32(0x1000 + 8 * 5, 1);
@@ -279,7 +280,7 @@ describe('asynchronous events', () => {
     await h.admin({ opcode: AdminOpcode.GET_LOG_PAGE, prp1: DATA, cdw10: LogId.ERROR_INFORMATION | (15 << 16) });
     h.place(0, aer());
     h.ringSq(0);
-    await new Promise((r) => setTimeout(r, 10));
+    await until(() => h.controller.state.asyncEvents.outstanding.length === 1, 'the second AER to be outstanding');
     h.write32(0x1000, 999);
     const second = await h.reap(0);
     expect((second.dw0 >> 8) & 0xff).toBe(1); // invalid doorbell write value
@@ -297,7 +298,8 @@ describe('asynchronous events', () => {
     expect(notice.dw0).toBe(2 | (LogId.CHANGED_NAMESPACES << 16));
     // A second change while the first is unread is not reported yet.
     h.subsystem.addNamespace(new Namespace({ nsid: 8, backend: new RamBackend(1 << 20) }));
-    await new Promise((r) => setTimeout(r, 10));
+    await until(() => h.controller.state.asyncEvents.queued.length === 1, 'the second notice to be queued');
+    await tick();
     expect(h.peek(0)).toBeNull();
     const logCid = h.place(0, buildCommand({ opcode: AdminOpcode.GET_LOG_PAGE, prp1: DATA, cdw10: LogId.CHANGED_NAMESPACES | (1023 << 16) }));
     h.ringSq(0);

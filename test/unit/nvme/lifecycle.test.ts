@@ -139,7 +139,8 @@ describe('quiesce, reset and state', () => {
     const first = h.peek(1);
     expect(first?.status).toBe(0);
     await h.reap(1);
-    await new Promise((r) => setTimeout(r, 10));
+    // Fetching and executing run in microtasks: one tick lets a (wrong) fetch finish.
+    await tick();
     expect(h.peek(1)).toBeNull();
     expect(h.controller.state.submissionQueues[1]!.head).toBe(1);
     h.controller.resume();
@@ -152,12 +153,12 @@ describe('quiesce, reset and state', () => {
     // The read may still land in guest memory, so the reset is not done yet.
     expect(h.read32(Reg.CSTS) & CSTS.RDY).toBe(CSTS.RDY);
     backend.release();
-    await new Promise((r) => setTimeout(r, 10));
-    expect(h.read32(Reg.CSTS) & CSTS.RDY).toBe(0);
+    await until(() => (h.read32(Reg.CSTS) & CSTS.RDY) === 0, 'RDY to clear once the read has drained');
     expect(h.peek(1)).toBeNull();
-    // Once RDY reads 0 the host owns its buffers again: nothing writes them any more.
+    // Once RDY reads 0 the host owns its buffers again: nothing writes them any more (what could
+    // still run would be microtasks of the finished command, which a tick lets finish).
     h.memory.bytes.fill(0xaa, DATA, DATA + 512);
-    await new Promise((r) => setTimeout(r, 10));
+    await tick();
     expect(h.memory.slice(DATA, 4).every((b) => b === 0xaa)).toBe(true);
   });
 
@@ -165,7 +166,8 @@ describe('quiesce, reset and state', () => {
     const { backend, h } = await readHeldInFlight();
     const cid = h.place(0, buildCommand({ opcode: AdminOpcode.DELETE_IO_SQ, cdw10: 1 }));
     h.ringSq(0);
-    await new Promise((r) => setTimeout(r, 10));
+    await until(() => h.controller.state.submissionQueues[0]!.head === h.queues.get(0)!.sqTail, 'the Delete I/O SQ command to be fetched');
+    await tick();
     expect(h.peek(0)).toBeNull();
     backend.release();
     const cqe = await h.reap(0);
