@@ -93,10 +93,9 @@ async function resetAndCheckA(seed: number): Promise<void> {
   await roundTrip(a, queue, { write: a.alloc(PAGE), read: a.alloc(PAGE) }, 2048 + seed * 8, seed);
 }
 
-/** No completion shows up on `queue` within `ms` (polling consumes nothing if there is none). */
-async function expectNoCompletion(queue: HostQueue, ms = 50): Promise<void> {
-  await sleep(ms);
-  await queue.host.sync();
+/** No completion shows up on `queue` once the server has settled (polling consumes nothing if there is none). */
+async function expectNoCompletion(queue: HostQueue): Promise<void> {
+  await queue.host.settle();
   expect(queue.poll()).toBeNull();
 }
 
@@ -372,7 +371,7 @@ describe('two controllers on one server, one of them abused', () => {
       a.ringSqDoorbell(6, 1);
       await a.sync();
       a.aer();
-      await expectNoCompletion(a.admin, 100);
+      await expectNoCompletion(a.admin);
       expect((await csts(a)) & CSTS.CFS).toBe(0);
       expect((await q.run(NvmOpcode.FLUSH, { nsid: NSID })).status).toBe(Status.SUCCESS);
     });
@@ -393,8 +392,7 @@ describe('two controllers on one server, one of them abused', () => {
         if (Date.now() > deadline) throw new Error('CQ never filled');
         await a.sync();
       }
-      await sleep(50);
-      await a.sync();
+      await a.settle();
       // Slots 0..2 hold the first three completions; slot 3 stays empty (a full CQ keeps one free).
       const snapshot = Buffer.from(a.bytes(cqAddr, CQ_SIZE * 16)).toString('hex');
       expect([0, 1, 2].map((i) => a.cqEntry(cqAddr, i))).toEqual(
@@ -402,8 +400,7 @@ describe('two controllers on one server, one of them abused', () => {
       );
       expect(Buffer.from(a.bytes(cqAddr + 3 * 16, 16)).every((x) => x === 0)).toBe(true);
       // Nothing is overwritten while the host sits on them, and the controller is not fatal.
-      await sleep(50);
-      await a.sync();
+      await a.settle();
       expect(Buffer.from(a.bytes(cqAddr, CQ_SIZE * 16)).toString('hex')).toBe(snapshot);
       expect((await csts(a)) & CSTS.CFS).toBe(0);
       // Other queues of the same controller are not blocked by the full CQ.
@@ -428,8 +425,7 @@ describe('two controllers on one server, one of them abused', () => {
       }
       expect(got.map((c) => c.cid)).toEqual(cids);
       expect(got.every((c) => c.status === Status.SUCCESS && c.sqId === 2)).toBe(true);
-      await sleep(30);
-      await a.sync();
+      await a.settle();
       expect(a.cqEntry(cqAddr, head).phase).not.toBe(phase);
       // SQ 2 keeps working after the overrun.
       const next = sq.submit(NvmOpcode.FLUSH, { nsid: NSID });

@@ -203,6 +203,16 @@ export class NvmeHost {
     await this.read32(Reg.CSTS);
   }
 
+  /**
+   * Returns once the server has also finished what those writes started short of backend I/O
+   * (fetching, executing against a RAM namespace, posting): the first round trip can be answered
+   * in the same event-loop turn as a doorbell, the second only after that turn's work has run.
+   */
+  async settle(): Promise<void> {
+    await this.sync();
+    await this.sync();
+  }
+
   /** Submits an Asynchronous Event Request on the admin queue; it stays outstanding. Returns its CID. */
   aer(): number {
     return this.admin.submit(AdminOpcode.ASYNC_EVENT_REQUEST);
