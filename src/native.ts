@@ -89,10 +89,20 @@ export interface NativeAddon {
   /**
    * mmap(MAP_SHARED) `length` bytes of `fd` at page-aligned `offset`, as an
    * external ArrayBuffer (zero copy). Unmapped by `munmap` or when collected.
+   *
+   * Every mapping is guarded against its file shrinking under it (see
+   * native/src/memory.cc): an access past the file's new end, which would be
+   * SIGBUS for the whole process, instead turns the mapping into zero pages
+   * and bumps `poisonCounts[guardSlot(buffer)]`. ENOSPC when the guard table
+   * is full and the fd is not sealed against shrinking.
    */
   mmap(fd: number, offset: bigint, length: number, writable: boolean): ArrayBuffer;
   /** Unmap and detach: views of the buffer become length 0. EINVAL if not a live mapping. */
   munmap(buffer: ArrayBuffer): void;
+  /** The guard slot of a live mapping from `mmap`, or -1 if it has none (sealed fd, full table). */
+  guardSlot(buffer: ArrayBuffer): number;
+  /** Per guard slot: how often a mapping there was replaced by zero pages. Only ever grows. */
+  readonly poisonCounts: Uint32Array;
 
   /** EFD_NONBLOCK | EFD_CLOEXEC. */
   eventfd(initial?: number): number;
@@ -100,12 +110,18 @@ export interface NativeAddon {
   eventfdWrite(fd: number, value?: bigint): void;
   /** Reads and resets the counter; 0n if it was zero. */
   eventfdRead(fd: number): bigint;
-  /** memfd_create(MFD_CLOEXEC) + ftruncate(size). */
-  memfdCreate(name: string, size: number): number;
+  /**
+   * memfd_create(MFD_CLOEXEC) + ftruncate(size); `sealed` adds the seals QEMU's
+   * memory-backend-memfd uses (no shrink, no grow, no further seals).
+   */
+  memfdCreate(name: string, size: number, sealed?: boolean): number;
 
   closeFd(fd: number): void;
-  /** fstat(): size, and st_blksize (what mmap offsets of this fd must align to). */
-  fdStat(fd: number): { size: number; blockSize: number };
+  /**
+   * fstat(): size, and st_blksize (what mmap offsets of this fd must align to); and whether
+   * F_GET_SEALS says the file can no longer shrink.
+   */
+  fdStat(fd: number): { size: number; blockSize: number; shrinkSealed: boolean };
   pageSize(): number;
 
   /**

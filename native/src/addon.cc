@@ -1,6 +1,7 @@
 // Module entry point, shared helpers, and small fd utilities.
 #include "common.h"
 
+#include <fcntl.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -125,12 +126,19 @@ Napi::Value MemfdCreate(const Napi::CallbackInfo& info) {
   double size = info[1].As<Napi::Number>().DoubleValue();
   if (!(size >= 0 && size <= 9007199254740991.0) || std::floor(size) != size)
     throw Napi::RangeError::New(info.Env(), "size must be a non-negative integer");
-  int fd = memfd_create(name.c_str(), MFD_CLOEXEC);
+  bool sealed = info.Length() > 2 && info[2].IsBoolean() && info[2].As<Napi::Boolean>().Value();
+  int fd = memfd_create(name.c_str(), MFD_CLOEXEC | (sealed ? MFD_ALLOW_SEALING : 0));
   if (fd < 0) throw ErrnoError(info.Env(), errno, "memfd_create", name);
   if (ftruncate(fd, static_cast<off_t>(size)) < 0) {
     int err = errno;
     close(fd);
     throw ErrnoError(info.Env(), err, "ftruncate", name);
+  }
+  // What QEMU's memory-backend-memfd does by default: the size is final.
+  if (sealed && fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0) {
+    int err = errno;
+    close(fd);
+    throw ErrnoError(info.Env(), err, "fcntl", name);
   }
   return Napi::Number::New(info.Env(), fd);
 }
@@ -150,6 +158,7 @@ Napi::Value FdStat(const Napi::CallbackInfo& info) {
   Napi::Object out = Napi::Object::New(info.Env());
   out.Set("size", Napi::Number::New(info.Env(), static_cast<double>(st.st_size)));
   out.Set("blockSize", Napi::Number::New(info.Env(), static_cast<double>(st.st_blksize)));
+  out.Set("shrinkSealed", Napi::Boolean::New(info.Env(), FdSealedAgainstShrink(fd)));
   return out;
 }
 

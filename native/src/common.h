@@ -42,6 +42,9 @@ uv_loop_t* GetLoop(Napi::Env env);
 // uv_poll handles must be freed only from their close callback.
 void ClosePoll(uv_poll_t* poll);
 
+// fcntl(F_GET_SEALS) says the file can no longer shrink (QEMU seals its memory-backend-memfd so).
+bool FdSealedAgainstShrink(int fd);
+
 void InitSocket(Napi::Env env, Napi::Object exports, AddonData* data);
 void InitMemory(Napi::Env env, Napi::Object exports, AddonData* data);
 void InitFile(Napi::Env env, Napi::Object exports);

@@ -1,7 +1,9 @@
 import { describe, it, expect, beforeEach, afterEach } from 'vitest';
-import { mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { ftruncateSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { native, type Connection, type Listener, type NativeError } from '../../src/native.js';
 
 const openFdCount = (): number => readdirSync('/proc/self/fd').length;
@@ -214,6 +216,44 @@ describe('native addon', () => {
     expect(new Uint8Array(again)[0]).toBe(42);
     native.munmap(again);
     native.closeFd(fd);
+  });
+
+  it('a mapping whose file shrinks under it turns into zero pages and counts, instead of SIGBUS', () => {
+    const page = native.pageSize();
+    const fd = native.memfdCreate('shrinks', 4 * page);
+    const buffer = native.mmap(fd, 0n, 4 * page, true);
+    const view = new Uint8Array(buffer);
+    view.fill(0x5a);
+    const slot = native.guardSlot(buffer);
+    expect(slot).toBeGreaterThanOrEqual(0);
+    const before = native.poisonCounts[slot]!;
+    expect(native.fdStat(fd).shrinkSealed).toBe(false);
+    ftruncateSync(fd, page); // pages 1..3 are gone
+    expect(view[2 * page]).toBe(0);
+    expect(view[0]).toBe(0); // the whole mapping was replaced, not just the faulting page
+    expect(native.poisonCounts[slot]).toBe(before + 1);
+    view.fill(0x11, 2 * page); // stores too, once replaced without another fault
+    expect(view[3 * page]).toBe(0x11);
+    expect(native.poisonCounts[slot]).toBe(before + 1);
+    // The file itself is untouched by the replacement: its first page still holds what we wrote.
+    const fresh = native.mmap(fd, 0n, page, false);
+    expect(new Uint8Array(fresh)[0]).toBe(0x5a);
+    native.munmap(fresh);
+    native.munmap(buffer);
+    native.closeFd(fd);
+  });
+
+  it('memfds sealed like QEMU\'s cannot shrink, and fdStat says so', () => {
+    const fd = native.memfdCreate('sealed', 4096, true);
+    expect(native.fdStat(fd)).toMatchObject({ size: 4096, shrinkSealed: true });
+    expect(() => ftruncateSync(fd, 0)).toThrow(expect.objectContaining({ code: 'EPERM' }));
+    native.closeFd(fd);
+  });
+
+  it('a SIGBUS that is not about a guarded mapping still ends the process', () => {
+    const script = "import('./src/native.ts').then(({ native }) => { native.pageSize(); process.kill(process.pid, 'SIGBUS'); setTimeout(() => console.log('survived'), 1000); })";
+    const result = spawnSync(process.execPath, ['--import', 'tsx', '-e', script], { cwd: fileURLToPath(new URL('../..', import.meta.url)), encoding: 'utf8', timeout: 20_000 });
+    expect({ signal: result.signal, stdout: result.stdout }).toEqual({ signal: 'SIGBUS', stdout: '' });
   });
 
   it('eventfd write/read/EAGAIN', () => {
