@@ -43,6 +43,9 @@ async function media<T>(c: ControllerContext, status: number, fn: () => Promise<
     return await fn();
   } catch (err) {
     if (err instanceof CommandError) throw err;
+    // The kernel could not reach the guest's buffer (its owner truncated the memory): the data
+    // pointer's fault, not the medium's.
+    if ((err as NodeJS.ErrnoException).code === 'EFAULT') throw new CommandError(Status.DATA_TRANSFER_ERROR, (err as Error).message);
     c.smart.mediaErrors++;
     c.log.warn(`backend error: ${(err as Error).message}`);
     throw new CommandError(status, (err as Error).message);

@@ -51,6 +51,14 @@ async function dataAccess<T>(fn: () => Promise<T>): Promise<T> {
 
 
 
+/**
+ * After a synchronous copy through a view: a mapping whose owner truncated it under the copy is
+ * refused from then on, so a second lookup tells whether the copy touched real guest memory.
+ */
+function confirmCopied(dma: DmaSpace, s: Segment, forWrite: boolean): void {
+  if (!dma.view(s.addr, s.length, forWrite)) throw new CommandError(Status.DATA_TRANSFER_ERROR, 'guest memory was truncated during the copy');
+}
+
 function pushMerged(segments: Segment[], addr: number, length: number): void {
   const last = segments[segments.length - 1];
   if (last && last.addr + last.length === addr) last.length += length;
@@ -211,6 +219,7 @@ export class GuestDataTransfer implements DataTransfer {
       if (pins.length === segments.length) {
         // Pinned: a DMA_UNMAP meanwhile waits for us instead of pulling the memory away.
         await io(pins.map((p) => p.bytes));
+        if (!pins.every((p) => p.intact())) throw new CommandError(Status.DATA_TRANSFER_ERROR, 'guest memory was truncated during the transfer');
         return;
       }
     } finally {
@@ -233,8 +242,12 @@ export class GuestDataTransfer implements DataTransfer {
       const chunk = data.subarray(done, done + s.length);
       // Mapped guest memory is written in place; only message-based DMA needs to wait.
       const view = dma.view(s.addr, s.length, true);
-      if (view) view.set(chunk);
-      else await dataAccess(() => dma.write(s.addr, chunk));
+      if (view) {
+        view.set(chunk);
+        confirmCopied(dma, s, true);
+      } else {
+        await dataAccess(() => dma.write(s.addr, chunk));
+      }
       done += s.length;
     }
   }
@@ -246,7 +259,12 @@ export class GuestDataTransfer implements DataTransfer {
     let done = 0;
     for (const s of segments) {
       const view = dma.view(s.addr, s.length, false);
-      out.set(view ?? (await dataAccess(() => dma.read(s.addr, s.length))), done);
+      if (view) {
+        out.set(view, done);
+        confirmCopied(dma, s, false);
+      } else {
+        out.set(await dataAccess(() => dma.read(s.addr, s.length)), done);
+      }
       done += s.length;
     }
     return out;

@@ -43,6 +43,11 @@ export interface IrqInfo {
 /** A view of guest memory that stays mapped until released, even if the client unmaps it meanwhile. */
 export interface PinnedView {
   bytes: Uint8Array;
+  /**
+   * False once the memory was lost under the view (its owner truncated the file behind it): what
+   * was read through it since is zeros, what was written went nowhere. Check after the I/O.
+   */
+  intact(): boolean;
   release(): void;
 }
 
@@ -50,7 +55,10 @@ export interface PinnedView {
 export interface DmaSpace {
   /**
    * A zero-copy view when [addr, addr+length) lies in one fd-backed mapping, else null. Valid only
-   * until the next await: a DMA_UNMAP may take the memory away.
+   * until the next await: a DMA_UNMAP may take the memory away. If the client truncates the memory
+   * under a copy through the view, the copy completes on zero pages and the mapping is refused
+   * from then on (view() returns null, read/write fail): a caller that must know the copy was
+   * real looks the view up again after it.
    */
   view(addr: number, length: number, forWrite: boolean): Uint8Array | null;
   /** Like view(), but the memory stays mapped until release(): for I/O that outlives this turn. */

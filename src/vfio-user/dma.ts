@@ -2,6 +2,11 @@
 // mmapped once and accessed in place; ranges without an fd go through DMA_READ/DMA_WRITE messages.
 // Every device write to guest memory passes here, so this is also where writes are observed (dirty
 // logging) and where they can be routed through the client (write-through during a migration).
+//
+// A client can shrink the file behind a mapping. The native guard (native/src/memory.cc) then
+// turns the mapping into zero pages instead of letting the access kill the process, and counts it:
+// from then on the mapping is refused (a DmaError for every access) until the client unmaps it,
+// and an access whose copy saw the count move fails too, since it read zeros or wrote nowhere.
 
 import { DmaError, VfioError, type DmaSpace, type PinnedView, type WriteObserver } from './device.js';
 import { Errno } from './protocol.js';
@@ -19,7 +24,12 @@ export interface DmaMapping {
   /** Pinned views in use: the munmap of a mapping the client removed waits for them. */
   pins: number;
   removed: boolean;
+  /** The mapping's slot in the native poison counters (-1: unguarded), and the count it started at. */
+  guardSlot: number;
+  poisonAtMap: number;
 }
+
+const TRUNCATED = 'into guest memory its owner truncated';
 
 /** Carries DMA for ranges without an fd: the session's DMA_READ/DMA_WRITE requests. */
 export interface RemoteDma {
@@ -69,6 +79,7 @@ export class DmaTable implements DmaSpace {
     }
     let bytes: Uint8Array | null = null;
     let backing: ArrayBuffer | null = null;
+    let guardSlot = -1;
     if (options.fd !== undefined) {
       const stat = this.memory.fdStat(options.fd);
       // Touching a mapping past the end of its file is SIGBUS, which would take every controller
@@ -83,6 +94,7 @@ export class DmaTable implements DmaSpace {
       const length = Math.min(roundUp(slack + size, Number(block)), Number(BigInt(stat.size) - alignedOffset));
       backing = this.memory.mmap(options.fd, alignedOffset, length, options.writable);
       bytes = new Uint8Array(backing, slack, size);
+      guardSlot = this.memory.guardSlot(backing);
     }
     this.mappings.splice(at, 0, {
       iova,
@@ -93,6 +105,8 @@ export class DmaTable implements DmaSpace {
       backing,
       pins: 0,
       removed: false,
+      guardSlot,
+      poisonAtMap: guardSlot < 0 ? 0 : this.memory.poisonCounts[guardSlot]!,
     });
   }
 
@@ -112,7 +126,11 @@ export class DmaTable implements DmaSpace {
 
   view(addr: number, length: number, forWrite: boolean): Uint8Array | null {
     const mapping = this.directMapping(addr, length, forWrite);
-    if (!mapping) return null;
+    return mapping ? this.bytesFor(mapping, addr, length, forWrite) : null;
+  }
+
+  /** The bytes of [addr, addr+length) in `mapping`; a write is reported to the observers first. */
+  private bytesFor(mapping: DmaMapping, addr: number, length: number, forWrite: boolean): Uint8Array {
     // The caller writes before its next await, so no report can come between this and the bytes.
     if (forWrite && this.writeObservers.length !== 0) this.notifyWrite(addr, length);
     const start = addr - mapping.iova;
@@ -132,6 +150,7 @@ export class DmaTable implements DmaSpace {
     let released = false;
     return {
       bytes: mapping.bytes!.subarray(start, start + length),
+      intact: () => !this.poisoned(mapping),
       release: () => {
         if (released) return;
         released = true;
@@ -174,17 +193,32 @@ export class DmaTable implements DmaSpace {
     for (const observer of this.writeObservers) observer(addr, length);
   }
 
+  /** The one mapping that holds [addr, addr+length) in memory we can touch, if any (never a poisoned one). */
   private directMapping(addr: number, length: number, forWrite: boolean): DmaMapping | undefined {
     if (forWrite && this.writeThrough) return undefined;
     const mapping = this.find(addr);
     if (!mapping || !mapping.bytes || addr + length > mapping.iova + mapping.size) return undefined;
     if (forWrite ? !mapping.writable : !mapping.readable) return undefined;
+    if (this.poisoned(mapping)) return undefined;
     return mapping;
   }
 
+  private poisoned(mapping: DmaMapping): boolean {
+    return mapping.guardSlot >= 0 && this.memory.poisonCounts[mapping.guardSlot] !== mapping.poisonAtMap;
+  }
+
+  /** Runs `access` on the mapped bytes of [addr, addr+length) if one mapping holds them; undefined otherwise. */
+  private accessDirect<T>(addr: number, length: number, forWrite: boolean, access: (bytes: Uint8Array) => T): T | undefined {
+    const mapping = this.directMapping(addr, length, forWrite);
+    if (!mapping) return undefined;
+    const result = access(this.bytesFor(mapping, addr, length, forWrite));
+    if (this.poisoned(mapping)) throw new DmaError(addr, length, TRUNCATED);
+    return result;
+  }
+
   async read(addr: number, length: number): Promise<Uint8Array> {
-    const direct = this.view(addr, length, false);
-    if (direct) return direct.slice();
+    const direct = this.accessDirect(addr, length, false, (bytes) => bytes.slice());
+    if (direct) return direct;
     const out = new Uint8Array(length);
     await this.walk(addr, length, false, async (mapping, at, n) => {
       const data = mapping.bytes
@@ -196,11 +230,11 @@ export class DmaTable implements DmaSpace {
   }
 
   async write(addr: number, data: Uint8Array): Promise<void> {
-    const direct = this.view(addr, data.length, true);
-    if (direct) {
-      direct.set(data);
-      return;
-    }
+    const done = this.accessDirect(addr, data.length, true, (bytes) => {
+      bytes.set(data);
+      return true;
+    });
+    if (done) return;
     await this.walk(addr, data.length, true, async (mapping, at, n) => {
       const part = data.subarray(at - addr, at - addr + n);
       if (this.writeObservers.length !== 0) this.notifyWrite(at, n);
@@ -233,8 +267,10 @@ export class DmaTable implements DmaSpace {
       if (forWrite ? !mapping.writable : !mapping.readable) {
         throw new DmaError(addr, length, forWrite ? 'to a read-only mapping' : 'from a write-only mapping');
       }
+      if (this.poisoned(mapping)) throw new DmaError(addr, length, TRUNCATED);
       const pieceEnd = Math.min(end, mapping.iova + mapping.size);
       await visit(mapping, cursor, pieceEnd - cursor);
+      if (this.poisoned(mapping)) throw new DmaError(addr, length, TRUNCATED);
       cursor = pieceEnd;
     }
   }

@@ -11,7 +11,11 @@ export interface Transport {
 export interface NativeMemory {
   mmap(fd: number, offset: bigint, length: number, writable: boolean): ArrayBuffer;
   munmap(buffer: ArrayBuffer): void;
-  fdStat(fd: number): { size: number; blockSize: number };
+  fdStat(fd: number): { size: number; blockSize: number; shrinkSealed: boolean };
+  /** A mapping's slot in `poisonCounts`, or -1 when it is not guarded. */
+  guardSlot(buffer: ArrayBuffer): number;
+  /** How often the SIGBUS guard replaced the mapping of each slot with zero pages. */
+  readonly poisonCounts: Uint32Array;
 }
 
 export interface NativeEventFds {

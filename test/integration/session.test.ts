@@ -1,4 +1,5 @@
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { ftruncateSync } from 'node:fs';
 import { native } from '../../src/native.js';
 import { GuestMemory, VfioClientError, VfioUserClient } from '../../src/vfio-user/client.js';
 import { Command, DeviceFlags, Errno, Feature, FeatureFlags, IrqInfoFlags, PciIrq, PciRegion, RegionFlags } from '../../src/vfio-user/protocol.js';
@@ -233,6 +234,45 @@ describe('DMA', () => {
       await expect(device.dma.read(0x102000, 4)).rejects.toThrow(/outside every mapping/);
     } finally {
       native.closeFd(small);
+    }
+  });
+
+  it('survives a client that truncates mapped memory: accesses fail, the mapping is refused until unmapped', async () => {
+    const a = new GuestMemory(0x100000, 0x10000);
+    const b = new GuestMemory(0x200000, 0x10000);
+    try {
+      await client.dmaMap(a);
+      await client.dmaMap(b);
+      const pinned = device.dma.pin(0x100000, 4096, true)!;
+      const view = device.dma.view(0x200000, 16, true)!;
+      ftruncateSync(a.fd, 0);
+      ftruncateSync(b.fd, 0);
+      // Each of these touches memory past the file's end: SIGBUS for the whole process, unguarded.
+      await expect(device.dma.read(0x100100, 64)).rejects.toThrow(/into guest memory its owner truncated/);
+      view.set([1, 2, 3, 4]); // the device's own store completes, on zero pages
+      expect(pinned.intact()).toBe(false);
+      for (const at of [0x100000, 0x200000]) {
+        expect(device.dma.view(at, 4, false)).toBeNull();
+        expect(device.dma.pin(at, 4, true)).toBeNull();
+        await expect(device.dma.read(at, 4)).rejects.toThrow(/truncated/);
+        await expect(device.dma.write(at, new Uint8Array(4))).rejects.toThrow(/truncated/);
+      }
+      pinned.release();
+      // Until the client unmaps it; then the range can be mapped again, with fresh memory.
+      await client.dmaUnmap(0x100000, 0x10000);
+      await expect(device.dma.read(0x100000, 4)).rejects.toThrow(/outside every mapping/);
+      const again = new GuestMemory(0x100000, 0x10000);
+      try {
+        await client.dmaMap(again);
+        again.bytes.set([5, 6, 7, 8]);
+        expect(Array.from(await device.dma.read(0x100000, 4))).toEqual([5, 6, 7, 8]);
+      } finally {
+        await client.dmaUnmap(0x100000, 0x10000);
+        again.close();
+      }
+    } finally {
+      a.close();
+      b.close();
     }
   });
 

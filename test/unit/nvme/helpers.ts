@@ -43,7 +43,7 @@ export class GuestMemory implements DmaSpace {
 
   pin(addr: number, length: number, forWrite: boolean): PinnedView | null {
     const bytes = this.view(addr, length, forWrite);
-    return bytes ? { bytes, release: () => undefined } : null;
+    return bytes ? { bytes, intact: () => true, release: () => undefined } : null;
   }
 
   /** Like DmaTable: mapped memory is read through its view; `reads` counts the message-style path. */
