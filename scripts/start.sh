@@ -6,6 +6,6 @@ set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$repo"
 bash scripts/ensure-deps.sh
-npx tsc -p tsconfig.json
+npm run --silent build
 cd "${INIT_CWD:-$repo}"
 exec node "$repo/dist/src/bin/nvme-vfio-user.js" serve "$@"

@@ -61,10 +61,20 @@ afterAll(() => {
 describe('npm pack', () => {
   it('ships the built JavaScript and the addon sources, and no tests, bench, TypeScript or build output', () => {
     const files = execFileSync('tar', ['tzf', tarball], { encoding: 'utf8' }).trim().split('\n').map((f) => f.replace(/^package\//, ''));
-    for (const needed of ['package.json', 'README.md', 'dist/src/bin/nvme-vfio-user.js', 'dist/src/cli.js', 'dist/src/native.js', 'native/CMakeLists.txt', 'native/src/addon.cc', 'native/src/common.h']) {
+    for (const needed of [
+      'package.json',
+      'README.md',
+      'dist/src/bin/nvme-vfio-user.js',
+      'dist/src/cli.js',
+      'dist/src/native.js',
+      'dist/src/mgmt/control/control.proto',
+      'native/CMakeLists.txt',
+      'native/src/addon.cc',
+      'native/src/common.h',
+    ]) {
       expect(files).toContain(needed);
     }
-    const unwanted = files.filter((f) => /^(test|bench|scripts|src|build|node_modules|qemu-configs)\//.test(f) || /\.(ts|map|node)$/.test(f));
+    const unwanted = files.filter((f) => /^(test|bench|scripts|src|build|node_modules|qemu-configs|docs)\//.test(f) || /\.(ts|map|node)$/.test(f));
     expect(unwanted).toEqual([]);
   });
 
