@@ -63,7 +63,7 @@ describe('nvme-vfio-user CLI', () => {
     expect(readFileSync(path, 'utf8')).toBe('keep me');
   });
 
-  it('creates sockets 0600 whatever the umask, and --socket-mode widens them', async () => {
+  it('creates sockets 0600 whatever the umask, and --socket-mode widens the vfio-user ones', async () => {
     const privateSocket = join(dir, 'private.sock');
     const groupSocket = join(dir, 'group.sock');
     // A umask of 0 would leave a plain bind() at 0777: anyone could connect.
@@ -77,6 +77,8 @@ describe('nvme-vfio-user CLI', () => {
     const widened = await startServerProcess(groupSocket, ['--socket-mode', '0660', '--log-level', 'warn'], { command });
     try {
       expect(statSync(groupSocket).mode & 0o777).toBe(0o660);
+      // The control socket manages the whole server: it stays private.
+      expect(statSync(join(dir, 'control.sock')).mode & 0o777).toBe(0o600);
     } finally {
       await widened.stop();
     }
