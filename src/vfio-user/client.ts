@@ -133,6 +133,8 @@ export class VfioUserClient {
   request(command: number, payload: Uint8Array = new Uint8Array(0), fds: readonly number[] = []): Promise<codec.Message> {
     const id = this.allocateId();
     const reply = this.waitFor(id, command);
+    // Closed: the reply is already a rejection, and the socket would throw EBADF on top of it.
+    if (this.closed) return reply;
     this.connection.send(codec.encodeMessage({ id, command, flags: HeaderFlags.TYPE_COMMAND, error: 0 }, payload), fds);
     return reply;
   }

@@ -38,19 +38,29 @@ export class HostQueue {
 
   /** Writes an SQE at the tail and rings the doorbell; returns the command id. */
   submit(opcode: number, options: SubmitOptions = {}): number {
+    const cid = this.place(opcode, options);
+    this.ring();
+    return cid;
+  }
+
+  /** Writes an SQE at the tail without ringing the doorbell; returns the command id. */
+  place(opcode: number, options: SubmitOptions = {}): number {
     const cid = this.nextCid;
     this.nextCid = (this.nextCid + 1) & 0xffff;
-    const sqe = buildCommand({ ...options, opcode, cid });
-    this.host.ram.bytes.set(sqe, this.sqAddr - this.host.ram.iova + this.tail * SQE_SIZE);
+    this.host.bytes(this.sqAddr + this.tail * SQE_SIZE, SQE_SIZE).set(buildCommand({ ...options, opcode, cid }));
     this.tail = (this.tail + 1) % this.size;
-    this.host.ringSqDoorbell(this.id, this.tail);
     return cid;
+  }
+
+  /** Rings the SQ tail doorbell for everything placed so far. */
+  ring(): void {
+    this.host.ringSqDoorbell(this.id, this.tail);
   }
 
   /** The next completion if one is posted (phase matches), consuming it and ringing the CQ doorbell. */
   poll(): Completion | null {
-    const at = this.cqAddr - this.host.ram.iova + this.cqHead * CQE_SIZE;
-    const view = new DataView(this.host.ram.bytes.buffer, this.host.ram.bytes.byteOffset + at, CQE_SIZE);
+    const entry = this.host.bytes(this.cqAddr + this.cqHead * CQE_SIZE, CQE_SIZE);
+    const view = new DataView(entry.buffer, entry.byteOffset, CQE_SIZE);
     const dw3 = view.getUint32(12, true);
     if (((dw3 >>> 16) & 1) !== this.phase) return null;
     const completion = {
@@ -90,12 +100,21 @@ export class NvmeHost {
   admin!: HostQueue;
   private nextPage: number;
   readonly irqFds: number[] = [];
+  /** Guest RAM and any further memory mapped with addMemory(), which close() releases too. */
+  private readonly memories: GuestMemory[];
 
   private constructor(
     readonly client: VfioUserClient,
     readonly ram: GuestMemory,
   ) {
     this.nextPage = ram.iova;
+    this.memories = [ram];
+  }
+
+  /** Maps more guest memory (its own memfd) for the server; queues and buffers may live in it. */
+  async addMemory(memory: GuestMemory): Promise<void> {
+    this.memories.push(memory);
+    await this.client.dmaMap(memory);
   }
 
   /** Connects, maps `ramBytes` of guest RAM at `ramBase`, enables bus mastering and MSI-X. */
@@ -112,6 +131,19 @@ export class NvmeHost {
     const msix = await host.findCapability(0x11);
     await client.configWrite(msix + MsixCap.CONTROL + 1, new Uint8Array([MsixCap.CTRL_ENABLE >> 8]));
     return host;
+  }
+
+  /** attach(), retrying while the server still serves the socket's previous client (it refuses a second one). */
+  static async attachWhenFree(socketPath: string, options: Parameters<typeof NvmeHost.attach>[1] = {}, timeoutMs = 5000): Promise<NvmeHost> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      try {
+        return await NvmeHost.attach(socketPath, options);
+      } catch (error) {
+        if (Date.now() > deadline || !/connection closed/.test(String(error))) throw error;
+        await new Promise((r) => setTimeout(r, 5));
+      }
+    }
   }
 
   async findCapability(id: number): Promise<number> {
@@ -133,8 +165,11 @@ export class NvmeHost {
     return addr;
   }
 
+  /** Guest memory at [addr, addr+length), in whichever mapping holds it. */
   bytes(addr: number, length: number): Uint8Array {
-    return this.ram.bytes.subarray(addr - this.ram.iova, addr - this.ram.iova + length);
+    const memory = this.memories.find((m) => m.contains(addr, length));
+    if (!memory) throw new Error(`0x${addr.toString(16)}+${length} is in no guest memory of this host`);
+    return memory.slice(addr, length);
   }
 
   read32(offset: number): Promise<number> {
@@ -220,7 +255,8 @@ export class NvmeHost {
 
   /** The raw CQE in slot `index` of the CQ at `cqAddr`, phase tag included, without consuming it. */
   cqEntry(cqAddr: number, index: number): Completion & { phase: number } {
-    const view = new DataView(this.ram.bytes.buffer, this.ram.bytes.byteOffset + cqAddr - this.ram.iova + index * CQE_SIZE, CQE_SIZE);
+    const entry = this.bytes(cqAddr + index * CQE_SIZE, CQE_SIZE);
+    const view = new DataView(entry.buffer, entry.byteOffset, CQE_SIZE);
     const dw3 = view.getUint32(12, true);
     return {
       dw0: view.getUint32(0, true),
@@ -245,7 +281,7 @@ export class NvmeHost {
   close(): void {
     this.client.close();
     for (const fd of this.irqFds) native.closeFd(fd);
-    this.ram.close();
+    for (const memory of this.memories) memory.close();
   }
 }
 
