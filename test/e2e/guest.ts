@@ -66,6 +66,8 @@ export interface RunGuestOptions {
   allowReboot?: boolean;
   /** Guest RAM without an fd (see QemuArgsOptions.privateRam). */
   privateRam?: boolean;
+  /** When this aborts, QEMU gets SIGKILL at once (as `kill -9` would), whatever the guest is doing. */
+  kill?: AbortSignal;
 }
 
 export const BEGIN_MARKER = '@@NVTEST-BEGIN@@';
@@ -399,6 +401,9 @@ async function runGuestWith(opts: RunGuestOptions & { accel: Accel; quietAccel?:
     timedOut = true;
     child.kill('SIGKILL');
   }, timeoutMs);
+  const killNow = (): void => void child.kill('SIGKILL');
+  if (opts.kill?.aborted) killNow();
+  else opts.kill?.addEventListener('abort', killNow, { once: true });
 
   const { code, spawnError } = await new Promise<{ code: number | null; spawnError?: Error }>((resolve) => {
     child.once('error', (e) => resolve({ code: null, spawnError: e }));
@@ -406,6 +411,7 @@ async function runGuestWith(opts: RunGuestOptions & { accel: Accel; quietAccel?:
     child.once('close', (c) => resolve({ code: c }));
   });
   clearTimeout(timer);
+  opts.kill?.removeEventListener('abort', killNow);
   splitter.end();
   if (tmpDir) fs.rmSync(tmpDir, { recursive: true, force: true });
   const durationMs = Date.now() - t0;
