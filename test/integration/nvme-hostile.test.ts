@@ -10,7 +10,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { AdminOpcode, CSTS, NvmOpcode, Reg, SQE_SIZE, Status } from '../../src/nvme/spec.js';
-import { HostQueue, NvmeHost, PAGE, type Completion } from '../support/nvme-host.js';
+import { HostQueue, NvmeHost, PAGE, pattern, type Completion } from '../support/nvme-host.js';
 import { PciRegion } from '../../src/vfio-user/protocol.js';
 import { startServerProcess, type ServerProcess } from '../support/server-process.js';
 
@@ -42,16 +42,6 @@ let bBuffers: { write: number; read: number };
 let bRounds = 0;
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
-
-const pattern = (length: number, seed: number): Uint8Array => {
-  const out = new Uint8Array(length);
-  let x = (seed * 2654435761) >>> 0;
-  for (let i = 0; i < length; i++) {
-    x = (x * 1103515245 + 12345) >>> 0;
-    out[i] = x >>> 24;
-  }
-  return out;
-};
 
 const rw = (lba: number, blocks: number, prp1: number, prp2 = 0): { nsid: number; prp1: number; prp2: number; cdw10: number; cdw12: number } => ({
   nsid: NSID,

@@ -10,7 +10,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { CSTS, NvmOpcode, Reg, Status } from '../../src/nvme/spec.js';
 import { GuestMemory } from '../../src/vfio-user/client.js';
-import { HostQueue, NvmeHost, PAGE } from '../support/nvme-host.js';
+import { HostQueue, NvmeHost, PAGE, pattern } from '../support/nvme-host.js';
 import { startServerProcess, type ServerProcess } from '../support/server-process.js';
 
 const BLOCK = 512;
@@ -20,16 +20,6 @@ const MIB = 1 << 20;
 const BYSTANDER_LBA = (128 * MIB) / BLOCK;
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
-
-const pattern = (length: number, seed: number): Uint8Array => {
-  const out = new Uint8Array(length);
-  let x = (seed * 2654435761) >>> 0;
-  for (let i = 0; i < length; i++) {
-    x = (x * 1103515245 + 12345) >>> 0;
-    out[i] = x >>> 24;
-  }
-  return out;
-};
 
 const rw = (lba: number, bytes: number, prp1: number, prp2 = 0) => ({ nsid: NSID, prp1, prp2, cdw10: lba, cdw12: bytes / BLOCK - 1 });
 

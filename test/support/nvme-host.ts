@@ -11,6 +11,17 @@ import { buildCommand, type CommandFields } from '../../src/nvme/command.js';
 
 export const PAGE = 4096;
 
+/** Deterministic pseudo-random bytes: data a test writes and expects back. */
+export const pattern = (length: number, seed: number): Uint8Array => {
+  const out = new Uint8Array(length);
+  let x = (seed * 2654435761) >>> 0;
+  for (let i = 0; i < length; i++) {
+    x = (x * 1103515245 + 12345) >>> 0;
+    out[i] = x >>> 24;
+  }
+  return out;
+};
+
 export interface Completion {
   dw0: number;
   sqHead: number;
