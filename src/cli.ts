@@ -62,8 +62,7 @@ serve options:
                       (objects like {"file":"disk.img","size":"1G"} or SPEC
                       strings), nqn, serial, model, ioQueues, queueEntries,
                       mdts, interrupts, writeMultiple, socketMode. Flags
-                      given too take
-                      precedence.
+                      given too take precedence.
   --device KIND       nvme (default) or scratch (a minimal PCI function with
                       BAR0 registers and MSI-X, for plumbing tests).
   --io-queues N       I/O queue pairs per controller (default 8, max 64).

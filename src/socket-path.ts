@@ -1,5 +1,5 @@
 // Where and how a server puts its unix sockets: the one policy every listening socket of the
-// process follows (vfio-user sockets now, the control socket next). Whoever can connect to one of
+// process follows (vfio-user sockets and the control socket). Whoever can connect to one of
 // them can read and write a guest's memory or reconfigure the server, so:
 // - the socket is created with `mode` (0600 unless asked otherwise) and never exists with a wider
 //   one, not even between bind() and a chmod();

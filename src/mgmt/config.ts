@@ -57,7 +57,7 @@ export interface ServerConfig {
   controlToken?: string;
   /** Virtual subsystems, resources, states and exports to set up at start. */
   provisioning: Provisioning;
-  /** Permission bits of the unix sockets (vfio-user and control); absent: the socket policy's default (0600). */
+  /** Permission bits of the vfio-user sockets; absent: the socket policy's default (0600). The control socket stays 0600. */
   socketMode?: number;
 }
 
