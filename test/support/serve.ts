@@ -3,8 +3,7 @@
 
 import { spawn, type ChildProcess } from 'node:child_process';
 import { readdirSync, readFileSync } from 'node:fs';
-import { join } from 'node:path';
-import { repoRoot } from './server-process.js';
+import { repoRoot, SOURCE_COMMAND } from './server-process.js';
 
 export interface Served {
   child: ChildProcess;
@@ -18,7 +17,7 @@ export interface Served {
 
 /** `netns`: run inside that network namespace (ip netns exec), as a server on another host would. */
 export async function startServe(args: string[], ready: string, timeoutMs = 15_000, netns?: string): Promise<Served> {
-  const command = [process.execPath, '--import', 'tsx', join(repoRoot, 'src', 'cli.ts'), 'serve', ...args];
+  const command = [...SOURCE_COMMAND, 'serve', ...args];
   const [program, ...rest] = netns ? ['ip', 'netns', 'exec', netns, ...command] : command;
   const child = spawn(program!, rest, { cwd: repoRoot, stdio: ['ignore', 'pipe', 'pipe'] });
   let stdout = '';
