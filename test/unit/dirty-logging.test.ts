@@ -19,7 +19,10 @@ function fakeMemory(files: Map<number, ArrayBuffer>): NativeMemory {
       return file;
     },
     munmap: () => undefined,
-    fdStat: (fd) => ({ size: files.get(fd)!.byteLength, blockSize: PAGE }),
+    fdStat: (fd) => ({ size: files.get(fd)!.byteLength, blockSize: PAGE, shrinkSealed: true }),
+    // An ArrayBuffer cannot shrink under us: nothing to guard.
+    guardSlot: () => -1,
+    poisonCounts: new Uint32Array(0),
   };
 }
 
