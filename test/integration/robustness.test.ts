@@ -34,10 +34,7 @@ class Bystander {
   private readonly loop: Promise<void>;
   private readonly progressWaiters: Array<() => void> = [];
 
-  constructor(
-    private readonly host: NvmeHost,
-    private readonly queue: HostQueue,
-  ) {
+  constructor(host: NvmeHost, queue: HostQueue) {
     const buffers = { write: dataBuffer(host, 64 * 1024), read: dataBuffer(host, 64 * 1024) };
     this.loop = (async () => {
       while (this.running) {
