@@ -117,6 +117,12 @@ export class CompletionPoster {
     const view = dma.view(addr, CQE_SIZE, true);
     if (view) {
       view.set(cqe);
+      // A mapping truncated under the store is refused from then on: the entry landed in the
+      // guard's zero pages, so the host never sees it and the queue is lost.
+      if (!dma.view(addr, CQE_SIZE, true)) {
+        this.host.fatal(`CQ ${cq.qid} post: guest memory was truncated under the completion`);
+        return;
+      }
       done();
       return;
     }

@@ -215,10 +215,9 @@ describe('one process, two controllers: A is abused, B does verified I/O through
       expect((await queue.run(NvmOpcode.READ, rw(0, PAGE, ramBuffer))).status).toBe(Status.SUCCESS);
       await expectUnharmed();
 
-      // The CQ: the first completion posted after the shrink lands in zero pages, the next one
-      // finds the memory refused and the controller fatal.
+      // The CQ: the one completion posted after the shrink lands in the guard's zero pages; the
+      // controller notices at once and goes fatal rather than losing it silently.
       ftruncateSync(cq.fd, 0);
-      queue.submit(NvmOpcode.FLUSH, { nsid: NSID });
       queue.submit(NvmOpcode.FLUSH, { nsid: NSID });
       await a.waitStatus((csts) => (csts & CSTS.CFS) !== 0);
       await expectUnharmed();
