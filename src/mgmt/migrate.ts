@@ -2,21 +2,23 @@
 // (qemu-11-facts §4): QEMU carries guest RAM but drops every vfio-user device, so this driver
 // carries the rest. From migration start the source servers route device writes through QEMU
 // (DMA_WRITE), so QEMU's dirty tracking sees them; at pre-switchover each secondary is suspended
-// and its state taken through its primary's Migration Send/Receive; after switchover the paused
-// destination gets the PCI configuration QEMU lost (BARs, command, MSI, the MSI-X table through
-// the destination server's own DMA_WRITE) and the state, then resumes. Anything failing before
-// the destination runs puts the source back into service with nothing lost.
+// and its state taken through its primary's Migration Send/Receive, which the suspended
+// destination controller loads during QEMU's last RAM pass. The PCI configuration QEMU does not
+// carry (BARs, command, MSI, the MSI-X table; src/mgmt/pci-shadow.ts) goes to the destination VM
+// before the migration starts, and at switchover only what the guest changed since; then the
+// destination resumes. Anything failing before the destination runs puts the source back into
+// service with nothing lost.
 
 import { buildCommand, type CommandFields } from '../nvme/command.js';
 import { PrimaryOpcode, Status, statusName } from '../nvme/spec.js';
-import { CapId, Cfg, MsiCap, MsixCap } from '../pci/registers.js';
 import { MigrationSendSelect, SuspendType } from '../lm/spec.js';
 import { receiveState, sendState, type AdminSubmitter } from '../lm/state-transfer.js';
 import { ControlClient, parseControlAddress } from './control/client.js';
 import type { ControllerStatus } from './control/messages.js';
 import { findVfioUserDevices, type VfioUserDeviceInfo } from './qemu/devices.js';
 import { cont, migrate, migrateCancel, migrateContinue, migrateIncoming, queryMigrate, queryStatus, setMigrationCapabilities, waitForMigrationStatus } from './qemu/migration.js';
-import { readConfigSpace, writeConfig, writeConfigSequence, type ConfigWrite, type PciAddress } from './qemu/pci-config.js';
+import type { PciAddress } from './qemu/pci-config.js';
+import { readPciShadow, replayPciShadow, type PciEndpoint, type PciShadow } from './pci-shadow.js';
 import { QmpClient, type QmpEvent } from './qemu/qmp.js';
 
 export interface MigrateOptions {
@@ -63,9 +65,10 @@ interface Pairing {
   target: VfioUserDeviceInfo & { address: PciAddress };
   sourceController: ControllerStatus;
   targetController: ControllerStatus;
+  /** What the destination VM was given before the migration started. */
+  preloaded?: PciShadow;
   /** Taken at pre-switchover. */
-  config?: Buffer;
-  msixTable?: Uint8Array;
+  pci?: PciShadow;
   state?: Uint8Array;
   quiesceMs?: number;
   dmaWriteBytes?: number;
@@ -145,55 +148,6 @@ async function pairDevices(sourceQmp: QmpClient, targetQmp: QmpClient, sourceCon
   return pairings;
 }
 
-/** Capability offsets in a config space copy. */
-function capabilities(config: Buffer): Map<number, number> {
-  const found = new Map<number, number>();
-  for (let at = config[Cfg.CAPABILITY_LIST]! & 0xfc, hops = 0; at !== 0 && hops < 48; at = config[at + 1]! & 0xfc, hops++) found.set(config[at]!, at);
-  return found;
-}
-
-/** Where the MSI-X table is, from a config space and the BAR addresses QEMU reported. */
-function msixTable(config: Buffer, device: VfioUserDeviceInfo): { address: number; bytes: number } | null {
-  const cap = capabilities(config).get(CapId.MSIX);
-  if (cap === undefined) return null;
-  const entries = (config.readUInt16LE(cap + MsixCap.CONTROL) & MsixCap.CTRL_TABLE_SIZE_MASK) + 1;
-  const table = config.readUInt32LE(cap + MsixCap.TABLE);
-  const bar = device.bars.find((b) => b.index === (table & 0x7));
-  if (!bar?.address) return null;
-  return { address: bar.address + (table & ~0x7), bytes: entries * MsixCap.TABLE_ENTRY_SIZE };
-}
-
-/**
- * Writes what QEMU's copy of the function's config held on the source into the paused
- * destination: BARs first, then the command register, MSI (enable last), the MSI-X table (through
- * the server, as no monitor command writes MMIO) and finally MSI-X control.
- */
-async function replayConfig(qmp: QmpClient, targetControl: ControlClient, p: Pairing): Promise<void> {
-  const config = p.config!;
-  const address = p.target.address;
-  const writes: ConfigWrite[] = [];
-  for (let bar = Cfg.BAR0; bar <= Cfg.BAR0 + 0x14; bar += 4) writes.push({ offset: bar, size: 4, value: config.readUInt32LE(bar) });
-  writes.push({ offset: Cfg.COMMAND, size: 2, value: config.readUInt16LE(Cfg.COMMAND) });
-  const caps = capabilities(config);
-  const msi = caps.get(CapId.MSI);
-  if (msi !== undefined) {
-    const control = config.readUInt16LE(msi + MsiCap.CONTROL);
-    writes.push({ offset: msi + MsiCap.ADDRESS_LO, size: 4, value: config.readUInt32LE(msi + MsiCap.ADDRESS_LO) });
-    writes.push({ offset: msi + MsiCap.ADDRESS_HI, size: 4, value: config.readUInt32LE(msi + MsiCap.ADDRESS_HI) });
-    writes.push({ offset: msi + MsiCap.DATA, size: 2, value: config.readUInt16LE(msi + MsiCap.DATA) });
-    if (control & MsiCap.CTRL_PER_VECTOR_MASK) writes.push({ offset: msi + MsiCap.MASK, size: 4, value: config.readUInt32LE(msi + MsiCap.MASK) });
-    writes.push({ offset: msi + MsiCap.CONTROL, size: 2, value: control });
-  }
-  await writeConfigSequence(qmp, address, writes);
-  const msix = caps.get(CapId.MSIX);
-  if (msix !== undefined && p.msixTable) {
-    const table = msixTable(config, p.source)!;
-    const response = await targetControl.request({ clientMemory: { cntlid: p.targetController.cntlid, address: table.address, writeData: p.msixTable } });
-    if (response.error) throw new MigrationError(`MSI-X table replay: ${response.error}`);
-    await writeConfig(qmp, address, msix + MsixCap.CONTROL, 2, config.readUInt16LE(msix + MsixCap.CONTROL));
-  }
-}
-
 /** Migrates the VM; resolves with the figures once the destination runs. */
 export async function migrateVm(o: MigrateOptions): Promise<MigrationFigures> {
   const started = performance.now();
@@ -212,6 +166,16 @@ export async function migrateVm(o: MigrateOptions): Promise<MigrationFigures> {
     if (targetState !== 'inmigrate') throw new MigrationError(`the destination QEMU is '${targetState}': start it with -incoming defer and -S`);
     pairings = await pairDevices(sourceQmp, targetQmp, sourceControl, targetControl);
     say(`${pairings.length} NVMe controller(s): ${pairings.map((p) => `${p.sourceController.virtualNqn}#${p.sourceController.virtualCntlid} (source ${p.sourceController.cntlid} -> destination ${p.targetController.cntlid})`).join(', ')}`);
+    // The destination takes the PCI configuration now, outside the downtime; at switchover it
+    // only gets what the guest changed since.
+    const ends = (p: Pairing): { source: PciEndpoint; target: PciEndpoint } => ({
+      source: { qmp: sourceQmp, control: sourceControl, address: p.source.address, cntlid: p.sourceController.cntlid },
+      target: { qmp: targetQmp, control: targetControl, address: p.target.address, cntlid: p.targetController.cntlid },
+    });
+    for (const p of pairings) {
+      p.preloaded = await readPciShadow(ends(p).source);
+      await replayPciShadow(ends(p).target, p.preloaded);
+    }
     await setMigrationCapabilities(sourceQmp, { events: true, 'pause-before-switchover': true });
     await setMigrationCapabilities(targetQmp, { events: true });
     await migrateIncoming(targetQmp, o.uri);
@@ -235,15 +199,9 @@ export async function migrateVm(o: MigrateOptions): Promise<MigrationFigures> {
         await sourceAdmin(suspendCommand(p.sourceController.cntlid));
         p.quiesceMs = performance.now() - t0;
         // QEMU's copy of the config space and the MSI-X table, read while the state is.
-        const [state, config] = await Promise.all([receiveState(sourceAdmin, p.sourceController.cntlid), readConfigSpace(sourceQmp, p.source.address)]);
+        const [state, pci] = await Promise.all([receiveState(sourceAdmin, p.sourceController.cntlid), readPciShadow(ends(p).source)]);
         p.state = state.bytes;
-        p.config = config;
-        const table = msixTable(p.config, p.source);
-        if (table) {
-          const response = await sourceControl.request({ clientMemory: { cntlid: p.sourceController.cntlid, address: table.address, readLength: table.bytes } });
-          if (response.error) throw new MigrationError(`MSI-X table read: ${response.error}`);
-          p.msixTable = response.data!;
-        }
+        p.pci = pci;
         say(`controller ${p.sourceController.cntlid}: suspended in ${p.quiesceMs.toFixed(1)} ms, state ${p.state.length} bytes`);
       }),
     );
@@ -266,9 +224,11 @@ export async function migrateVm(o: MigrateOptions): Promise<MigrationFigures> {
     await waitForMigrationStatus(targetQmp, 'completed', { since: targetCursor, timeoutMs });
     mark('destination loaded RAM');
     await loaded;
-    say('RAM switched over; the destination gets its PCI configuration');
-    for (const p of pairings) await replayConfig(targetQmp, targetControl, p);
-    mark('PCI configuration replayed');
+    for (const p of pairings) {
+      const changed = await replayPciShadow(ends(p).target, p.pci!, p.preloaded);
+      if (changed.length > 0) say(`RAM switched over; the guest changed ${changed.join(', ')} during the migration: replayed`);
+    }
+    mark('PCI configuration up to date');
     for (const p of pairings) await targetAdmin(resumeCommand(p.targetController.cntlid));
     mark('destination controllers resumed');
     const resumed = targetQmp.waitForEvent('RESUME', undefined, timeoutMs);

@@ -42,6 +42,7 @@ interface HopResult {
 async function migrateBackAndForth(
   hops: number,
   interrupts: 'msix' | 'msi',
+  memMiB: number,
   network?: { a: Placement; b: Placement },
 ): Promise<{ lines: string[]; hops: HopResult[]; disk: string; sides: Side[] }> {
   const label = `${interrupts}${network ? '-hosts' : ''}`;
@@ -57,7 +58,7 @@ async function migrateBackAndForth(
   /** QEMU's QMP as the orchestrator reaches it: over TCP from another namespace, or its unix socket. */
   const startVm = async (name: string, on: Side, incoming: boolean): Promise<{ vm: Vm; qmp: string }> => {
     const tcp = on.placement ? `${on.placement.managementAddress}:${qmpPort++}` : undefined;
-    const vm = await Vm.start({ name, script, vfioUserSockets: [on.socket], memMiB: 384, incoming, ...(on.placement ? { netns: on.placement.netns, qmpTcp: tcp } : {}) });
+    const vm = await Vm.start({ name, script, vfioUserSockets: [on.socket], memMiB, incoming, ...(on.placement ? { netns: on.placement.netns, qmpTcp: tcp } : {}) });
     return { vm, qmp: tcp ? `tcp:${tcp}` : `unix:${vm.qmpPath}` };
   };
   let { vm, qmp } = await startVm('vm-a0', a, false);
@@ -107,14 +108,17 @@ async function migrateBackAndForth(
 }
 
 
+// Guest RAM spans the range a user runs: 384 MiB with MSI-X, 2 GiB with MSI, 256 MiB across hosts.
+const GUEST_MIB = { msix: 384, msi: 2048 } as const;
+
 for (const interrupts of ['msix', 'msi'] as const) {
-  describe(`a VM with ${interrupts === 'msix' ? 'MSI-X' : 'MSI'} migrates back and forth ${interrupts === 'msix' ? HOPS : 2} times mid-I/O`, () => {
+  describe(`a ${GUEST_MIB[interrupts]} MiB VM with ${interrupts === 'msix' ? 'MSI-X' : 'MSI'} migrates back and forth ${interrupts === 'msix' ? HOPS : 2} times mid-I/O`, () => {
     let result: Awaited<ReturnType<typeof migrateBackAndForth>>;
     let f: Map<string, string>;
     let rounds: { rc: string; errors: string; irqs: number }[];
 
     beforeAll(async () => {
-      result = await migrateBackAndForth(interrupts === 'msix' ? HOPS : 2, interrupts);
+      result = await migrateBackAndForth(interrupts === 'msix' ? HOPS : 2, interrupts, GUEST_MIB[interrupts]);
       const output = result.lines.join('\n');
       f = fields(output);
       rounds = [...output.matchAll(/^round\.\d+=(\d+),(\d*),(\d+)$/gm)].map((m) => ({ rc: m[1]!, errors: m[2]!, irqs: Number(m[3]) }));
@@ -279,7 +283,7 @@ describe('across two hosts (network namespaces): control and QMP over TCP with a
 
   beforeAll(async () => {
     hosts = makeHosts();
-    result = await migrateBackAndForth(2, 'msix', hosts);
+    result = await migrateBackAndForth(2, 'msix', 256, hosts);
     for (const s of result.sides) await s.server.stop();
   }, 900_000);
 
