@@ -100,8 +100,8 @@ async function hop(g: Guest, source: MigrationServer, target: MigrationServer, c
   // The admin queue was fetched to its tail (the AERs) and posted nothing in the window; the AERs travelled with the state.
   expect(facts.admin, `${label}: admin queues`).toEqual({ sqHead: host.admin.tail, cqTail: host.admin.cqHead });
   expect([...facts.asyncEventRequests].sort(), `${label}: AERs in the state`).toEqual([...g.asyncEventRequests].sort());
-  expect(facts.held.length, `${label}: held completions`).toBeGreaterThan(0);
-  expect(facts.held.every((h) => h.sqid === STALLED_QUEUE), `${label}: only the full CQ holds completions`).toBe(true);
+  if (cut.withFullCq) expect(facts.held.length, `${label}: held completions`).toBeGreaterThan(0);
+  expect(facts.held.every((h) => h.sqid === STALLED_QUEUE), `${label}: only the stalled queue's CQ holds completions`).toBe(true);
   expect(sequenceIsWellFormed(setSequence), `${label}: SEQIND ${setSequence.join(',')}`).toBe(true);
   return {
     fetched: record.fetched,
@@ -148,7 +148,7 @@ describe('TP4159 migration of a secondary between two server processes', () => {
     const seed = seedFromEnvironment();
     const guest = await pair.startGuest(seededRandom(seed));
     const identifyOnA = (await guest.host.identify(1)).data;
-    const result = await hop(guest, a, b, { afterCompletions: 100, guestKeepsRunning: false, thenCompletions: 50 }, 256, `seed ${seed}`);
+    const result = await hop(guest, a, b, { afterCompletions: 100, withFullCq: true, guestKeepsRunning: false, thenCompletions: 50 }, 256, `seed ${seed}`);
 
     expect(result.receiveCommands).toBeGreaterThanOrEqual(3);
     expect(result.setSequence.length).toBeGreaterThanOrEqual(3);

@@ -24,7 +24,6 @@ import {
 import { PAGE } from '../support/nvme-host.js';
 import { seededRandom, seedFromEnvironment } from '../support/nvme-workload.js';
 
-const HOPS = 10;
 const STREAM_CHUNKS = [512, 1000, 4096, 64 << 10];
 
 let pair: MigrationPair | null = null;
@@ -43,8 +42,10 @@ describe('vfio-user migration v2 of an NVMe secondary between two server process
     const random = seededRandom(seed);
     const guest = await pair.startGuest(random);
     const { host, workload } = guest;
+    // LM_HOPS runs more (or fewer) while iterating; the suite always runs 10.
+    const hops = Number(process.env.LM_HOPS ?? 10);
     let streamReads = 0;
-    for (let i = 0; i < HOPS; i++) {
+    for (let i = 0; i < hops; i++) {
       const [source, target] = i % 2 === 0 ? [a, b] : [b, a];
       const label = `seed ${seed} hop ${i + 1} ${source.name}→${target.name}`;
       const cut = randomCut(random);
@@ -77,11 +78,11 @@ describe('vfio-user migration v2 of an NVMe secondary between two server process
       expect(facts.suspendedThroughout, `${label}: CSATTR`).toBe(true);
       expect(record.problems, `${label}: the host's record against the state`).toEqual([]);
       expect(dirty, `${label}: DMA_LOGGING_REPORT`).toEqual(expectedDeviceWrites(guest, record));
-      expect(facts.held.length, `${label}: held completions`).toBeGreaterThan(0);
+      if (cut.withFullCq) expect(facts.held.length, `${label}: held completions`).toBeGreaterThan(0);
     }
-    expect(streamReads).toBeGreaterThan(HOPS);
+    expect(streamReads).toBeGreaterThan(hops);
     await expectAsyncEventRequestsAlive(guest);
     expect(Buffer.from(readFileSync(disk)).equals(Buffer.from(workload.image))).toBe(true);
-    console.error(`[lm v2] seed ${seed}: ${HOPS} hops, ${workload.completions} commands, ${streamReads} MIG_DATA_READs`);
+    console.error(`[lm v2] seed ${seed}: ${hops} hops, ${workload.completions} commands, ${streamReads} MIG_DATA_READs`);
   }, 120_000);
 });

@@ -186,14 +186,23 @@ async function startGuest(server: MigrationServer, random: () => number): Promis
 export interface Cut {
   /** Completions consumed in the window before the suspend (at least one: the controller has then surely fetched). */
   afterCompletions: number;
+  /** Also wait until the stalled queue's CQ is full, so the controller holds completions at the suspend. */
+  withFullCq: boolean;
   /** The guest goes on taking interrupts and submitting while its controller is suspended and moved. */
   guestKeepsRunning: boolean;
   /** Completions on the new controller before the guest drains. */
   thenCompletions: number;
 }
 
+/** Mostly mid-stream with the stalled CQ full; sometimes early, while the window's first commands still run. */
 export function randomCut(random: () => number): Cut {
-  return { afterCompletions: 1 + Math.floor(random() * 600), guestKeepsRunning: random() < 0.5, thenCompletions: Math.floor(random() * 300) };
+  const withFullCq = random() < 0.8;
+  return {
+    afterCompletions: 1 + Math.floor(random() * (withFullCq ? 600 : 30)),
+    withFullCq,
+    guestKeepsRunning: random() < 0.5,
+    thenCompletions: Math.floor(random() * 300),
+  };
 }
 
 /**
@@ -207,7 +216,8 @@ export async function runToCut(guest: Guest, cut: Cut, label: string): Promise<v
   workload.stall(STALLED_QUEUE);
   const start = workload.completions;
   workload.start();
-  await workload.until(() => workload.completions - start >= cut.afterCompletions && stalled.posted() === stalled.cqSize - 1, 30_000, `${label}: the cut`);
+  const full = (): boolean => !cut.withFullCq || stalled.posted() === stalled.cqSize - 1;
+  await workload.until(() => workload.completions - start >= cut.afterCompletions && full(), 30_000, `${label}: the cut`);
   if (!cut.guestKeepsRunning) workload.freeze();
 }
 
