@@ -741,9 +741,10 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
     this.poster.releaseAll();
     this.events.deliver();
     this.interrupts.raiseUnconsumed();
-    for (const cq of this.state.completionQueues) {
-      if (cq && this.state.heldCompletions.some((h) => h.cqid === cq.qid)) void this.doorbells.refreshShadowHead(cq);
-    }
+    // Doorbells written while silent were ignored: the CQ heads the host moved meanwhile are only
+    // in its shadow doorbells. Read every one back, or the stale head just published as EventIdx
+    // tells the host it need not ring again (SQ tails are read back by the fetch loops).
+    for (const cq of this.state.completionQueues) if (cq) void this.doorbells.refreshShadowHead(cq);
     this.queues.kickAll();
   }
 

@@ -1,8 +1,10 @@
 // A small NVMe host driver in TypeScript that talks to our server through the vfio-user client,
 // with memfd "guest RAM": what the guest's nvme driver does, but scriptable, so tests can also
-// behave like a hostile guest (bad PRPs, queues in unmapped memory, bogus doorbells).
+// behave like a hostile guest (bad PRPs, queues in unmapped memory, bogus doorbells). Like a
+// migrating VM it can keep its queues and guest RAM and move to another server's socket, and like
+// Linux it can use shadow doorbells (Doorbell Buffer Config) and be driven by its MSI-X eventfds.
 
-import { native } from '../../src/native.js';
+import { native, type FdWatcher } from '../../src/native.js';
 import { GuestMemory, VfioUserClient } from '../../src/vfio-user/client.js';
 import { PciIrq, PciRegion } from '../../src/vfio-user/protocol.js';
 import { Cfg, Command as PciCommand, MsixCap } from '../../src/pci/registers.js';
@@ -45,6 +47,8 @@ export class HostQueue {
     readonly sqAddr: number,
     readonly cqAddr: number,
     readonly size: number,
+    /** Entries of the completion queue (a smaller CQ fills up while its SQ still holds commands). */
+    readonly cqSize = size,
   ) {}
 
   /** Writes an SQE at the tail and rings the doorbell; returns the command id. */
@@ -63,26 +67,43 @@ export class HostQueue {
     return cid;
   }
 
-  /** Rings the SQ tail doorbell for everything placed so far. */
+  /** Rings the SQ tail doorbell for everything placed so far (through the shadow doorbell when the host has a doorbell buffer). */
   ring(): void {
     this.host.ringSqDoorbell(this.id, this.tail);
   }
 
+  /** The completion `ahead` entries past the head if the controller posted it (its phase matches), without consuming it. */
+  peek(ahead = 0): (Completion & { slot: number }) | null {
+    const slot = (this.cqHead + ahead) % this.cqSize;
+    const phase = this.cqHead + ahead >= this.cqSize ? this.phase ^ 1 : this.phase;
+    const entry = this.host.cqEntry(this.cqAddr, slot);
+    if (entry.phase !== phase) return null;
+    return { dw0: entry.dw0, sqHead: entry.sqHead, sqId: entry.sqId, cid: entry.cid, status: entry.status, slot };
+  }
+
+  /** Posted completions not consumed yet. */
+  posted(): number {
+    let count = 0;
+    while (count < this.cqSize - 1 && this.peek(count)) count++;
+    return count;
+  }
+
+  /** Consumes every posted completion, then rings the head doorbell once, as Linux does per interrupt. */
+  reap(): (Completion & { slot: number })[] {
+    const reaped: (Completion & { slot: number })[] = [];
+    for (let next = this.peek(); next; next = this.peek()) {
+      reaped.push(next);
+      this.advanceHead();
+    }
+    if (reaped.length > 0) this.host.ringCqDoorbell(this.id, this.cqHead);
+    return reaped;
+  }
+
   /** The next completion if one is posted (phase matches), consuming it and ringing the CQ doorbell. */
-  poll(): Completion | null {
-    const entry = this.host.bytes(this.cqAddr + this.cqHead * CQE_SIZE, CQE_SIZE);
-    const view = new DataView(entry.buffer, entry.byteOffset, CQE_SIZE);
-    const dw3 = view.getUint32(12, true);
-    if (((dw3 >>> 16) & 1) !== this.phase) return null;
-    const completion = {
-      dw0: view.getUint32(0, true),
-      sqHead: view.getUint16(8, true),
-      sqId: view.getUint16(10, true),
-      cid: dw3 & 0xffff,
-      status: dw3 >>> 17,
-    };
-    this.cqHead = (this.cqHead + 1) % this.size;
-    if (this.cqHead === 0) this.phase ^= 1;
+  poll(): (Completion & { slot: number }) | null {
+    const completion = this.peek();
+    if (!completion) return null;
+    this.advanceHead();
     this.host.ringCqDoorbell(this.id, this.cqHead);
     return completion;
   }
@@ -105,18 +126,54 @@ export class HostQueue {
     if (completion.cid !== cid) throw new Error(`expected completion for cid ${cid}, got ${completion.cid}`);
     return completion;
   }
+
+  private advanceHead(): void {
+    this.cqHead = (this.cqHead + 1) % this.cqSize;
+    if (this.cqHead === 0) this.phase ^= 1;
+  }
+}
+
+/** Doorbell Buffer Config's two pages: the host's shadow doorbells and the controller's EventIdx values. */
+export interface DoorbellBuffer {
+  shadow: number;
+  eventIdx: number;
+}
+
+/** Byte offset of queue `qid`'s tail (SQ) or head (CQ) doorbell in a doorbell buffer (stride 4). */
+export const doorbellSlot = (qid: number, completion: boolean): number => (2 * qid + (completion ? 1 : 0)) * 4;
+
+/**
+ * Linux's nvme_dbbuf_need_event: the new value passed the controller's EventIdx since the old one,
+ * so the controller asked to hear about it (16-bit arithmetic, as the queue indexes wrap).
+ */
+const needsEvent = (eventIdx: number, value: number, old: number): boolean => ((value - eventIdx - 1) & 0xffff) < ((value - old) & 0xffff);
+
+export interface AttachOptions {
+  ramBase?: number;
+  ramBytes?: number;
+  vectors?: number;
 }
 
 export class NvmeHost {
   admin!: HostQueue;
   private nextPage: number;
-  readonly irqFds: number[] = [];
+  /** The MSI-X eventfds of vectors 0.. on the current connection. */
+  irqFds: number[] = [];
+  /** Interrupts per vector since the host attached to its current server. */
+  interruptCounts: number[] = [];
+  /** Set by watchInterrupts(): called for each vector that fired (eventfds drained first). */
+  private interruptListener: ((vector: number) => void) | null = null;
+  private watchers: FdWatcher[] = [];
+  doorbellBuffer: DoorbellBuffer | null = null;
+  /** Doorbell updates of I/O queues: rung through MMIO, or only stored in the shadow doorbell. */
+  readonly doorbellCounts = { mmio: 0, shadowOnly: 0 };
   /** Guest RAM and any further memory mapped with addMemory(), which close() releases too. */
   private readonly memories: GuestMemory[];
 
   private constructor(
-    readonly client: VfioUserClient,
+    public client: VfioUserClient,
     readonly ram: GuestMemory,
+    readonly vectors: number,
   ) {
     this.nextPage = ram.iova;
     this.memories = [ram];
@@ -129,32 +186,78 @@ export class NvmeHost {
   }
 
   /** Connects, maps `ramBytes` of guest RAM at `ramBase`, enables bus mastering and MSI-X. */
-  static async attach(socketPath: string, options: { ramBase?: number; ramBytes?: number; vectors?: number } = {}): Promise<NvmeHost> {
+  static async attach(socketPath: string, options: AttachOptions = {}): Promise<NvmeHost> {
     const client = VfioUserClient.connect(socketPath);
     await client.negotiate();
+    return NvmeHost.setUp(client, options);
+  }
+
+  /** attach(), waiting while the server still serves the socket's previous client (it refuses a second one). */
+  static async attachWhenFree(socketPath: string, options: AttachOptions = {}, timeoutMs = 5000): Promise<NvmeHost> {
+    return NvmeHost.setUp(await connectClient(socketPath, timeoutMs), options);
+  }
+
+  private static async setUp(client: VfioUserClient, options: AttachOptions): Promise<NvmeHost> {
     const ram = new GuestMemory(options.ramBase ?? 0x100000, options.ramBytes ?? 16 << 20);
     await client.dmaMap(ram);
-    const host = new NvmeHost(client, ram);
+    const host = new NvmeHost(client, ram, options.vectors ?? 4);
     await client.configWrite(Cfg.COMMAND, new Uint8Array([PciCommand.MEMORY | PciCommand.BUS_MASTER, 0]));
-    const vectors = options.vectors ?? 4;
-    for (let i = 0; i < vectors; i++) host.irqFds.push(native.eventfd());
-    await client.setIrqEventfds(PciIrq.MSIX, 0, host.irqFds);
+    await host.wireInterrupts(client);
     const msix = await host.findCapability(0x11);
     await client.configWrite(msix + MsixCap.CONTROL + 1, new Uint8Array([MsixCap.CTRL_ENABLE >> 8]));
     return host;
   }
 
-  /** attach(), retrying while the server still serves the socket's previous client (it refuses a second one). */
-  static async attachWhenFree(socketPath: string, options: Parameters<typeof NvmeHost.attach>[1] = {}, timeoutMs = 5000): Promise<NvmeHost> {
-    const deadline = Date.now() + timeoutMs;
-    for (;;) {
-      try {
-        return await NvmeHost.attach(socketPath, options);
-      } catch (error) {
-        if (Date.now() > deadline || !/connection closed/.test(String(error))) throw error;
-        await new Promise((r) => setTimeout(r, 5));
-      }
-    }
+  /**
+   * Moves to another server's socket the way a migrated VM arrives there: the same guest memory
+   * (the same memfds, DMA_MAPped again) and fresh MSI-X eventfds; queues, registers and PCI config are
+   * whatever the controller state set on that side says, so nothing is written to the device.
+   * The old connection is closed once the new one is ready.
+   */
+  async moveTo(socketPath: string): Promise<void> {
+    const client = await connectClient(socketPath);
+    for (const memory of this.memories) await client.dmaMap(memory);
+    const old = { client: this.client, fds: this.irqFds, watchers: this.watchers };
+    this.watchers = [];
+    await this.wireInterrupts(client);
+    this.client = client;
+    for (const watcher of old.watchers) watcher.close();
+    old.client.close();
+    for (const fd of old.fds) native.closeFd(fd);
+  }
+
+  /** Calls `listener` for every vector that fires, on this connection and on those moveTo() makes. */
+  watchInterrupts(listener: (vector: number) => void): void {
+    this.interruptListener = listener;
+    this.watchFds();
+  }
+
+  /**
+   * Takes what the current eventfds hold now, as the watchers would on their next turn: counts it
+   * and tells the listener. For a moment that must not wait for the event loop (a silence check).
+   */
+  takeInterrupts(): void {
+    this.irqFds.forEach((fd, vector) => this.interrupted(fd, vector));
+  }
+
+  private async wireInterrupts(client: VfioUserClient): Promise<void> {
+    const fds = Array.from({ length: this.vectors }, () => native.eventfd());
+    await client.setIrqEventfds(PciIrq.MSIX, 0, fds);
+    this.irqFds = fds;
+    this.interruptCounts = fds.map(() => 0);
+    if (this.interruptListener) this.watchFds();
+  }
+
+  private watchFds(): void {
+    for (const watcher of this.watchers) watcher.close();
+    this.watchers = this.irqFds.map((fd, vector) => native.watchFd(fd, () => this.interrupted(fd, vector)));
+  }
+
+  private interrupted(fd: number, vector: number): void {
+    const count = Number(native.eventfdRead(fd));
+    if (count === 0 || this.irqFds[vector] !== fd) return;
+    this.interruptCounts[vector] = (this.interruptCounts[vector] ?? 0) + count;
+    this.interruptListener?.(vector);
   }
 
   async findCapability(id: number): Promise<number> {
@@ -192,11 +295,47 @@ export class NvmeHost {
   }
 
   ringSqDoorbell(qid: number, tail: number): void {
-    this.client.postRegionWrite(PciRegion.BAR0, Reg.DOORBELLS + 2 * qid * 4, u32(tail));
+    if (this.needsMmio(qid, false, tail)) this.client.postRegionWrite(PciRegion.BAR0, Reg.DOORBELLS + 2 * qid * 4, u32(tail));
   }
 
   ringCqDoorbell(qid: number, head: number): void {
-    this.client.postRegionWrite(PciRegion.BAR0, Reg.DOORBELLS + (2 * qid + 1) * 4, u32(head));
+    if (this.needsMmio(qid, true, head)) this.client.postRegionWrite(PciRegion.BAR0, Reg.DOORBELLS + (2 * qid + 1) * 4, u32(head));
+  }
+
+  /**
+   * Doorbell Buffer Config (shadow doorbells and EventIdx in two fresh pages of guest RAM). From
+   * then on I/O queue doorbells go to the shadow page and through MMIO only when EventIdx asks.
+   */
+  async configureDoorbellBuffer(): Promise<Completion> {
+    const buffer = { shadow: this.alloc(PAGE), eventIdx: this.alloc(PAGE) };
+    const completion = await this.admin.run(AdminOpcode.DOORBELL_BUFFER_CONFIG, { prp1: buffer.shadow, prp2: buffer.eventIdx });
+    if (completion.status === 0) this.doorbellBuffer = buffer;
+    return completion;
+  }
+
+  /** A value in the doorbell buffer: the shadow doorbell we wrote, or the EventIdx the controller wrote. */
+  doorbellBufferValue(page: 'shadow' | 'eventIdx', qid: number, completion: boolean): number {
+    const buffer = this.doorbellBuffer;
+    if (!buffer) throw new Error('no doorbell buffer');
+    return this.view(buffer[page] + doorbellSlot(qid, completion), 4).getUint32(0, true);
+  }
+
+  /** Linux's nvme_dbbuf_update_and_check_event: the admin queue always rings, I/O queues store the shadow first. */
+  private needsMmio(qid: number, completion: boolean, value: number): boolean {
+    const buffer = this.doorbellBuffer;
+    if (!buffer || qid === 0) return true;
+    const shadow = this.view(buffer.shadow + doorbellSlot(qid, completion), 4);
+    const old = shadow.getUint32(0, true);
+    shadow.setUint32(0, value, true);
+    const ring = needsEvent(this.doorbellBufferValue('eventIdx', qid, completion), value, old);
+    if (ring) this.doorbellCounts.mmio++;
+    else this.doorbellCounts.shadowOnly++;
+    return ring;
+  }
+
+  private view(addr: number, length: number): DataView {
+    const bytes = this.bytes(addr, length);
+    return new DataView(bytes.buffer, bytes.byteOffset, length);
   }
 
   /** Resets and enables the controller with an admin queue pair of `size` entries. */
@@ -223,16 +362,16 @@ export class NvmeHost {
     }
   }
 
-  /** Creates I/O CQ+SQ pair `qid` (interrupt vector = qid % vectors). */
-  async createIoQueuePair(qid: number, size = 64): Promise<HostQueue> {
-    const cq = this.alloc(size * CQE_SIZE);
+  /** Creates I/O CQ+SQ pair `qid` (interrupt vector = qid % vectors); the CQ may be smaller than the SQ. */
+  async createIoQueuePair(qid: number, size = 64, cqSize = size): Promise<HostQueue> {
+    const cq = this.alloc(cqSize * CQE_SIZE);
     const sq = this.alloc(size * SQE_SIZE);
-    const vector = qid % this.irqFds.length;
-    const c1 = await this.admin.run(AdminOpcode.CREATE_IO_CQ, { prp1: cq, cdw10: ((size - 1) << 16) | qid, cdw11: (vector << 16) | 0x3 });
+    const vector = qid % this.vectors;
+    const c1 = await this.admin.run(AdminOpcode.CREATE_IO_CQ, { prp1: cq, cdw10: ((cqSize - 1) << 16) | qid, cdw11: (vector << 16) | 0x3 });
     if (c1.status !== 0) throw new Error(`create CQ ${qid}: status 0x${c1.status.toString(16)}`);
     const c2 = await this.admin.run(AdminOpcode.CREATE_IO_SQ, { prp1: sq, cdw10: ((size - 1) << 16) | qid, cdw11: (qid << 16) | 0x1 });
     if (c2.status !== 0) throw new Error(`create SQ ${qid}: status 0x${c2.status.toString(16)}`);
-    return new HostQueue(this, qid, sq, cq, size);
+    return new HostQueue(this, qid, sq, cq, size, cqSize);
   }
 
   /** Identify with CNS `cns` into a fresh page; returns the 4 KiB structure. */
@@ -280,7 +419,7 @@ export class NvmeHost {
   }
 
   /** Create I/O Completion Queue with any base address (even outside guest RAM); returns the completion. */
-  createCq(qid: number, addr: number, size: number, vector = qid % this.irqFds.length): Promise<Completion> {
+  createCq(qid: number, addr: number, size: number, vector = qid % this.vectors): Promise<Completion> {
     return this.admin.run(AdminOpcode.CREATE_IO_CQ, { prp1: addr, cdw10: ((size - 1) << 16) | qid, cdw11: (vector << 16) | 0x3 });
   }
 
@@ -290,9 +429,27 @@ export class NvmeHost {
   }
 
   close(): void {
+    for (const watcher of this.watchers) watcher.close();
     this.client.close();
     for (const fd of this.irqFds) native.closeFd(fd);
     for (const memory of this.memories) memory.close();
+  }
+}
+
+/**
+ * A negotiated client of the server on `socketPath`. A server still saying goodbye to the previous
+ * client refuses the next one (one client per socket): try again, for a bounded time.
+ */
+export async function connectClient(socketPath: string, timeoutMs = 5000): Promise<VfioUserClient> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const client = VfioUserClient.connect(socketPath);
+    const closed = new Promise<'closed'>((resolve) => client.onClose(() => resolve('closed')));
+    const outcome = await Promise.race([client.negotiate().then(() => 'ok' as const, () => 'closed' as const), closed]);
+    if (outcome === 'ok') return client;
+    client.close();
+    if (Date.now() > deadline) throw new Error(`${socketPath} keeps refusing clients`);
+    await new Promise((resolve) => setTimeout(resolve, 20));
   }
 }
 

@@ -238,6 +238,25 @@ describe('shadow doorbells', () => {
     await expectNoMoreCompletions(h);
   });
 
+  // Regression: a suspended controller ignores doorbells, so the CQ head the host publishes then is
+  // only in the shadow. Resume published the stale head as EventIdx and never read the shadow: the
+  // host (Linux's nvme_dbbuf_need_event) then saw its EventIdx already crossed and stopped ringing.
+  it('a CQ head the host moved while the controller was suspended is read back at resume', async () => {
+    const h = await shadowHost({ size: 16 });
+    const cids = submitBatch(h, 3);
+    const cq = h.controller.state.completionQueues[QID]!;
+    await until(() => cq.tail === 3, 'three posted completions');
+    await h.controller.suspend();
+    await expectCompletions(h, cids);
+    await settle();
+    expect(cq.head).toBe(0);
+    h.controller.resume();
+    await until(() => cq.head === 3 && h.memory.get32(EVENT_IDX + slot(QID, true)) === 3, 'head 3 from the shadow, published as EventIdx');
+    const more = submitBatch(h, 2);
+    await expectCompletions(h, more);
+    await expectNoMoreCompletions(h);
+  });
+
   // Regression: in shadow mode the controller's CQ head can already be newer than a posted MMIO
   // head write; checking that late value against it reported a bogus "Invalid Doorbell Write
   // Value" event to the AER Linux always keeps outstanding.
