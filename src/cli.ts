@@ -23,6 +23,7 @@ import {
 import { ServerHost } from './mgmt/host.js';
 import { DEFAULT_CONTROL, isManagementVerb, runVerb, UsageError, VerbError, VERB_HELP } from './mgmt/verbs.js';
 import { checkSocketPath, createSocketDirectory, SocketPathError } from './socket-path.js';
+import { vfioUserDeviceOption } from './mgmt/qemu/attach.js';
 
 export { UsageError };
 
@@ -236,7 +237,7 @@ export function installBugReporter(log: Logger): void {
 
 /** The QEMU options that attach this server (guest RAM must be fd-backed and shared). */
 export function attachHint(sockets: readonly string[]): string {
-  const devices = sockets.map((path) => `    -device '${JSON.stringify({ driver: 'vfio-user-pci', socket: { path, type: 'unix' } })}'`);
+  const devices = sockets.map((path) => `    ${vfioUserDeviceOption(path)}`);
   return [
     'attach with QEMU >= 10.1 (add your own disk/kernel options):',
     '  qemu-system-x86_64 -machine q35,memory-backend=mem -m 1G \\',

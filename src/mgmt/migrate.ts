@@ -16,7 +16,7 @@ import { receiveState, sendState, type AdminSubmitter } from '../lm/state-transf
 import { ControlClient, parseControlAddress } from './control/client.js';
 import type { ControllerStatus } from './control/messages.js';
 import { findVfioUserDevices, type VfioUserDeviceInfo } from './qemu/devices.js';
-import { cont, migrate, migrateCancel, migrateContinue, migrateIncoming, queryMigrate, queryStatus, setMigrationCapabilities, waitForMigrationStatus } from './qemu/migration.js';
+import { cont, migrate, migrateCancel, migrateContinue, migrateIncoming, queryMigrate, queryStatus, setMigrationCapabilities, setMigrationParameters, waitForMigrationStatus } from './qemu/migration.js';
 import type { PciAddress } from './qemu/pci-config.js';
 import { readPciShadow, replayPciShadow, type PciEndpoint, type PciShadow } from './pci-shadow.js';
 import { QmpClient, type QmpEvent } from './qemu/qmp.js';
@@ -28,6 +28,10 @@ export interface MigrateOptions {
   targetControl: string;
   /** Where the destination QEMU listens for the migration stream (tcp:HOST:PORT, unix:PATH). */
   uri: string;
+  /** Bytes per second for the RAM copy; default: as fast as the link goes (as libvirt does). */
+  maxBandwidth?: number;
+  /** QEMU's downtime limit for its RAM switchover, in ms; default: the source QEMU's own setting. */
+  downtimeLimitMs?: number;
   /** Token for control sockets on TCP. */
   controlToken?: string;
   /** One line per step. */
@@ -75,6 +79,9 @@ interface Pairing {
 }
 
 export class MigrationError extends Error {}
+
+/** QEMU's default (128 MiB/s) throttles even a local copy; libvirt lifts it the same way. */
+const UNLIMITED_BANDWIDTH = 2 ** 40;
 
 const stamp = (e: QmpEvent): number => e.timestamp.seconds * 1000 + e.timestamp.microseconds / 1000;
 
@@ -177,6 +184,10 @@ export async function migrateVm(o: MigrateOptions): Promise<MigrationFigures> {
       await replayPciShadow(ends(p).target, p.preloaded);
     }
     await setMigrationCapabilities(sourceQmp, { events: true, 'pause-before-switchover': true });
+    await setMigrationParameters(sourceQmp, {
+      'max-bandwidth': o.maxBandwidth ?? UNLIMITED_BANDWIDTH,
+      ...(o.downtimeLimitMs !== undefined ? { 'downtime-limit': o.downtimeLimitMs } : {}),
+    });
     await setMigrationCapabilities(targetQmp, { events: true });
     await migrateIncoming(targetQmp, o.uri);
     // From here on QEMU tracks dirty RAM: device writes must pass through it.

@@ -18,6 +18,7 @@ import { describeState } from '../lm/state-describe.js';
 import { migrateVm, recoverSource } from './migrate.js';
 import { MigrationSendSelect, SuspendType } from '../lm/spec.js';
 import { dirname, join } from 'node:path';
+import { vfioUserDeviceOption } from './qemu/attach.js';
 
 /** A mistake in the arguments: one line, exit code 2. */
 export class UsageError extends Error {}
@@ -286,7 +287,7 @@ const VERBS: Record<string, Verb> = {
       const cntlid = num(p, 'ctrl', s.verb, 0, 0xffef);
       const socket = str(p, 'socket', s.verb);
       await s.request({ export: { cntlid, socket } });
-      s.print(`controller ${cntlid} exported on ${socket}`, { cntlid, socket });
+      s.print(`controller ${cntlid} exported on ${socket}; attach it to a VM (fd-backed shared RAM) with\n  ${vfioUserDeviceOption(socket)}`, { cntlid, socket });
     },
   },
   'ctrl unexport': {
@@ -417,7 +418,7 @@ const VERBS: Record<string, Verb> = {
     },
   },
   migrate: {
-    summary: '--source-qmp ADDR --source-control ADDR --target-qmp ADDR --target-control ADDR --uri tcp:HOST:PORT  (ADDR: unix:PATH or tcp:HOST:PORT)',
+    summary: '--source-qmp ADDR --source-control ADDR --target-qmp ADDR --target-control ADDR --uri tcp:HOST:PORT [--max-bandwidth MIB_S] [--downtime-limit MS] [--timeout-ms MS]  (ADDR: unix:PATH or tcp:HOST:PORT; bandwidth unlimited unless given, downtime limit QEMU\'s own)',
     options: {
       'source-qmp': { type: 'string' },
       'source-control': { type: 'string' },
@@ -425,6 +426,8 @@ const VERBS: Record<string, Verb> = {
       'target-control': { type: 'string' },
       uri: { type: 'string' },
       'timeout-ms': { type: 'string' },
+      'max-bandwidth': { type: 'string' },
+      'downtime-limit': { type: 'string' },
     },
     local: true,
     async run(s, p) {
@@ -436,6 +439,8 @@ const VERBS: Record<string, Verb> = {
         targetControl: str(p, 'target-control', s.verb),
         uri: str(p, 'uri', s.verb),
         ...(p.values['timeout-ms'] !== undefined ? { timeoutMs: num(p, 'timeout-ms', s.verb, 1000, 3_600_000) } : {}),
+        ...(p.values['max-bandwidth'] !== undefined ? { maxBandwidth: num(p, 'max-bandwidth', s.verb, 1, 1_000_000) * 2 ** 20 } : {}),
+        ...(p.values['downtime-limit'] !== undefined ? { downtimeLimitMs: num(p, 'downtime-limit', s.verb, 1, 2000) } : {}),
         ...(token !== undefined ? { controlToken: token } : {}),
         progress: (line: string) => process.stderr.write(`[migrate] ${line}\n`),
       };

@@ -117,6 +117,18 @@ export async function setMigrationCapabilities(
   });
 }
 
+/** The migration parameters this project sets (QMP `MigrationParameters`, QEMU's units). */
+export interface MigrationParameters {
+  /** Bytes per second the RAM copy may use before switchover. */
+  'max-bandwidth'?: number;
+  /** The RAM switchover QEMU aims for, in ms: it iterates until the rest fits in it. */
+  'downtime-limit'?: number;
+}
+
+export async function setMigrationParameters(qmp: QmpClient, parameters: MigrationParameters): Promise<void> {
+  if (Object.keys(parameters).length > 0) await qmp.execute('migrate-set-parameters', { ...parameters });
+}
+
 /** Starts listening on a target QEMU started with `-incoming defer`. */
 export function migrateIncoming(qmp: QmpClient, uri: string, options: { exitOnError?: boolean } = {}): Promise<EventCursor> {
   return executeFromCursor(qmp, 'migrate-incoming', {
