@@ -23,7 +23,7 @@ import { ControllingFunction } from '../src/nvme/virt/controlling-function.js';
 import { liveMigrationFor } from '../src/lm/primary.js';
 import { receiveState } from '../src/lm/state-transfer.js';
 import { QmpClient } from '../src/mgmt/qemu/qmp.js';
-import { cont, migrate, migrateIncoming, setMigrationCapabilities, waitForMigrationStatus } from '../src/mgmt/qemu/migration.js';
+import { cont, migrate, migrateIncoming, setMigrationCapabilities, setMigrationParameters, UNLIMITED_BANDWIDTH, waitForMigrationStatus } from '../src/mgmt/qemu/migration.js';
 import { TestHost, DATA, PAGE } from '../test/unit/nvme/helpers.js';
 import { ensureHarness } from '../test/e2e/guest.js';
 import { Vm } from '../test/e2e/vm.js';
@@ -138,6 +138,7 @@ async function virtioOnce(dir: string, rep: number): Promise<VmMigration> {
     const started = performance.now();
     await setMigrationCapabilities(source, { events: true });
     await setMigrationCapabilities(dest, { events: true });
+    await setMigrationParameters(source, { 'max-bandwidth': UNLIMITED_BANDWIDTH }); // as `migrate` does for ours
     await migrateIncoming(dest, uri);
     const stopped = source.waitForEvent('STOP', undefined, 120_000);
     const cursor = await migrate(source, uri);

@@ -16,7 +16,7 @@ import { receiveState, sendState, type AdminSubmitter } from '../lm/state-transf
 import { ControlClient, parseControlAddress } from './control/client.js';
 import type { ControllerStatus } from './control/messages.js';
 import { findVfioUserDevices, type VfioUserDeviceInfo } from './qemu/devices.js';
-import { cont, migrate, migrateCancel, migrateContinue, migrateIncoming, queryMigrate, queryStatus, setMigrationCapabilities, setMigrationParameters, waitForMigrationStatus } from './qemu/migration.js';
+import { cont, migrate, migrateCancel, migrateContinue, migrateIncoming, queryMigrate, queryStatus, setMigrationCapabilities, setMigrationParameters, UNLIMITED_BANDWIDTH, waitForMigrationStatus } from './qemu/migration.js';
 import type { PciAddress } from './qemu/pci-config.js';
 import { readPciShadow, replayPciShadow, type PciEndpoint, type PciShadow } from './pci-shadow.js';
 import { QmpClient, type QmpEvent } from './qemu/qmp.js';
@@ -79,9 +79,6 @@ interface Pairing {
 }
 
 export class MigrationError extends Error {}
-
-/** QEMU's default (128 MiB/s) throttles even a local copy; libvirt lifts it the same way. */
-const UNLIMITED_BANDWIDTH = 2 ** 40;
 
 const stamp = (e: QmpEvent): number => e.timestamp.seconds * 1000 + e.timestamp.microseconds / 1000;
 

@@ -125,6 +125,9 @@ export interface MigrationParameters {
   'downtime-limit'?: number;
 }
 
+/** QEMU's default max-bandwidth (128 MiB/s) throttles even a local copy; libvirt lifts it alike. */
+export const UNLIMITED_BANDWIDTH = 2 ** 40;
+
 export async function setMigrationParameters(qmp: QmpClient, parameters: MigrationParameters): Promise<void> {
   if (Object.keys(parameters).length > 0) await qmp.execute('migrate-set-parameters', { ...parameters });
 }
