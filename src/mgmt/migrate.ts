@@ -172,13 +172,21 @@ export async function migrateVm(o: MigrateOptions): Promise<MigrationFigures> {
     say(`${pairings.length} NVMe controller(s): ${pairings.map((p) => `${p.sourceController.virtualNqn}#${p.sourceController.virtualCntlid} (source ${p.sourceController.cntlid} -> destination ${p.targetController.cntlid})`).join(', ')}`);
     // The destination takes the PCI configuration now, outside the downtime; at switchover it
     // only gets what the guest changed since.
-    const ends = (p: Pairing): { source: PciEndpoint; target: PciEndpoint } => ({
-      source: { qmp: sourceQmp, control: sourceControl, address: p.source.address, cntlid: p.sourceController.cntlid },
-      target: { qmp: targetQmp, control: targetControl, address: p.target.address, cntlid: p.targetController.cntlid },
-    });
+    const endpoints = new Map(
+      pairings.map((p) => [
+        p,
+        {
+          source: { qmp: sourceQmp, control: sourceControl, address: p.source.address, cntlid: p.sourceController.cntlid } as PciEndpoint,
+          target: { qmp: targetQmp, control: targetControl, address: p.target.address, cntlid: p.targetController.cntlid } as PciEndpoint,
+        },
+      ]),
+    );
+    const ends = (p: Pairing): { source: PciEndpoint; target: PciEndpoint } => endpoints.get(p)!;
     for (const p of pairings) {
       p.preloaded = await readPciShadow(ends(p).source);
       await replayPciShadow(ends(p).target, p.preloaded);
+      // Idle and about to be overwritten: suspended now, it only has to load the state at switchover.
+      await targetAdmin(suspendCommand(p.targetController.cntlid));
     }
     await setMigrationCapabilities(sourceQmp, { events: true, 'pause-before-switchover': true });
     await setMigrationParameters(sourceQmp, {
@@ -203,30 +211,26 @@ export async function migrateVm(o: MigrateOptions): Promise<MigrationFigures> {
     say('pre-switchover: vCPUs stopped; suspending the controllers');
     await Promise.all(
       pairings.map(async (p) => {
+        // QEMU's copy of the config space and the MSI-X table: final now that the vCPUs stopped.
+        const pci = readPciShadow(ends(p).source);
+        pci.catch(() => undefined); // awaited below, after the suspend, which may fail first
         const t0 = performance.now();
         await sourceAdmin(suspendCommand(p.sourceController.cntlid));
         p.quiesceMs = performance.now() - t0;
-        // QEMU's copy of the config space and the MSI-X table, read while the state is.
-        const [state, pci] = await Promise.all([receiveState(sourceAdmin, p.sourceController.cntlid), readPciShadow(ends(p).source)]);
-        p.state = state.bytes;
-        p.pci = pci;
+        p.state = (await receiveState(sourceAdmin, p.sourceController.cntlid)).bytes;
+        p.pci = await pci;
         say(`controller ${p.sourceController.cntlid}: suspended in ${p.quiesceMs.toFixed(1)} ms, state ${p.state.length} bytes`);
       }),
     );
     mark('source controllers suspended, state out');
-    const after = await status(sourceControl);
-    for (const p of pairings) p.dmaWriteBytes = (after.find((c) => c.cntlid === p.sourceController.cntlid)?.dmaWriteBytes ?? 0) - (before.get(p.sourceController.cntlid) ?? 0);
     const targetCursor = targetQmp.eventCursor();
     const continued = await migrateContinue(sourceQmp);
     // The destination controllers take their state while the last RAM pass runs: they are
     // suspended, so nothing of theirs touches the guest until they resume.
-    const loaded = Promise.all(
-      pairings.map(async (p) => {
-        await targetAdmin(suspendCommand(p.targetController.cntlid));
-        await sendState(targetAdmin, p.targetController.cntlid, p.state!);
-      }),
-    ).then(() => mark('destination controllers loaded'));
+    const loaded = Promise.all(pairings.map((p) => sendState(targetAdmin, p.targetController.cntlid, p.state!))).then(() => mark('destination controllers loaded'));
     loaded.catch(() => undefined); // awaited below; a refusal must not go unhandled meanwhile
+    const after = await status(sourceControl);
+    for (const p of pairings) p.dmaWriteBytes = (after.find((c) => c.cntlid === p.sourceController.cntlid)?.dmaWriteBytes ?? 0) - (before.get(p.sourceController.cntlid) ?? 0);
     await waitForMigrationStatus(sourceQmp, 'completed', { since: continued, timeoutMs });
     mark('RAM switched over (source)');
     await waitForMigrationStatus(targetQmp, 'completed', { since: targetCursor, timeoutMs });

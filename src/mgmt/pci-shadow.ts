@@ -5,7 +5,7 @@
 
 import { CapId, Cfg, MsiCap, MsixCap } from '../pci/registers.js';
 import type { ControlClient } from './control/client.js';
-import { readConfigSpace, writeConfigSequence, type ConfigWrite, type PciAddress } from './qemu/pci-config.js';
+import { locateEcam, readConfigSpace, writeConfigSequence, type ConfigWrite, type EcamWindow, type PciAddress } from './qemu/pci-config.js';
 import type { QmpClient } from './qemu/qmp.js';
 
 /** What QEMU holds for one function: its config space and, with MSI-X, the vector table. */
@@ -20,6 +20,8 @@ export interface PciEndpoint {
   control: ControlClient;
   address: PciAddress;
   cntlid: number;
+  /** Where the VM's ECAM window is, once looked up (firmware sets it at boot and guests keep it). */
+  ecam?: EcamWindow;
 }
 
 export class PciReplayError extends Error {}
@@ -56,7 +58,8 @@ function msixTableLocation(config: Buffer): { address: number; bytes: number } |
  * the table and no monitor command reads MMIO of a paused or running VM reliably).
  */
 export async function readPciShadow(source: PciEndpoint): Promise<PciShadow> {
-  const config = await readConfigSpace(source.qmp, source.address);
+  source.ecam ??= await locateEcam(source.qmp);
+  const config = await readConfigSpace(source.qmp, source.address, undefined, { ecam: source.ecam });
   const table = msixTableLocation(config);
   if (!table) return { config, msixTable: null };
   const response = await source.control.request({ clientMemory: { cntlid: source.cntlid, address: table.address, readLength: table.bytes } });

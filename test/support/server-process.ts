@@ -10,10 +10,11 @@ export const repoRoot = join(dirname(fileURLToPath(import.meta.url)), '..', '..'
 /** The command from this checkout's sources, the way the installed bin runs it. */
 export const SOURCE_COMMAND: readonly string[] = [process.execPath, '--import', 'tsx', join(repoRoot, 'src', 'bin', 'nvme-vfio-user.ts')];
 
-export interface ServerProcess {
+/** A running `serve`. */
+export interface Served {
   child: ChildProcess;
-  socketPath: string;
-  /** Everything the server wrote to stderr so far. */
+  /** Everything the server wrote to stdout / stderr so far. */
+  stdout(): string;
   log(): string;
   alive(): boolean;
   openFds(): number;
@@ -22,23 +23,26 @@ export interface ServerProcess {
   stop(signal?: NodeJS.Signals): Promise<number | null>;
 }
 
+export interface ServerProcess extends Served {
+  socketPath: string;
+}
+
 export interface ServerProcessOptions {
   timeoutMs?: number;
   /** The command and its leading arguments (default: this checkout's sources through tsx). */
   command?: readonly string[];
   cwd?: string;
   env?: NodeJS.ProcessEnv;
+  /** Run inside this network namespace (ip netns exec), as a server on another host would. */
+  netns?: string;
 }
 
-/** Starts `serve --socket socketPath ...extraArgs` and resolves once it prints that it listens. */
-export async function startServerProcess(socketPath: string, extraArgs: string[] = [], options: ServerProcessOptions = {}): Promise<ServerProcess> {
-  const [program, ...leading] = options.command ?? SOURCE_COMMAND;
+/** Runs `serve ARGS` and resolves once its stdout contains `ready`; rejects if it exits first. */
+export async function spawnServe(args: readonly string[], ready: string, options: ServerProcessOptions = {}): Promise<Served> {
   const timeoutMs = options.timeoutMs ?? 15_000;
-  const child = spawn(program!, [...leading, 'serve', '--socket', socketPath, ...extraArgs], {
-    cwd: options.cwd ?? repoRoot,
-    env: options.env ?? process.env,
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
+  const command = [...(options.command ?? SOURCE_COMMAND), 'serve', ...args];
+  const [program, ...rest] = options.netns ? ['ip', 'netns', 'exec', options.netns, ...command] : command;
+  const child = spawn(program!, rest, { cwd: options.cwd ?? repoRoot, env: options.env ?? process.env, stdio: ['ignore', 'pipe', 'pipe'] });
   let stderr = '';
   let stdout = '';
   child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
@@ -47,23 +51,23 @@ export async function startServerProcess(socketPath: string, extraArgs: string[]
   await new Promise<void>((resolve, reject) => {
     const timer = setTimeout(() => {
       child.kill('SIGKILL');
-      reject(new Error(`server did not listen on ${socketPath} within ${timeoutMs} ms: ${stderr}`));
+      reject(new Error(`serve ${args.join(' ')} did not print '${ready.trim()}' within ${timeoutMs} ms: ${stderr}`));
     }, timeoutMs);
     child.stdout!.on('data', (d: Buffer) => {
       stdout += d.toString();
-      if (stdout.includes(`listening on ${socketPath}\n`)) {
+      if (stdout.includes(ready)) {
         clearTimeout(timer);
         resolve();
       }
     });
     void exited.then((code) => {
       clearTimeout(timer);
-      reject(new Error(`server exited with ${code}: ${stderr}`));
+      reject(new Error(`serve exited with ${code}: ${stderr}`));
     });
   });
   return {
     child,
-    socketPath,
+    stdout: () => stdout,
     log: () => stderr,
     alive: () => exitCode === undefined && child.exitCode === null && child.signalCode === null,
     openFds: () => readdirSync(`/proc/${child.pid}/fd`).length,
@@ -73,4 +77,10 @@ export async function startServerProcess(socketPath: string, extraArgs: string[]
       return exited;
     },
   };
+}
+
+/** Starts `serve --socket socketPath ...extraArgs` and resolves once it prints that it listens. */
+export async function startServerProcess(socketPath: string, extraArgs: string[] = [], options: ServerProcessOptions = {}): Promise<ServerProcess> {
+  const served = await spawnServe(['--socket', socketPath, ...extraArgs], `listening on ${socketPath}\n`, options);
+  return { ...served, socketPath };
 }
