@@ -5,6 +5,7 @@ import type { AdminCommandSet } from '../nvme/context.js';
 import type { ControllingFunction } from '../nvme/virt/controlling-function.js';
 import { MigrationCommands, migrationCommandSet } from './migration-commands.js';
 import { Tracking, trackingCommandSet } from './tracking-commands.js';
+import { prepareStateFormat } from './state-format.js';
 
 export interface LiveMigration {
   readonly commands: MigrationCommands;
@@ -13,6 +14,7 @@ export interface LiveMigration {
 }
 
 export function liveMigrationFor(cf: ControllingFunction): LiveMigration {
+  prepareStateFormat();
   const commands = new MigrationCommands(cf);
   const tracking = new Tracking(cf);
   // A suspend ends its controller's user data log with a "suspended" entry (and DUDMQ deletes it).

@@ -187,6 +187,9 @@ export async function migrateVm(o: MigrateOptions): Promise<MigrationFigures> {
       await replayPciShadow(ends(p).target, p.preloaded);
       // Idle and about to be overwritten: suspended now, it only has to load the state at switchover.
       await targetAdmin(suspendCommand(p.targetController.cntlid));
+      // A first Get of the running source's state (allowed, marked not suspended throughout)
+      // proves its primary answers and takes the first-run costs out of the downtime.
+      await receiveState(sourceAdmin, p.sourceController.cntlid);
     }
     await setMigrationCapabilities(sourceQmp, { events: true, 'pause-before-switchover': true });
     await setMigrationParameters(sourceQmp, {
