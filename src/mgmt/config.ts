@@ -278,6 +278,7 @@ export function finalize(config: ServerConfig): ServerConfig {
   if (out.control.startsWith('tcp:') && out.controlToken === undefined) {
     throw new ConfigError('a control socket on TCP needs --control-token FILE (anyone who reaches the port could otherwise drive the primary)');
   }
+  if (out.controlToken !== undefined) readControlToken(out.controlToken); // refused before anything starts
   if (out.namespaces.length === 0) out.namespaces = [{ size: DEFAULT_RAM_NAMESPACE_BYTES, lbads: 512 }];
   const nsids = new Set<number>();
   let next = 1;
@@ -295,4 +296,16 @@ export function finalize(config: ServerConfig): ServerConfig {
   if (out.queueEntries < 2 || out.queueEntries > 65536) throw new ConfigError(`queueEntries ${out.queueEntries} must be 2..65536`);
   if (out.mdts > 12) throw new ConfigError(`mdts ${out.mdts} exceeds 12 (16 MiB)`);
   return out;
+}
+
+/** The shared secret of a control socket: the file's content, trimmed, at least 16 characters. */
+export function readControlToken(path: string): string {
+  let token: string;
+  try {
+    token = readFileSync(path, 'utf8').trim();
+  } catch (error) {
+    throw new ConfigError(`--control-token ${(error as Error).message}`);
+  }
+  if (token.length < 16) throw new ConfigError(`--control-token ${path}: the token must be at least 16 characters`);
+  return token;
 }

@@ -4,7 +4,6 @@
 // from the control plane or from a management VM's own admin commands, are recorded in --state-dir.
 
 import { createHash } from 'node:crypto';
-import { readFileSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { dirname, resolve } from 'node:path';
 import type { Logger } from '../log.js';
@@ -23,7 +22,7 @@ import type { Session } from '../vfio-user/session.js';
 import { vfioMigrationFor } from '../lm/vfio-migration.js';
 import { bindUnixSocket, createSocketDirectory, DEFAULT_SOCKET_MODE } from '../socket-path.js';
 import type { NamespaceConfig, ServerConfig } from './config.js';
-import { ConfigError } from './config.js';
+import { ConfigError, readControlToken } from './config.js';
 import { liveMigrationFor } from '../lm/primary.js';
 import { parseControlAddress } from './control/client.js';
 import type { ControllerStatus, NamespaceAddRequest, ServerStatus } from './control/messages.js';
@@ -442,15 +441,7 @@ export class ServerHost implements ControlTarget {
     const where = this.config.control;
     if (!where) return;
     const address = parseControlAddress(where);
-    let token: string | undefined;
-    if (this.config.controlToken !== undefined) {
-      try {
-        token = readFileSync(this.config.controlToken, 'utf8').trim();
-      } catch (error) {
-        throw new ConfigError(`--control-token ${(error as Error).message}`);
-      }
-      if (token.length < 16) throw new ConfigError(`--control-token ${this.config.controlToken}: the token must be at least 16 characters`);
-    }
+    const token = this.config.controlToken !== undefined ? readControlToken(this.config.controlToken) : undefined;
     const control = new ControlServer({ target: this, log: this.log.child('control'), ...(token !== undefined ? { token } : {}) });
     if ('path' in address) {
       createSocketDirectory(dirname(address.path));
