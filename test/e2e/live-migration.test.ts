@@ -162,13 +162,14 @@ for (const interrupts of ['msix', 'msi'] as const) {
 }
 
 describe('a migration that fails before the destination runs never loses the VM', () => {
-  it('destination QEMU killed mid-migration, orchestrator killed at pre-switchover (then migrate recover), destination refusing the state: the VM keeps running on the source, verified', async () => {
+  it('destination QEMU killed mid-migration, orchestrator killed at pre-switchover (then migrate recover), destination refusing the state: the VM keeps running on the source, verified, and then migrates', async () => {
     const disk = join(dir, 'disk-abort.img');
     const a = await side(dir, 'a', 1, disk, []);
     const b = await side(dir, 'b', 2, disk, []);
     const stopMarker = 'NVU-STOP-ABORT';
     const script = workload(stopMarker);
     const vm = await Vm.start({ name: 'vm-abort', script, vfioUserSockets: [a.socket], memMiB: 384 });
+    let target: Vm | undefined;
     const attempt = async (what: string, onLine: (line: string, target: Vm, orchestrator: import('node:child_process').ChildProcess) => void) => {
       await vm.waitForLine(/^round\.\d+=/, 240_000, vm.lines.length);
       await new Promise((r) => setTimeout(r, 1500));
@@ -225,9 +226,22 @@ describe('a migration that fails before the destination runs never loses the VM'
       // The VM never stopped being ours: verified rounds go on, on the same QEMU.
       const roundsAfter = vm.lines.filter((l) => /^round\.\d+=/.test(l)).length;
       await vm.waitForLine(/^round\.\d+=/, 240_000, vm.lines.length);
+      expect(vm.lines.filter((l) => /^round\.\d+=/.test(l)).length).toBeGreaterThan(roundsAfter);
+      // 4. After three failures the same source still migrates: the destination gets its queues back.
+      await cli(['ctrl', 'offline', ...c, '--ctrl', '2']);
+      await cli(['ctrl', 'assign', ...c, '--ctrl', '2', '--vq', '3', '--vi', '3']);
+      await cli(['ctrl', 'online', ...c, '--ctrl', '2']);
+      await vm.waitForLine(/^round\.\d+=/, 240_000, vm.lines.length);
+      await new Promise((r) => setTimeout(r, 1500));
+      target = await Vm.start({ name: 'target-after-failures', script, vfioUserSockets: [b.socket], memMiB: 384, incoming: true });
+      const port = await freePort();
+      await cli(['migrate', '--source-qmp', `unix:${vm.qmpPath}`, '--source-control', a.control, '--target-qmp', `unix:${target.qmpPath}`, '--target-control', b.control, '--uri', `tcp:127.0.0.1:${port}`]);
+      const before = vm.lines.join('\n');
+      await vm.kill();
+      await target.waitForLine(/^round\.\d+=/, 240_000, target.lines.length);
       stopWorkload(disk, stopMarker);
-      await vm.waitForLine(/@@NVTEST-EXIT 0@@/, 240_000);
-      const output = vm.lines.join('\n');
+      await target.waitForLine(/@@NVTEST-EXIT 0@@/, 240_000);
+      const output = `${before}\n${target.lines.join('\n')}`;
       const rounds = [...output.matchAll(/^round\.\d+=(\d+),(\d*),\d+$/gm)].map((m) => [m[1], m[2]]);
       expect(rounds.length).toBeGreaterThan(roundsAfter);
       for (const r of rounds) expect(r).toEqual(['0', '0']);
@@ -236,6 +250,7 @@ describe('a migration that fails before the destination runs never loses the VM'
       expect(sha).toBe(fields(output).get('pattern.sha'));
     } finally {
       await vm.kill();
+      await target?.kill();
       await a.server.stop();
       await b.server.stop();
     }
