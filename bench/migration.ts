@@ -29,6 +29,7 @@ import { ensureHarness } from '../test/e2e/guest.js';
 import { Vm } from '../test/e2e/vm.js';
 import { DISK_MIB, freePort, side, stopWorkload, workload } from '../test/e2e/migration-scenario.js';
 import { runCli } from '../test/support/cli.js';
+import { refreshCombinedReport } from './migration-summary.js';
 
 const REPO = path.join(path.dirname(fileURLToPath(import.meta.url)), '..');
 const { values } = parseArgs({ options: { reps: { type: 'string', default: '3' }, 'downtime-limit': { type: 'string' }, out: { type: 'string', default: path.join(REPO, 'bench', 'results', 'migration.md') } } });
@@ -216,7 +217,9 @@ try {
   console.log(md);
   fs.mkdirSync(path.dirname(values.out!), { recursive: true });
   fs.writeFileSync(values.out!, md);
-  fs.writeFileSync(values.out!.replace(/\.md$/, '.json'), JSON.stringify({ device, vms }, null, 2));
+  fs.writeFileSync(values.out!.replace(/\.md$/, '.json'), JSON.stringify({ when: new Date().toISOString(), reps: REPS, downtimeLimitMs: DOWNTIME_LIMIT ?? null, device, vms }, null, 2));
+  // The combined report (latest.md / latest.json from fio-compare) gets these figures and a link.
+  refreshCombinedReport(path.dirname(values.out!));
 } finally {
   fs.rmSync(dir, { recursive: true, force: true });
 }
