@@ -340,7 +340,10 @@ async function main(): Promise<void> {
       ...header(opts, meta),
       '',
       ...(opts.scalingOnly ? [] : [deviceSection(runs, opts), '']),
-      opts.scaling ? scalingReport(scaling, scalingOpts) : 'Scaling tables (controllers of one server, I/O queues): `--scaling`, not in this run.',
+      opts.scaling
+        ? scalingReport(scaling, scalingOpts)
+        : 'Scaling tables (controllers of one server, I/O queues): `--scaling`, not in this run.' +
+          (fs.existsSync(path.join(resultsDir, 'scaling.md')) ? ' The last `--scaling-only --out …/scaling.md` run: [scaling.md](scaling.md).' : ''),
       '',
       migrationSection(migration, false),
       '',
