@@ -67,6 +67,17 @@ export interface ScalePoint {
 
 const GO = 'BENCHGO!';
 
+/** Whether `p` settled within `ms` (the timer is cleared either way, so it keeps nothing alive). */
+async function within(p: Promise<unknown>, ms: number): Promise<boolean> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<false>((resolve) => (timer = setTimeout(() => resolve(false), ms)));
+  try {
+    return await Promise.race([p.then(() => true), timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
 function guestScript(o: ScalingOptions, numjobs: number): string {
   const goBlock = (o.sizeMiB + 1) * 256; // 4 KiB blocks: 1 MiB past the region fio uses
   return `${guestPrelude('nvme', o.sizeMiB)}
@@ -140,8 +151,8 @@ async function runPoint(o: ScalingOptions, p: { table: ScalePoint['table']; n: n
     goAt = performance.now();
     for (const img of images) writeGo(img, o.sizeMiB);
     const deadline = (o.runtimeSec + 120) * 1000;
-    await Promise.race([endedAll, new Promise((_, reject) => setTimeout(() => reject(new Error(`not every guest finished fio within ${deadline / 1000} s of GO`)), deadline))]);
-    await Promise.race([Promise.all(vms.map((vm) => vm.exited)), new Promise((r) => setTimeout(r, 60_000))]);
+    if (!(await within(endedAll, deadline))) throw new Error(`not every guest finished fio within ${deadline / 1000} s of GO`);
+    await within(Promise.all(vms.map((vm) => vm.exited)), 60_000);
     const deltas = qemuAtGo.map((a, i) => (a !== undefined && qemuAtEnd[i] !== undefined ? qemuAtEnd[i]! - a : undefined));
     if (deltas.every((d) => d !== undefined)) point.qemuS = deltas.reduce((s, d) => s + d!, 0);
     for (const vm of vms) {
