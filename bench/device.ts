@@ -422,7 +422,9 @@ interface Running {
 
 async function startServer(sut: ServerUnderTest, ns: NamespaceKind, o: Options, workDir: string, nodeFlags: string[] = []): Promise<Running> {
   const tag = `${sut.label}-${ns}-${process.pid}`;
-  const socket = path.join(workDir, `${tag}.sock`);
+  // Each server gets a directory of its own: its control socket sits beside its vfio-user socket.
+  const dir = fs.mkdtempSync(path.join(workDir, `${tag}-`));
+  const socket = path.join(dir, 'nvme.sock');
   const imagePath = ns === 'file' ? path.join('/dev/shm', `nvu-device-bench-${tag}.img`) : null;
   if (imagePath) fs.rmSync(imagePath, { force: true });
   const spec = imagePath ? `file=${imagePath},size=${NAMESPACE_BYTES},lbads=${BLOCK_BYTES}` : `ram,size=${NAMESPACE_BYTES},lbads=${BLOCK_BYTES}`;

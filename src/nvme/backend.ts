@@ -1,9 +1,11 @@
-// Block storage behind a namespace. Every operation is asynchronous: a file backend goes through
-// node:fs/promises (libuv's threadpool), so a slow disk never stalls the event loop that also
-// serves the guest's doorbells.
+// Block storage behind a namespace. A file backend goes through node:fs/promises (libuv's
+// threadpool), so a slow disk never stalls the event loop that also serves the guest's doorbells.
+// A RAM backend's reads and writes are a memcpy: they complete before readv/writev return, so a
+// command on it needs no promise and no threadpool hop.
 
 import { open, stat, type FileHandle } from 'node:fs/promises';
 import { native } from '../native.js';
+import type { MaybePromise } from './maybe-async.js';
 
 export interface BlockBackend {
   /** Capacity in bytes (fixed for the backend's lifetime). */
@@ -12,10 +14,13 @@ export interface BlockBackend {
   readonly volatileCache: boolean;
   read(offset: number, length: number): Promise<Uint8Array>;
   write(offset: number, data: Uint8Array): Promise<void>;
-  /** Fills `targets` in order from [offset, offset + their total length): reads straight into guest memory. */
-  readv(offset: number, targets: readonly Uint8Array[]): Promise<void>;
-  /** Stores the concatenation of `sources` at `offset`: writes straight from guest memory. */
-  writev(offset: number, sources: readonly Uint8Array[]): Promise<void>;
+  /**
+   * Fills `targets` in order from [offset, offset + their total length): reads straight into guest
+   * memory. May complete synchronously (then it returns undefined, or throws).
+   */
+  readv(offset: number, targets: readonly Uint8Array[]): MaybePromise<void>;
+  /** Stores the concatenation of `sources` at `offset`: writes straight from guest memory. May complete synchronously. */
+  writev(offset: number, sources: readonly Uint8Array[]): MaybePromise<void>;
   /** Makes every acknowledged write durable. */
   flush(): Promise<void>;
   /** Deallocates the range; later reads return zeros. */
@@ -33,8 +38,8 @@ const ZERO_CHUNK = 1 << 20;
 abstract class VectoredBackend implements BlockBackend {
   abstract readonly size: number;
   abstract readonly volatileCache: boolean;
-  abstract readv(offset: number, targets: readonly Uint8Array[]): Promise<void>;
-  abstract writev(offset: number, sources: readonly Uint8Array[]): Promise<void>;
+  abstract readv(offset: number, targets: readonly Uint8Array[]): MaybePromise<void>;
+  abstract writev(offset: number, sources: readonly Uint8Array[]): MaybePromise<void>;
   abstract flush(): Promise<void>;
   abstract discard(offset: number, length: number): Promise<void>;
   abstract writeZeroes(offset: number, length: number): Promise<void>;
@@ -48,8 +53,8 @@ abstract class VectoredBackend implements BlockBackend {
     return new Uint8Array(out.buffer, out.byteOffset, out.length);
   }
 
-  write(offset: number, data: Uint8Array): Promise<void> {
-    return this.writev(offset, [data]);
+  async write(offset: number, data: Uint8Array): Promise<void> {
+    await this.writev(offset, [data]);
   }
 }
 
@@ -81,7 +86,7 @@ export class RamBackend extends VectoredBackend {
     if (!Number.isSafeInteger(size) || size <= 0) throw new RangeError(`RAM backend size ${size} is invalid`);
   }
 
-  async readv(offset: number, targets: readonly Uint8Array[]): Promise<void> {
+  readv(offset: number, targets: readonly Uint8Array[]): void {
     this.check(offset, totalLength(targets));
     let pos = offset;
     for (const target of targets) {
@@ -94,7 +99,7 @@ export class RamBackend extends VectoredBackend {
     }
   }
 
-  async writev(offset: number, sources: readonly Uint8Array[]): Promise<void> {
+  writev(offset: number, sources: readonly Uint8Array[]): void {
     this.check(offset, totalLength(sources));
     let pos = offset;
     for (const source of sources) {

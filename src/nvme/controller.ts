@@ -8,9 +8,8 @@ import type { Logger } from '../log.js';
 import { PciFunction, type InterruptMode } from '../pci/function.js';
 import type { DeviceContext, DeviceMigration, DmaSpace, WriteObserver } from '../vfio-user/device.js';
 import { PciIrq } from '../vfio-user/protocol.js';
-import { executeAdminCommand } from './admin.js';
 import { Clocks } from './clocks.js';
-import { DEFERRED, parseCommand, type Command, type HandlerResult } from './command.js';
+import { DEFERRED, parseCommand, type Command } from './command.js';
 import { CompletionPoster, InFlightWrites } from './completions.js';
 import type {
   AdminCommandSet,
@@ -22,13 +21,15 @@ import type {
   ResetKind,
 } from './context.js';
 import { Doorbells } from './doorbells.js';
-import { AsyncEvents } from './events.js';
+import { AsyncEvents, type ErrorRecord } from './events.js';
+import { executeCommand } from './execution.js';
 import { Interrupts } from './interrupts.js';
-import { executeIoCommand, numberOfBlocks } from './io.js';
+import { numberOfBlocks } from './io.js';
 import { Lifecycle, type RunState } from './lifecycle.js';
+import type { MaybePromise } from './maybe-async.js';
 import type { Namespace, NamespaceIds } from './namespace.js';
 import { ControllerProperties } from './properties.js';
-import { QueueEngine, StaleCommandError, type CommandResult } from './queues.js';
+import { QueueEngine, type CommandResult } from './queues.js';
 import {
   AdminOpcode,
   AQA,
@@ -41,11 +42,10 @@ import {
   Reg,
   SQE_SIZE_LOG2,
   Status,
-  statusName,
 } from './spec.js';
 import { cloneState, defaultFeatures, initialState, type ControllerState, type FeatureValues, type SmartCounters } from './state.js';
 import type { Subsystem, SubsystemController } from './subsystem.js';
-import { BufferDataTransfer, CommandError, type DataTransfer } from './transfer.js';
+import { BufferDataTransfer, type DataTransfer } from './transfer.js';
 
 export type InterruptOffer = 'msix' | 'msi' | 'intx';
 export const INTERRUPT_OFFERS: readonly InterruptOffer[] = ['msix', 'msi', 'intx'];
@@ -309,28 +309,39 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
     };
   }
 
+  /** One view for the controller's life: the I/O path looks a namespace up for every command. */
   get namespaces(): NamespaceView {
-    const naming = this.naming;
-    const attached = (hostNsid: number, nsid: number): AttachedNamespace | undefined => {
-      const namespace = this.isAttached(nsid) ? this.subsystem.namespace(nsid) : undefined;
-      if (!namespace) return undefined;
-      return { nsid: hostNsid, namespace, ids: naming ? naming.ids(hostNsid, namespace) : namespace.ids };
-    };
+    return this.namespaceView;
+  }
+
+  private readonly namespaceView: NamespaceView = this.createNamespaceView();
+
+  private createNamespaceView(): NamespaceView {
+    // The maxNsid getter has a `this` of its own.
+    const controller = this;
     return {
       get: (hostNsid) => {
-        const nsid = naming ? naming.physical(hostNsid) : hostNsid;
-        return nsid === undefined ? undefined : attached(hostNsid, nsid);
+        const nsid = this.naming ? this.naming.physical(hostNsid) : hostNsid;
+        return nsid === undefined ? undefined : this.attachedAs(hostNsid, nsid);
       },
       list: () =>
         this.state.attachedNamespaces
           .map((nsid) => {
-            const hostNsid = naming ? naming.host(nsid) : nsid;
-            return hostNsid === undefined ? undefined : attached(hostNsid, nsid);
+            const hostNsid = this.naming ? this.naming.host(nsid) : nsid;
+            return hostNsid === undefined ? undefined : this.attachedAs(hostNsid, nsid);
           })
           .filter((a): a is AttachedNamespace => a !== undefined)
           .sort((a, b) => a.nsid - b.nsid),
-      maxNsid: naming?.maxNsid ?? this.subsystem.maxNamespaces,
+      get maxNsid() {
+        return controller.naming?.maxNsid ?? controller.subsystem.maxNamespaces;
+      },
     };
+  }
+
+  private attachedAs(hostNsid: number, nsid: number): AttachedNamespace | undefined {
+    const namespace = this.isAttached(nsid) ? this.subsystem.namespace(nsid) : undefined;
+    if (!namespace) return undefined;
+    return { nsid: hostNsid, namespace, ids: this.naming ? this.naming.ids(hostNsid, namespace) : namespace.ids };
   }
 
   get features(): FeatureValues {
@@ -671,23 +682,12 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
   }
 
   /** Runs one command through its handler; never throws. */
-  private async execute(cmd: Command, transfer: DataTransfer, isAdmin: boolean): Promise<CommandResult | typeof DEFERRED> {
-    let outcome: HandlerResult;
-    try {
-      outcome = isAdmin ? await executeAdminCommand(this, cmd, transfer) : await executeIoCommand(this, cmd, transfer);
-    } catch (err) {
-      if (err instanceof CommandError) {
-        this.log.debug(`${isAdmin ? 'admin' : 'I/O'} opcode 0x${cmd.opcode.toString(16)} cid ${cmd.cid}: ${statusName(err.status)} ${err.message}`);
-        this.events.recordError({ sqid: cmd.sqid ?? 0xffff, cid: cmd.cid, status: err.status, nsid: cmd.nsid, lba: 0 });
-        return { status: err.status, dw0: err.dw0, dw1: 0, detail: err.message };
-      }
-      if (err instanceof StaleCommandError) return { status: Status.ABORT_REQUESTED, dw0: 0, dw1: 0 };
-      this.log.error(`opcode 0x${cmd.opcode.toString(16)} cid ${cmd.cid} failed unexpectedly: ${(err as Error).stack ?? String(err)}`);
-      this.events.recordError({ sqid: cmd.sqid ?? 0xffff, cid: cmd.cid, status: Status.INTERNAL_ERROR, nsid: cmd.nsid, lba: 0 });
-      return { status: Status.INTERNAL_ERROR, dw0: 0, dw1: 0 };
-    }
-    if (outcome === DEFERRED) return DEFERRED;
-    return { status: Status.SUCCESS, dw0: (outcome?.dw0 ?? 0) >>> 0, dw1: (outcome?.dw1 ?? 0) >>> 0 };
+  private execute(cmd: Command, transfer: DataTransfer, isAdmin: boolean): MaybePromise<CommandResult | typeof DEFERRED> {
+    return executeCommand(this, cmd, transfer, isAdmin);
+  }
+
+  recordError(entry: ErrorRecord): void {
+    this.events.recordError(entry);
   }
 
   /**

@@ -5,10 +5,11 @@
 
 import type { Logger } from '../log.js';
 import type { InterruptMode } from '../pci/function.js';
-import type { DmaSpace } from '../vfio-user/device.js';
+import { DmaError, type DmaSpace } from '../vfio-user/device.js';
 import type { CompletionPoster, InFlightWrites } from './completions.js';
 import type { AsyncEvents } from './events.js';
 import type { Interrupts } from './interrupts.js';
+import { andThen, type MaybePromise } from './maybe-async.js';
 import { AsyncEventInfo } from './spec.js';
 import type { CompletionQueueState, ControllerState, SubmissionQueueState } from './state.js';
 
@@ -90,32 +91,40 @@ export class Doorbells {
   /**
    * EventIdx = the last value we saw: the host then rings the (trapped) doorbell for every update,
    * so trapped doorbells keep working. Admin queues are outside the buffer (as Linux uses it).
+   * Done in place when the buffer is mapped; a message round trip otherwise.
    */
-  async publishEventIdx(qid: number, completion: boolean, value: number): Promise<void> {
+  publishEventIdx(qid: number, completion: boolean, value: number): MaybePromise<void> {
     const buffer = this.host.state.doorbellBuffer;
     const dma = this.host.hostDma();
     if (!buffer || qid === 0 || !dma) return;
+    const addr = buffer.eventIdx + slot(qid, completion);
+    const fail = (err: unknown): void => this.host.fatal(`EventIdx write: ${(err as Error).message}`);
+    const view = dma.view(addr, 4, true);
+    if (view) {
+      // One 32-bit store: the host reads EventIdx as a dword while we write it.
+      new DataView(view.buffer, view.byteOffset, 4).setUint32(0, value, true);
+      if (!dma.view(addr, 4, true)) fail(new DmaError(addr, 4, 'into guest memory its owner truncated'));
+      return;
+    }
     const bytes = new Uint8Array(4);
     new DataView(bytes.buffer).setUint32(0, value, true);
-    try {
-      await this.host.writes.track(dma.write(buffer.eventIdx + slot(qid, completion), bytes));
-    } catch (err) {
-      this.host.fatal(`EventIdx write: ${(err as Error).message}`);
-    }
+    return this.host.writes.track(dma.write(addr, bytes)).then(undefined, fail);
   }
 
   /** Publishes our view of the tail, then re-reads the shadow tail; true when it moved. */
-  async refreshShadowTail(sq: SubmissionQueueState): Promise<boolean> {
+  refreshShadowTail(sq: SubmissionQueueState): MaybePromise<boolean> {
     if (!this.usesShadow(sq.qid)) return false;
-    await this.publishEventIdx(sq.qid, false, sq.tail);
-    const tail = await this.readShadow(sq.qid, false);
-    if (tail === null || tail === sq.tail || this.host.state.submissionQueues[sq.qid] !== sq) return false;
-    if (tail >= sq.size) {
-      this.invalid(AsyncEventInfo.INVALID_DOORBELL_VALUE, sq.qid);
-      return false;
-    }
-    sq.tail = tail;
-    return true;
+    return andThen(this.publishEventIdx(sq.qid, false, sq.tail), () =>
+      andThen(this.readShadow(sq.qid, false), (tail) => {
+        if (tail === null || tail === sq.tail || this.host.state.submissionQueues[sq.qid] !== sq) return false;
+        if (tail >= sq.size) {
+          this.invalid(AsyncEventInfo.INVALID_DOORBELL_VALUE, sq.qid);
+          return false;
+        }
+        sq.tail = tail;
+        return true;
+      }),
+    );
   }
 
   /**
@@ -156,17 +165,22 @@ export class Doorbells {
     }
   }
 
-  private async readShadow(qid: number, completion: boolean): Promise<number | null> {
+  /** A shadow doorbell's value: read in place when mapped, by message otherwise; null when there is none. */
+  private readShadow(qid: number, completion: boolean): MaybePromise<number | null> {
     const buffer = this.host.state.doorbellBuffer;
     const dma = this.host.hostDma();
     if (!buffer || qid === 0 || !dma) return null;
-    try {
-      const bytes = await dma.read(buffer.shadow + slot(qid, completion), 4);
-      return new DataView(bytes.buffer, bytes.byteOffset).getUint32(0, true);
-    } catch (err) {
+    const addr = buffer.shadow + slot(qid, completion);
+    const fail = (err: unknown): null => {
       this.host.fatal(`shadow doorbell read: ${(err as Error).message}`);
       return null;
+    };
+    const view = dma.view(addr, 4, false);
+    if (view) {
+      const value = new DataView(view.buffer, view.byteOffset, 4).getUint32(0, true);
+      return dma.view(addr, 4, false) ? value : fail(new DmaError(addr, 4, 'from guest memory its owner truncated'));
     }
+    return dma.read(addr, 4).then((bytes) => new DataView(bytes.buffer, bytes.byteOffset).getUint32(0, true), fail);
   }
 
   private invalid(info: number, qid: number): void {

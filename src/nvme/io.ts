@@ -3,11 +3,12 @@
 
 import type { Command, HandlerResult } from './command.js';
 import type { ControllerContext } from './context.js';
+import { andThen, attempt, type MaybePromise } from './maybe-async.js';
 import type { Namespace } from './namespace.js';
 import { CmdBits, NSID_BROADCAST, NvmOpcode, Sqe, Status } from './spec.js';
 import { CommandError, type DataTransfer } from './transfer.js';
 
-type IoHandler = (c: ControllerContext, ns: Namespace, cmd: Command, data: DataTransfer) => Promise<HandlerResult>;
+type IoHandler = (c: ControllerContext, ns: Namespace, cmd: Command, data: DataTransfer) => MaybePromise<HandlerResult>;
 
 /** Bytes a Verify reads from the backend at a time (it has no data transfer, so no MDTS). */
 const VERIFY_CHUNK = 1 << 20;
@@ -38,10 +39,8 @@ function checkTransferSize(c: ControllerContext, bytes: number): void {
 }
 
 /** Backend failures become media errors, counted for SMART. */
-async function media<T>(c: ControllerContext, status: number, fn: () => Promise<T>): Promise<T> {
-  try {
-    return await fn();
-  } catch (err) {
+function media<T>(c: ControllerContext, status: number, fn: () => MaybePromise<T>): MaybePromise<T> {
+  return attempt(fn, (value) => value, (err) => {
     if (err instanceof CommandError) throw err;
     // The kernel could not reach the guest's buffer (its owner truncated the memory): the data
     // pointer's fault, not the medium's.
@@ -49,7 +48,7 @@ async function media<T>(c: ControllerContext, status: number, fn: () => Promise<
     c.smart.mediaErrors++;
     c.log.warn(`backend error: ${(err as Error).message}`);
     throw new CommandError(status, (err as Error).message);
-  }
+  });
 }
 
 /** Writes must be durable at completion with FUA, or always when the host disabled the write cache. */
@@ -57,26 +56,34 @@ function mustFlush(c: ControllerContext, ns: Namespace, cmd: Command): boolean {
   return ns.backend.volatileCache && ((cmd.cdw12 & CmdBits.RW_FUA) !== 0 || !c.features.volatileWriteCache);
 }
 
-const read: IoHandler = async (c, ns, cmd, data) => {
+// Reads and writes complete synchronously when the transfer and the backend do (a RAM namespace
+// and mapped guest memory): no promise between the doorbell and the completion.
+
+const read: IoHandler = (c, ns, cmd, data) => {
   const r = lbaRange(ns, cmd);
   checkTransferSize(c, r.bytes);
-  await data.direct(r.bytes, true, (buffers) => media(c, Status.UNRECOVERED_READ_ERROR, () => ns.backend.readv(r.offset, buffers)));
-  c.smart.hostReadCommands++;
-  c.smart.dataUnitsRead += r.bytes / UNITS_512;
+  const moved = data.direct(r.bytes, true, (buffers) => media(c, Status.UNRECOVERED_READ_ERROR, () => ns.backend.readv(r.offset, buffers)));
+  return andThen(moved, () => {
+    c.smart.hostReadCommands++;
+    c.smart.dataUnitsRead += r.bytes / UNITS_512;
+  });
 };
 
-const write: IoHandler = async (c, ns, cmd, data) => {
+const write: IoHandler = (c, ns, cmd, data) => {
   const r = lbaRange(ns, cmd);
   checkTransferSize(c, r.bytes);
-  await data.direct(r.bytes, false, (buffers) =>
-    media(c, Status.WRITE_FAULT, async () => {
-      await ns.backend.writev(r.offset, buffers);
-      c.userDataChanged(cmd.nsid, r.slba, r.nlb, false);
-      if (mustFlush(c, ns, cmd)) await ns.backend.flush();
-    }),
+  const moved = data.direct(r.bytes, false, (buffers) =>
+    media(c, Status.WRITE_FAULT, () =>
+      andThen(ns.backend.writev(r.offset, buffers), () => {
+        c.userDataChanged(cmd.nsid, r.slba, r.nlb, false);
+        if (mustFlush(c, ns, cmd)) return ns.backend.flush();
+      }),
+    ),
   );
-  c.smart.hostWriteCommands++;
-  c.smart.dataUnitsWritten += r.bytes / UNITS_512;
+  return andThen(moved, () => {
+    c.smart.hostWriteCommands++;
+    c.smart.dataUnitsWritten += r.bytes / UNITS_512;
+  });
 };
 
 const compare: IoHandler = async (c, ns, cmd, data) => {
@@ -137,6 +144,10 @@ const flush: IoHandler = async (c, ns) => {
   await media(c, Status.WRITE_FAULT, () => ns.backend.flush());
 };
 
+async function flushAll(c: ControllerContext): Promise<void> {
+  for (const { namespace } of c.namespaces.list()) await media(c, Status.WRITE_FAULT, () => namespace.backend.flush());
+}
+
 const HANDLERS = new Map<number, IoHandler>([
   [NvmOpcode.FLUSH, flush],
   [NvmOpcode.WRITE, write],
@@ -147,15 +158,12 @@ const HANDLERS = new Map<number, IoHandler>([
   [NvmOpcode.VERIFY, verify],
 ]);
 
-export async function executeIoCommand(c: ControllerContext, cmd: Command, data: DataTransfer): Promise<HandlerResult> {
+export function executeIoCommand(c: ControllerContext, cmd: Command, data: DataTransfer): MaybePromise<HandlerResult> {
   const handler = HANDLERS.get(cmd.opcode);
   if (!handler) throw new CommandError(Status.INVALID_OPCODE, `I/O opcode 0x${cmd.opcode.toString(16)}`);
   if (cmd.flags & Sqe.FUSE_MASK) throw new CommandError(Status.INVALID_FIELD, 'fused operation');
   // Flush to FFFFFFFFh flushes every attached namespace (Identify VWC bits 2:1 = 11b).
-  if (cmd.opcode === NvmOpcode.FLUSH && cmd.nsid === NSID_BROADCAST) {
-    for (const { namespace } of c.namespaces.list()) await media(c, Status.WRITE_FAULT, () => namespace.backend.flush());
-    return;
-  }
+  if (cmd.opcode === NvmOpcode.FLUSH && cmd.nsid === NSID_BROADCAST) return flushAll(c);
   const ns = c.namespaces.get(cmd.nsid)?.namespace;
   if (!ns) throw new CommandError(Status.INVALID_NAMESPACE, `NSID ${cmd.nsid}`);
   if (ns.formatting) throw new CommandError(Status.FORMAT_IN_PROGRESS, `NSID ${cmd.nsid}`);

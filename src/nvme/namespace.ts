@@ -4,6 +4,7 @@
 
 import { createHash } from 'node:crypto';
 import type { BlockBackend } from './backend.js';
+import { always, type MaybePromise } from './maybe-async.js';
 import { LBA_FORMATS } from './spec.js';
 
 export interface NamespaceIds {
@@ -65,15 +66,13 @@ export class Namespace {
     return slba + BigInt(nlb) <= BigInt(this.blockCount);
   }
 
-  /** Runs `fn` counted as I/O in flight on this namespace. */
-  async track<T>(fn: () => Promise<T>): Promise<T> {
+  /** Runs `fn` counted as I/O in flight on this namespace (synchronously when `fn` is). */
+  track<T>(fn: () => MaybePromise<T>): MaybePromise<T> {
     this.inflight++;
-    try {
-      return await fn();
-    } finally {
+    return always(fn, () => {
       this.inflight--;
-      if (this.inflight === 0) this.drained.splice(0).forEach((wake) => wake());
-    }
+      if (this.inflight === 0 && this.drained.length > 0) this.drained.splice(0).forEach((wake) => wake());
+    });
   }
 
   /** Switches the LBA format (and optionally erases) once no I/O is in flight. */

@@ -7,7 +7,8 @@ import { DmaError, type DmaSpace } from '../vfio-user/device.js';
 import { DEFERRED, parseCommand, type Command } from './command.js';
 import type { CompletionPoster } from './completions.js';
 import type { QueueControl } from './context.js';
-import { yieldToEventLoop, type Doorbells } from './doorbells.js';
+import type { Doorbells } from './doorbells.js';
+import { andThen, attempt, isPromise, type MaybePromise } from './maybe-async.js';
 import { IN_FLIGHT_DATA_BYTES } from './policy.js';
 import { SQE_SIZE } from './spec.js';
 import type { CompletionQueueState, ControllerState, HeldCompletion, SubmissionQueueState } from './state.js';
@@ -34,7 +35,7 @@ export interface QueueHost {
   /** Bytes of data `cmd` will buffer (for the in-flight budget). */
   dataBytes(cmd: Command): number;
   /** Runs one command through its handler; never throws. */
-  execute(cmd: Command, transfer: DataTransfer, isAdmin: boolean): Promise<CommandResult | typeof DEFERRED>;
+  execute(cmd: Command, transfer: DataTransfer, isAdmin: boolean): MaybePromise<CommandResult | typeof DEFERRED>;
   fatal(reason: string): void;
 }
 
@@ -52,6 +53,9 @@ interface SqRuntime {
 
 const newRuntime = (): SqRuntime => ({ fetching: false, again: false, outstanding: 0, executing: 0, deleting: false, idle: [] });
 
+/** Fetch rounds one event-loop turn may run before the loop lets the rest of the process in. */
+const MAX_SYNC_ROUNDS = 8;
+
 /** Thrown into a command's data transfer when the controller was reset under it. */
 export class StaleCommandError extends Error {}
 
@@ -62,13 +66,13 @@ class ByteBudget {
 
   constructor(private readonly limit: number) {}
 
-  async acquire(bytes: number): Promise<number> {
+  /** The bytes granted: now when the budget has room and nobody waits, else once it has. */
+  acquire(bytes: number): MaybePromise<number> {
     const granted = Math.min(bytes, this.limit);
     if (this.waiters.length > 0 || this.used + granted > this.limit) {
-      await new Promise<void>((wake) => this.waiters.push({ bytes: granted, wake }));
-    } else {
-      this.used += granted;
+      return new Promise<number>((wake) => this.waiters.push({ bytes: granted, wake: () => wake(granted) }));
     }
+    this.used += granted;
     return granted;
   }
 
@@ -187,18 +191,54 @@ export class QueueEngine implements QueueControl {
     rt.again = true;
     if (rt.fetching) return;
     rt.fetching = true;
-    void (async () => {
-      try {
-        while (rt.again) {
-          rt.again = false;
-          await this.fetch(qid, rt);
+    this.fetchRounds(qid, rt, 0);
+  }
+
+  /**
+   * Fetches round after round until the SQ is empty. Rounds run synchronously while guest memory
+   * is mapped, so a doorbell's commands (and, on a RAM namespace, their completions) are handled in
+   * the turn that brought it. A round that needs a message round trip continues when it is back.
+   * After MAX_SYNC_ROUNDS rounds in one turn the loop yields: a guest that keeps moving its shadow
+   * tail must not keep every other socket, timer and file I/O of the process waiting.
+   */
+  private fetchRounds(qid: number, rt: SqRuntime, roundsThisTurn: number): void {
+    let rounds = roundsThisTurn;
+    try {
+      while (rt.again) {
+        rt.again = false;
+        for (;;) {
+          const more = this.fetchRound(qid, rt);
+          if (isPromise(more)) {
+            more.then(
+              (again) => {
+                if (again) rt.again = true;
+                this.fetchRounds(qid, rt, 0);
+              },
+              (err: unknown) => this.fetchFailed(qid, rt, err),
+            );
+            return;
+          }
+          if (!more) break;
+          if (++rounds >= MAX_SYNC_ROUNDS) {
+            rt.again = true;
+            setImmediate(() => this.fetchRounds(qid, rt, 0));
+            return;
+          }
         }
-      } catch (err) {
-        this.host.fatal(`fetch loop for SQ ${qid}: ${(err as Error).stack ?? String(err)}`);
-      } finally {
-        rt.fetching = false;
       }
-    })();
+    } catch (err) {
+      this.fetchFailed(qid, rt, err);
+      return;
+    }
+    rt.fetching = false;
+    // With shadow doorbells, look at the tail once more after the rest of the process had its
+    // turn: a host submitting meanwhile finds the commands taken without ringing again.
+    if (rounds > 0 && this.host.doorbells.usesShadow(qid)) setImmediate(() => this.kick(qid));
+  }
+
+  private fetchFailed(qid: number, rt: SqRuntime, err: unknown): void {
+    rt.fetching = false;
+    this.host.fatal(`fetch loop for SQ ${qid}: ${(err as Error).stack ?? String(err)}`);
   }
 
   /** A fetched command is fully finished: its SQ slot is free again. */
@@ -210,61 +250,99 @@ export class QueueEngine implements QueueControl {
     if (sq && sq.head !== sq.tail) this.kick(entry.sqid);
   }
 
-  private async fetch(qid: number, rt: SqRuntime): Promise<void> {
-    const host = this.host;
-    const generation = host.generation();
-    const doorbells = host.doorbells;
-    for (;;) {
-      const sq = host.state.submissionQueues[qid];
-      // Commands keep the DMA space they were fetched through: if the client leaves, that space is
-      // emptied and their data transfers fail cleanly instead of reaching a detached controller.
-      let dma = host.fetchDma();
-      if (!sq || rt.deleting || generation !== host.generation() || !dma) return;
-      // With shadow doorbells the host moves the tail in memory and rings only when EventIdx asks.
-      if (doorbells.usesShadow(qid)) await doorbells.refreshShadowTail(sq);
-      if (sq.head === sq.tail) return;
-      const room = sq.size - 1 - rt.outstanding;
-      if (room <= 0) return; // a completion kicks us again
-      const available = (sq.tail - sq.head + sq.size) % sq.size;
-      const count = Math.min(available, room, sq.size - sq.head);
-      dma = host.fetchDma();
-      if (!dma) return;
-      let entries: Uint8Array;
-      try {
-        entries = await dma.read(sq.base + sq.head * SQE_SIZE, count * SQE_SIZE);
-      } catch (err) {
-        if (err instanceof DmaError) {
-          if (generation === host.generation()) host.fatal(`SQ ${qid} fetch: ${err.message}`);
-          return;
-        }
-        throw err;
-      }
-      // The world may have changed while the read was in flight.
-      if (generation !== host.generation() || host.state.submissionQueues[qid] !== sq || rt.deleting || !host.fetchDma()) return;
-      for (let i = 0; i < count; i++) {
-        const sqe = entries.subarray(i * SQE_SIZE, (i + 1) * SQE_SIZE);
-        sq.head = (sq.head + 1) % sq.size;
-        rt.outstanding++;
-        this.dispatch(sq, rt, sqe, dma, generation).catch((err: unknown) => {
-          host.fatal(`dispatch on SQ ${qid}: ${(err as Error).stack ?? String(err)}`);
-        });
-      }
-      // With shadow doorbells every step can be an already-settled promise, so a guest that keeps
-      // moving its shadow tail would keep this loop (and the whole process) from yielding.
-      if (doorbells.usesShadow(qid)) await yieldToEventLoop();
-    }
+  /** The SQ if commands may be fetched from it now (not deleted or reset since `generation`). */
+  private fetchable(qid: number, rt: SqRuntime, generation: number): SubmissionQueueState | null {
+    const sq = this.host.state.submissionQueues[qid];
+    if (!sq || rt.deleting || generation !== this.host.generation() || !this.host.fetchDma()) return null;
+    return sq;
   }
 
-  private async dispatch(sq: SubmissionQueueState, rt: SqRuntime, sqe: Uint8Array, dma: DmaSpace, generation: number): Promise<void> {
+  /**
+   * One round: with shadow doorbells, publish EventIdx and read the shadow tail; then take what
+   * lies between head and tail (as far as there are free slots). True when it took commands.
+   */
+  private fetchRound(qid: number, rt: SqRuntime): MaybePromise<boolean> {
     const host = this.host;
-    const cmd = parseCommand(sqe, sq.qid);
+    const generation = host.generation();
+    const sq = this.fetchable(qid, rt, generation);
+    if (!sq) return false;
+    // With shadow doorbells the host moves the tail in memory and rings only when EventIdx asks.
+    const refreshed = host.doorbells.usesShadow(qid) ? host.doorbells.refreshShadowTail(sq) : false;
+    return andThen(refreshed, () => {
+      // The world may have changed while a message was in flight.
+      if (this.fetchable(qid, rt, generation) !== sq || sq.head === sq.tail) return false;
+      const room = sq.size - 1 - rt.outstanding;
+      if (room <= 0) return false; // a completion kicks us again
+      const available = (sq.tail - sq.head + sq.size) % sq.size;
+      const count = Math.min(available, room, sq.size - sq.head);
+      // Commands keep the DMA space they were fetched through: if the client leaves, that space is
+      // emptied and their data transfers fail cleanly instead of reaching a detached controller.
+      const dma = host.fetchDma()!;
+      const addr = sq.base + sq.head * SQE_SIZE;
+      const fetchFailed = (err: unknown): false => {
+        if (!(err instanceof DmaError)) throw err;
+        if (generation === host.generation()) host.fatal(`SQ ${qid} fetch: ${err.message}`);
+        return false;
+      };
+      // Mapped: copy the entries out in place. Each command keeps its own copy, since the host may
+      // refill a slot as soon as a completion reports the head past it.
+      let entries: MaybePromise<Uint8Array | false>;
+      const view = dma.view(addr, count * SQE_SIZE, false);
+      if (view) {
+        const copy = view.slice();
+        // A mapping truncated under the copy read zeros: look again to know the entries are real.
+        entries = dma.view(addr, count * SQE_SIZE, false) ? copy : fetchFailed(new DmaError(addr, count * SQE_SIZE, 'from guest memory its owner truncated'));
+      } else {
+        entries = dma.read(addr, count * SQE_SIZE).then(undefined, fetchFailed);
+      }
+      return andThen(entries, (bytes) => {
+        if (!bytes) return false;
+        if (this.fetchable(qid, rt, generation) !== sq) return false;
+        for (let i = 0; i < count; i++) {
+          const sqe = bytes.subarray(i * SQE_SIZE, (i + 1) * SQE_SIZE);
+          sq.head = (sq.head + 1) % sq.size;
+          rt.outstanding++;
+          this.dispatch(sq, rt, sqe, dma, generation);
+        }
+        return true;
+      });
+    });
+  }
+
+  /**
+   * Runs one fetched command and posts its completion. Synchronous from fetch to post when the
+   * handler is (a RAM namespace with mapped guest memory); never throws.
+   */
+  private dispatch(sq: SubmissionQueueState, rt: SqRuntime, sqe: Uint8Array, dma: DmaSpace, generation: number): void {
+    const host = this.host;
     const isAdmin = sq.qid === 0;
     rt.executing++;
     this.commandStarted();
-    let result: CommandResult | typeof DEFERRED;
     let budget = 0;
+    const finished = (): void => {
+      if (budget > 0) this.dataBudget.release(budget);
+      rt.executing--;
+      this.commandFinished();
+      if (rt.executing === 0 && rt.idle.length > 0) rt.idle.splice(0).forEach((wake) => wake());
+    };
+    const post = (result: CommandResult | typeof DEFERRED): void => {
+      finished();
+      if (result === DEFERRED || generation !== host.generation()) return;
+      host.poster.post({ cqid: sq.cqid, sqid: sq.qid, cid: cmd.cid, status: result.status, dw0: result.dw0, dw1: result.dw1 });
+    };
+    const failed = (err: unknown): void => {
+      finished();
+      host.fatal(`dispatch on SQ ${sq.qid}: ${(err as Error).stack ?? String(err)}`);
+    };
+    let cmd: Command;
     try {
-      budget = isAdmin ? 0 : await this.dataBudget.acquire(host.dataBytes(cmd));
+      cmd = parseCommand(sqe, sq.qid);
+    } catch (err) {
+      failed(err);
+      return;
+    }
+    const run = (granted: number): MaybePromise<CommandResult | typeof DEFERRED> => {
+      budget = granted;
       const transfer = new GuestDataTransfer({
         dma,
         sqe,
@@ -274,15 +352,16 @@ export class QueueEngine implements QueueControl {
           if (generation !== host.generation()) throw new StaleCommandError('controller was reset');
         },
       });
-      result = await host.execute(cmd, transfer, isAdmin);
-    } finally {
-      if (budget > 0) this.dataBudget.release(budget);
-      rt.executing--;
-      this.commandFinished();
-      if (rt.executing === 0) rt.idle.splice(0).forEach((wake) => wake());
+      return host.execute(cmd, transfer, isAdmin);
+    };
+    // post() itself throwing would be a bug of ours: the controller goes fatal rather than the process.
+    const postFailed = (err: unknown): void => host.fatal(`posting on SQ ${sq.qid}: ${(err as Error).stack ?? String(err)}`);
+    try {
+      const outcome = attempt(() => andThen(isAdmin ? 0 : this.dataBudget.acquire(host.dataBytes(cmd)), run), post, failed);
+      if (isPromise(outcome)) outcome.catch(postFailed);
+    } catch (err) {
+      postFailed(err);
     }
-    if (result === DEFERRED || generation !== host.generation()) return;
-    host.poster.post({ cqid: sq.cqid, sqid: sq.qid, cid: cmd.cid, status: result.status, dw0: result.dw0, dw1: result.dw1 });
   }
 
   private commandStarted(): void {

@@ -5,6 +5,7 @@
 
 import { DmaError, type DmaSpace, type PinnedView } from '../vfio-user/device.js';
 import { field64 } from './command.js';
+import { always, andThen, type MaybePromise } from './maybe-async.js';
 import { Psdt, SGL_DESCRIPTOR_SIZE, SGL_SUBTYPE_ADDRESS, SglType, Sqe, Status } from './spec.js';
 
 /** Completes the command with `status` (thrown by handlers and walkers, caught by the dispatcher). */
@@ -30,7 +31,7 @@ export interface DataTransfer {
    * pieces), so a backend can read into or write from guest memory with no copy. `toHost` says
    * which way the data flows. Falls back to a bounce buffer where memory cannot be pinned.
    */
-  direct(length: number, toHost: boolean, io: (buffers: Uint8Array[]) => Promise<void>): Promise<void>;
+  direct(length: number, toHost: boolean, io: (buffers: Uint8Array[]) => MaybePromise<void>): MaybePromise<void>;
 }
 
 /** A guest-physical range. */
@@ -67,14 +68,18 @@ function pushMerged(segments: Segment[], addr: number, length: number): void {
 
 // ---- PRP (Base §4.3.1 "Physical Region Page Entry and List") -------------------------------------
 
-export async function walkPrps(dma: DmaSpace, prp1: number, prp2: number, length: number, pageSize: number): Promise<Segment[]> {
+/**
+ * The guest ranges a PRP pair describes. Synchronous unless a PRP list must come by message: the
+ * common 4 KiB command (PRP1 alone) or a list in mapped memory resolves in the caller's turn.
+ */
+export function walkPrps(dma: DmaSpace, prp1: number, prp2: number, length: number, pageSize: number): MaybePromise<Segment[]> {
   const segments: Segment[] = [];
   if (length === 0) return segments;
   // The first entry may start anywhere dword-aligned inside a page; every later entry starts a page.
   if (prp1 % 4 !== 0) throw new CommandError(Status.PRP_OFFSET_INVALID, 'PRP1 not dword aligned');
   const first = Math.min(length, pageSize - (prp1 % pageSize));
   pushMerged(segments, prp1, first);
-  let remaining = length - first;
+  const remaining = length - first;
   if (remaining === 0) return segments;
   if (remaining <= pageSize) {
     if (prp2 % pageSize !== 0) throw new CommandError(Status.PRP_OFFSET_INVALID, 'PRP2 data pointer has an offset');
@@ -83,29 +88,39 @@ export async function walkPrps(dma: DmaSpace, prp1: number, prp2: number, length
   }
   // PRP2 points at a list; a list that does not fit its page chains through its last entry.
   if (prp2 % 8 !== 0) throw new CommandError(Status.PRP_OFFSET_INVALID, 'PRP list pointer not qword aligned');
-  let list = prp2;
-  while (remaining > 0) {
+  const walkList = (list: number, remaining: number): MaybePromise<Segment[]> => {
     const slots = (pageSize - (list % pageSize)) / 8;
     const pagesLeft = Math.ceil(remaining / pageSize);
     const chains = pagesLeft > slots;
     const count = chains ? slots : pagesLeft;
-    const entries = await dataAccess(() => dma.read(list, count * 8));
-    for (let i = 0; i < count; i++) {
-      const entry = field64(entries, i * 8);
-      if (chains && i === count - 1) {
-        // Only PRP2 may point into the middle of a page. Chained lists start a page, so every step
-        // after the first consumes data pages and a list that points at itself cannot loop forever.
-        if (entry % pageSize !== 0) throw new CommandError(Status.PRP_OFFSET_INVALID, 'chained PRP list pointer not page aligned');
-        list = entry;
-        break;
+    return andThen(readGuest(dma, list, count * 8), (entries) => {
+      let left = remaining;
+      for (let i = 0; i < count; i++) {
+        const entry = field64(entries, i * 8);
+        if (chains && i === count - 1) {
+          // Only PRP2 may point into the middle of a page. Chained lists start a page, so every step
+          // after the first consumes data pages and a list that points at itself cannot loop forever.
+          if (entry % pageSize !== 0) throw new CommandError(Status.PRP_OFFSET_INVALID, 'chained PRP list pointer not page aligned');
+          return walkList(entry, left);
+        }
+        if (entry % pageSize !== 0) throw new CommandError(Status.PRP_OFFSET_INVALID, `PRP list entry ${i} has an offset`);
+        const n = Math.min(pageSize, left);
+        pushMerged(segments, entry, n);
+        left -= n;
       }
-      if (entry % pageSize !== 0) throw new CommandError(Status.PRP_OFFSET_INVALID, `PRP list entry ${i} has an offset`);
-      const n = Math.min(pageSize, remaining);
-      pushMerged(segments, entry, n);
-      remaining -= n;
-    }
-  }
-  return segments;
+      return segments;
+    });
+  };
+  return walkList(prp2, remaining);
+}
+
+/** A copy of guest memory: taken in place when mapped, by message otherwise (a failure is a Data Transfer Error). */
+function readGuest(dma: DmaSpace, addr: number, length: number): MaybePromise<Uint8Array> {
+  const view = dma.view(addr, length, false);
+  if (!view) return dataAccess(() => dma.read(addr, length));
+  const copy = view.slice();
+  confirmCopied(dma, { addr, length }, false);
+  return copy;
 }
 
 // ---- SGL (Base §4.3.2 "Scatter Gather List") ----------------------------------------------------
@@ -206,26 +221,35 @@ export class GuestDataTransfer implements DataTransfer {
     return this.copyFromGuest(segments, length);
   }
 
-  async direct(length: number, toHost: boolean, io: (buffers: Uint8Array[]) => Promise<void>): Promise<void> {
-    const segments = await this.segments(length);
-    this.options.guard();
-    const pins: PinnedView[] = [];
-    try {
+  direct(length: number, toHost: boolean, io: (buffers: Uint8Array[]) => MaybePromise<void>): MaybePromise<void> {
+    return andThen(this.segments(length), (segments) => {
+      this.options.guard();
+      const pins: PinnedView[] = [];
       for (const s of segments) {
         const pin = this.options.dma.pin(s.addr, s.length, toHost);
         if (!pin) break;
         pins.push(pin);
       }
+      const release = (): void => {
+        for (const pin of pins) pin.release();
+      };
       if (pins.length === segments.length) {
         // Pinned: a DMA_UNMAP meanwhile waits for us instead of pulling the memory away.
-        await io(pins.map((p) => p.bytes));
-        if (!pins.every((p) => p.intact())) throw new CommandError(Status.DATA_TRANSFER_ERROR, 'guest memory was truncated during the transfer');
-        return;
+        return always(
+          () =>
+            andThen(io(pins.map((p) => p.bytes)), () => {
+              if (!pins.every((p) => p.intact())) throw new CommandError(Status.DATA_TRANSFER_ERROR, 'guest memory was truncated during the transfer');
+            }),
+          release,
+        );
       }
-    } finally {
-      for (const pin of pins) pin.release();
-    }
-    // Message-based DMA (no fd): go through a bounce buffer and the copy path.
+      release();
+      return this.bounce(segments, length, toHost, io);
+    });
+  }
+
+  /** Message-based DMA (no fd): through a bounce buffer and the copy path. */
+  private async bounce(segments: Segment[], length: number, toHost: boolean, io: (buffers: Uint8Array[]) => MaybePromise<void>): Promise<void> {
     if (toHost) {
       const bounce = Buffer.allocUnsafe(length);
       await io([bounce]);
@@ -270,7 +294,7 @@ export class GuestDataTransfer implements DataTransfer {
     return out;
   }
 
-  private segments(length: number): Promise<Segment[]> {
+  private segments(length: number): MaybePromise<Segment[]> {
     const { dma, sqe, pageSize, allowSgl } = this.options;
     const psdt = (sqe[Sqe.FLAGS]! >> Sqe.PSDT_SHIFT) & Sqe.PSDT_MASK;
     if (psdt === Psdt.PRP) return walkPrps(dma, field64(sqe, Sqe.PRP1), field64(sqe, Sqe.PRP2), length, pageSize);
@@ -297,7 +321,7 @@ export class BufferDataTransfer implements DataTransfer {
     return this.input.slice(0, length);
   }
 
-  async direct(length: number, toHost: boolean, io: (buffers: Uint8Array[]) => Promise<void>): Promise<void> {
+  async direct(length: number, toHost: boolean, io: (buffers: Uint8Array[]) => MaybePromise<void>): Promise<void> {
     if (toHost) {
       const out = Buffer.allocUnsafe(length);
       await io([out]);
