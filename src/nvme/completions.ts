@@ -99,43 +99,50 @@ export class CompletionPoster {
   private write(cq: CompletionQueueState, entry: HeldCompletion): void {
     const dma = this.host.postingDma()!;
     const sq = this.host.state.submissionQueues[entry.sqid];
-    const cqe = new Uint8Array(CQE_SIZE);
-    const v = new DataView(cqe.buffer);
+    const sqHead = sq ? sq.head : 0;
     const { addr, phase } = claimSlot(cq, CQE_SIZE);
-    v.setUint32(Cqe.DW0, entry.dw0 >>> 0, true);
-    v.setUint32(Cqe.DW1, entry.dw1 >>> 0, true);
-    v.setUint16(Cqe.SQHD, sq ? sq.head : 0, true);
-    v.setUint16(Cqe.SQID, entry.sqid, true);
-    v.setUint16(Cqe.CID, entry.cid, true);
-    // Phase tag and status share the last word, written last: the host polls the phase.
-    v.setUint16(Cqe.STATUS_PHASE, ((entry.status << Cqe.STATUS_SHIFT) | phase) & 0xffff, true);
-    const done = (): void => {
-      this.host.completionGone(entry);
-      if (cq.interruptsEnabled) this.host.interrupts.schedule(cq.vector);
-    };
-    // The fast path writes in place synchronously; remote DMA is a message round trip.
+    // Phase tag and status share the last dword, stored last: the host polls the phase, and x86
+    // makes stores visible in program order.
+    const statusPhase = ((entry.status << Cqe.STATUS_SHIFT) | phase) & 0xffff;
+    // The fast path stores in place synchronously; remote DMA is a message round trip.
     const view = dma.view(addr, CQE_SIZE, true);
     if (view) {
-      view.set(cqe);
+      fillCqe(new DataView(view.buffer, view.byteOffset, CQE_SIZE), entry, sqHead, statusPhase);
       // A mapping truncated under the store is refused from then on: the entry landed in the
       // guard's zero pages, so the host never sees it and the queue is lost.
       if (!dma.view(addr, CQE_SIZE, true)) {
         this.host.fatal(`CQ ${cq.qid} post: guest memory was truncated under the completion`);
         return;
       }
-      done();
+      this.posted(cq, entry);
       return;
     }
+    const cqe = new Uint8Array(CQE_SIZE);
+    fillCqe(new DataView(cqe.buffer), entry, sqHead, statusPhase);
     const generation = this.host.generation();
     this.host.writes.track(dma.write(addr, cqe)).then(
       () => {
-        if (generation === this.host.generation()) done();
+        if (generation === this.host.generation()) this.posted(cq, entry);
       },
       (err: unknown) => {
         if (generation === this.host.generation()) this.host.fatal(`CQ ${cq.qid} post: ${(err as Error).message}`);
       },
     );
   }
+
+  /** The entry is in the CQ: its command is finished, and the CQ's vector is due. */
+  private posted(cq: CompletionQueueState, entry: HeldCompletion): void {
+    this.host.completionGone(entry);
+    if (cq.interruptsEnabled) this.host.interrupts.schedule(cq.vector);
+  }
+}
+
+/** A completion queue entry (Base §4.6, Figure 92) into `v`, the status and phase dword last. */
+function fillCqe(v: DataView, entry: HeldCompletion, sqHead: number, statusPhase: number): void {
+  v.setUint32(Cqe.DW0, entry.dw0 >>> 0, true);
+  v.setUint32(Cqe.DW1, entry.dw1 >>> 0, true);
+  v.setUint32(Cqe.SQHD, (sqHead | (entry.sqid << 16)) >>> 0, true);
+  v.setUint32(Cqe.CID, (entry.cid | (statusPhase << 16)) >>> 0, true);
 }
 
 export function isFull(cq: CompletionQueueState): boolean {

@@ -9,7 +9,7 @@ import { DmaError, type DmaSpace } from '../vfio-user/device.js';
 import type { CompletionPoster, InFlightWrites } from './completions.js';
 import type { AsyncEvents } from './events.js';
 import type { Interrupts } from './interrupts.js';
-import { andThen, type MaybePromise } from './maybe-async.js';
+import { andThen, isPromise, type MaybePromise } from './maybe-async.js';
 import { AsyncEventInfo } from './spec.js';
 import type { CompletionQueueState, ControllerState, SubmissionQueueState } from './state.js';
 
@@ -30,8 +30,8 @@ export interface DoorbellHost {
   fatal(reason: string): void;
 }
 
-/** One macrotask hop: lets socket messages, timers and file I/O run between rounds of guest work. */
-export const yieldToEventLoop = (): Promise<void> => new Promise((resolve) => setImmediate(resolve));
+/** Head updates one CQ may take in one event-loop turn before the rest of the process runs. */
+const MAX_HEAD_ROUNDS = 8;
 
 export class Doorbells {
   /** CQs whose shadow head is being read, and whether to read it again when done. */
@@ -130,9 +130,11 @@ export class Doorbells {
   /**
    * Takes the host's CQ head from the shadow doorbell and publishes it as EventIdx, so the host's
    * next head update rings the trapped doorbell again. That MMIO write is also QEMU's emulated EOI
-   * for INTx: without it a level interrupt would stay asserted.
+   * for INTx: without it a level interrupt would stay asserted. Synchronous while the buffer is
+   * mapped; after publishing it reads the head once more, since the host may have moved it before
+   * it saw the new EventIdx.
    */
-  async refreshShadowHead(cq: CompletionQueueState): Promise<void> {
+  refreshShadowHead(cq: CompletionQueueState): void {
     if (!this.usesShadow(cq.qid)) return;
     // One reader per CQ: with message-based DMA an older read could resolve after a newer one
     // and move the head backwards.
@@ -143,26 +145,56 @@ export class Doorbells {
     }
     const refresh = { again: true };
     this.headRefresh.set(cq.qid, refresh);
+    this.headRounds(cq, refresh, 0);
+  }
+
+  private headRounds(cq: CompletionQueueState, refresh: { again: boolean }, roundsThisTurn: number): void {
+    let rounds = roundsThisTurn;
     try {
       while (refresh.again) {
         refresh.again = false;
-        const head = await this.readShadow(cq.qid, true);
-        if (head === null || this.host.state.completionQueues[cq.qid] !== cq || head === cq.head) continue;
-        if (!validCqHead(cq, head)) {
-          this.invalid(AsyncEventInfo.INVALID_DOORBELL_VALUE, cq.qid);
-          continue;
+        const moved = this.headRound(cq);
+        if (isPromise(moved)) {
+          moved.then(
+            (again) => {
+              if (again) refresh.again = true;
+              this.headRounds(cq, refresh, 0);
+            },
+            (err: unknown) => {
+              this.headRefresh.delete(cq.qid);
+              this.host.fatal(`CQ ${cq.qid} head refresh: ${(err as Error).stack ?? String(err)}`);
+            },
+          );
+          return;
         }
-        cq.head = head;
-        await this.publishEventIdx(cq.qid, true, head);
-        this.host.poster.releaseHeld(cq);
-        // The host may have moved the head again before it saw the new EventIdx: look once more,
-        // after letting the rest of the process run.
+        if (!moved) continue;
         refresh.again = true;
-        await yieldToEventLoop();
+        // A host that keeps moving its head must not keep the rest of the process waiting.
+        if (++rounds >= MAX_HEAD_ROUNDS) {
+          setImmediate(() => this.headRounds(cq, refresh, 0));
+          return;
+        }
       }
-    } finally {
-      this.headRefresh.delete(cq.qid);
+    } catch (err) {
+      this.host.fatal(`CQ ${cq.qid} head refresh: ${(err as Error).stack ?? String(err)}`);
     }
+    this.headRefresh.delete(cq.qid);
+  }
+
+  /** Reads the shadow head once; when it moved, takes it, publishes it and posts what waited for room. */
+  private headRound(cq: CompletionQueueState): MaybePromise<boolean> {
+    return andThen(this.readShadow(cq.qid, true), (head) => {
+      if (head === null || this.host.state.completionQueues[cq.qid] !== cq || head === cq.head) return false;
+      if (!validCqHead(cq, head)) {
+        this.invalid(AsyncEventInfo.INVALID_DOORBELL_VALUE, cq.qid);
+        return false;
+      }
+      cq.head = head;
+      return andThen(this.publishEventIdx(cq.qid, true, head), () => {
+        this.host.poster.releaseHeld(cq);
+        return true;
+      });
+    });
   }
 
   /** A shadow doorbell's value: read in place when mapped, by message otherwise; null when there is none. */
