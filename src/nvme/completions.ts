@@ -133,7 +133,7 @@ export class CompletionPoster {
   /** The entry is in the CQ: its command is finished, and the CQ's vector is due. */
   private posted(cq: CompletionQueueState, entry: HeldCompletion): void {
     this.host.completionGone(entry);
-    if (cq.interruptsEnabled) this.host.interrupts.schedule(cq.vector);
+    if (cq.interruptsEnabled) this.host.interrupts.completionPosted(cq.vector, cq.qid === 0);
   }
 }
 

@@ -728,8 +728,11 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
       if (!writes) break;
       await writes;
     }
-    // A controller reset meanwhile ended the suspension.
-    if (this.lifecycle.state === 'quiescing') this.lifecycle.move('suspended');
+    // A controller reset meanwhile ended the suspension. Interrupts due or gathering go out
+    // before the controller falls silent.
+    if (this.lifecycle.state !== 'quiescing') return;
+    this.interrupts.flush();
+    this.lifecycle.move('suspended');
   }
 
   /** Back to running: what waited while silent (completions, events, interrupts, EventIdx) goes out. */

@@ -4,7 +4,7 @@
 
 import type { Command, Completion } from './command.js';
 import type { ControllerContext } from './context.js';
-import { AsyncEventConfig, CmdBits, FeatureId, FeatureSelect, Status } from './spec.js';
+import { AsyncEventConfig, CmdBits, FeatureId, FeatureSelect, InterruptCoalescing, InterruptVectorConfig, Status } from './spec.js';
 import { CHANGEABLE_FEATURES, defaultFeatures, type FeatureValues } from './state.js';
 import { CommandError, type DataTransfer } from './transfer.js';
 
@@ -98,23 +98,23 @@ const FEATURES = new Map<number, Feature>([
     FeatureId.INTERRUPT_COALESCING,
     {
       get: (_c, v) => v.interruptCoalescing,
-      set: (c, cmd) => void (c.features.interruptCoalescing = cmd.cdw11 & 0xffff),
+      set: (c, cmd) => void (c.features.interruptCoalescing = cmd.cdw11 & InterruptCoalescing.FIELDS_MASK),
     },
   ],
   [
     FeatureId.INTERRUPT_VECTOR_CONFIG,
     {
       get: (c, v, cmd) => {
-        const iv = cmd.cdw11 & 0xffff;
+        const iv = cmd.cdw11 & InterruptVectorConfig.IV_MASK;
         if (iv >= c.limits.vectors) throw invalid(`interrupt vector ${iv}`);
-        return iv | (v.coalescingDisabled.includes(iv) ? 1 << 16 : 0);
+        return iv | (v.coalescingDisabled.includes(iv) ? InterruptVectorConfig.CD : 0);
       },
       set: (c, cmd) => {
-        const iv = cmd.cdw11 & 0xffff;
+        const iv = cmd.cdw11 & InterruptVectorConfig.IV_MASK;
         if (iv >= c.limits.vectors) throw invalid(`interrupt vector ${iv}`);
         const f = c.features;
         f.coalescingDisabled = f.coalescingDisabled.filter((x) => x !== iv);
-        if (cmd.cdw11 & (1 << 16)) f.coalescingDisabled.push(iv);
+        if (cmd.cdw11 & InterruptVectorConfig.CD) f.coalescingDisabled.push(iv);
       },
     },
   ],

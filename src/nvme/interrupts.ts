@@ -1,9 +1,11 @@
 // Raising a controller's interrupts in whichever mode the host enabled: per-CQ vectors batched per
-// event-loop turn, INTMS/INTMC masking for MSI and INTx (Base §3.1.4.3/4), and INTx's re-assertion
-// after QEMU re-arms the line. A silent (suspended) controller raises nothing; its resume raises
-// every vector whose queue still holds unconsumed completions.
+// event-loop turn, coalesced as Interrupt Coalescing asks (coalescing.ts), INTMS/INTMC masking for
+// MSI and INTx (Base §3.1.4.3/4), and INTx's re-assertion after QEMU re-arms the line. A silent
+// (suspended) controller raises nothing: what is due when it goes silent is raised first, and its
+// resume raises every vector whose queue still holds unconsumed completions.
 
 import type { InterruptMode } from '../pci/function.js';
+import { coalescingSettings, InterruptAggregator } from './coalescing.js';
 import { INTX_REASSERT_GRACE_MS } from './policy.js';
 import type { ControllerState } from './state.js';
 
@@ -19,24 +21,47 @@ export class Interrupts {
   private readonly toRaise = new Set<number>();
   private scheduled = false;
   private intxRecheck: NodeJS.Timeout | null = null;
+  private readonly aggregator = new InterruptAggregator((vector) => this.schedule(vector));
 
   constructor(private readonly host: InterruptHost) {}
 
   /**
-   * Interrupt Coalescing is stored and reported but applied only as batching: completions posted
-   * in the same event-loop turn share one interrupt per vector. Aggregation time and threshold are
-   * not enforced (the spec allows a controller to interrupt earlier than they ask).
+   * A completion entry was posted to a CQ of `vector` with interrupts enabled. The Admin CQ and
+   * vectors with Coalescing Disable interrupt at once; I/O CQs otherwise wait as Interrupt
+   * Coalescing's threshold and time ask.
+   */
+  completionPosted(vector: number, adminQueue: boolean): void {
+    const features = this.host.state.features;
+    const settings = adminQueue || features.coalescingDisabled.includes(vector) ? null : coalescingSettings(features.interruptCoalescing);
+    if (!settings || this.aggregator.add(vector, settings)) this.schedule(vector);
+  }
+
+  /**
+   * Raises `vector` at the end of this turn: everything posted in the same event-loop turn shares
+   * one interrupt per vector.
    */
   schedule(vector: number): void {
     this.toRaise.add(vector);
     if (this.scheduled) return;
     this.scheduled = true;
-    queueMicrotask(() => {
-      this.scheduled = false;
-      const vectors = [...this.toRaise];
-      this.toRaise.clear();
-      for (const v of vectors) this.fire(v);
-    });
+    queueMicrotask(() => this.raiseScheduled());
+  }
+
+  /** Raises now what is due or gathering (a controller about to go silent). */
+  flush(): void {
+    for (const vector of this.aggregator.takeAll()) this.toRaise.add(vector);
+    this.raiseScheduled();
+  }
+
+  private raiseScheduled(): void {
+    this.scheduled = false;
+    if (this.toRaise.size === 0) return;
+    const vectors = [...this.toRaise];
+    this.toRaise.clear();
+    for (const v of vectors) {
+      this.aggregator.covered(v);
+      this.fire(v);
+    }
   }
 
   /** INTMS: under MSI-X the host masks in the MSI-X table instead. */
@@ -79,11 +104,13 @@ export class Interrupts {
 
   reset(): void {
     this.toRaise.clear();
+    this.aggregator.clear();
   }
 
   dispose(): void {
     if (this.intxRecheck) clearTimeout(this.intxRecheck);
     this.intxRecheck = null;
+    this.aggregator.clear();
   }
 
   private fire(vector: number): void {

@@ -300,6 +300,20 @@ export const FeatureId = {
   HOST_BEHAVIOR_SUPPORT: 0x16,
 } as const;
 
+/**
+ * Interrupt Coalescing, Feature 08h (Base §5.27.1.9): CDW11 holds Aggregation Threshold (THR,
+ * completion entries per vector, 0's based) in bits 7:0 and Aggregation Time (TIME, the longest a
+ * controller should delay an interrupt to coalesce, in 100 µs units; 0 = no delay) in bits 15:8.
+ * The settings are not applied to the Admin Completion Queue.
+ */
+export const InterruptCoalescing = { THR_MASK: 0xff, TIME_SHIFT: 8, TIME_MASK: 0xff, TIME_UNIT_US: 100, FIELDS_MASK: 0xffff } as const;
+
+/**
+ * Interrupt Vector Configuration, Feature 09h (Base §5.27.1.10): CDW11 bits 15:0 name the vector
+ * (IV), bit 16 is Coalescing Disable (CD): no coalescing for that vector.
+ */
+export const InterruptVectorConfig = { IV_MASK: 0xffff, CD: 1 << 16 } as const;
+
 /** Get Features Select field (Base §5.15, Figure 195). */
 export const FeatureSelect = { CURRENT: 0, DEFAULT: 1, SAVED: 2, SUPPORTED_CAPABILITIES: 3 } as const;
 
