@@ -182,6 +182,8 @@ class DepthKeeper {
   counting = false;
   completed = 0;
   errors = 0;
+  /** CQ head doorbells that went through MMIO (the rest of the host's MMIO doorbells are SQ tails). */
+  cqMmio = 0;
   readonly latencies = new Samples();
   private inFlight = 0;
   private drained: (() => void) | null = null;
@@ -241,7 +243,9 @@ class DepthKeeper {
       taken++;
     }
     if (taken === 0) return;
+    const mmio = this.host.doorbellCounts.mmio;
     this.host.ringCqDoorbell(q.id, q.cqHead);
+    if (this.counting) this.cqMmio += this.host.doorbellCounts.mmio - mmio;
     if (this.running) q.ring();
     if (this.inFlight === 0 && this.drained) {
       this.drained();
@@ -336,9 +340,10 @@ interface PointResult extends Point {
   serverCpuShare: number;
   /** The driver's (this process's) CPU over the window, as a share of one core. */
   driverCpuShare: number;
-  /** MSI-X interrupts the driver took, and I/O queue doorbells it rang through MMIO (not only in the shadow), per I/O. */
+  /** MSI-X interrupts the driver took, and SQ tail / CQ head doorbells it rang through MMIO (not only in the shadow), per I/O. */
   interruptsPerIo: number;
-  mmioDoorbellsPerIo: number;
+  sqMmioPerIo: number;
+  cqMmioPerIo: number;
   errors: number;
   seconds: number;
   loadAverage: number;
@@ -367,6 +372,7 @@ async function runPoint(server: ServerProcess, rig: Rig, point: Point, o: Option
   const driver = process.cpuUsage(driver0);
   const interrupts = totalInterrupts(rig.host) - interrupts0;
   const mmio = rig.host.doorbellCounts.mmio - mmio0;
+  const cqMmio = keepers.reduce((n, k) => n + k.cqMmio, 0);
   await Promise.race([Promise.all(keepers.map((k) => k.stop())), sleep(10_000).then(() => Promise.reject(new Error(`${describePoint(point)}: commands did not drain`)))]);
   const seconds = (t1 - t0) / 1000;
   const completed = keepers.reduce((n, k) => n + k.completed, 0);
@@ -383,7 +389,8 @@ async function runPoint(server: ServerProcess, rig: Rig, point: Point, o: Option
     serverCpuShare: cpu / seconds,
     driverCpuShare: (driver.user + driver.system) / 1e6 / seconds,
     interruptsPerIo: interrupts / completed,
-    mmioDoorbellsPerIo: mmio / completed,
+    sqMmioPerIo: (mmio - cqMmio) / completed,
+    cqMmioPerIo: cqMmio / completed,
     errors: keepers.reduce((n, k) => n + k.errors, 0),
     seconds,
     loadAverage: os.loadavg()[0]!,
@@ -472,7 +479,8 @@ function resultTable(results: PointResult[], points: Point[], servers: ServerUnd
     { name: 'server CPU %', get: (r) => r.serverCpuShare * 100, digits: 0 },
     { name: 'driver CPU %', get: (r) => r.driverCpuShare * 100, digits: 0 },
     { name: 'IRQs/IO', get: (r) => r.interruptsPerIo, digits: 2 },
-    { name: 'MMIO doorbells/IO', get: (r) => r.mmioDoorbellsPerIo, digits: 2 },
+    { name: 'SQ MMIO/IO', get: (r) => r.sqMmioPerIo, digits: 2 },
+    { name: 'CQ MMIO/IO', get: (r) => r.cqMmioPerIo, digits: 2 },
   ];
   const header = ['namespace', 'workload', 'queues', 'QD', ...(servers.length > 1 ? ['server'] : []), ...cols.map((c) => c.name)];
   const rows: string[][] = [];

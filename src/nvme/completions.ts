@@ -59,6 +59,8 @@ export interface CompletionHost {
   completionGone(entry: HeldCompletion): void;
   /** A completion is held behind a full CQ: the host's head may have moved without a doorbell. */
   completionHeld(cq: CompletionQueueState): void;
+  /** A completion went into `cq`: the host will move its head. */
+  completionPosted(cq: CompletionQueueState): void;
   fatal(reason: string): void;
 }
 
@@ -133,6 +135,7 @@ export class CompletionPoster {
   /** The entry is in the CQ: its command is finished, and the CQ's vector is due. */
   private posted(cq: CompletionQueueState, entry: HeldCompletion): void {
     this.host.completionGone(entry);
+    this.host.completionPosted(cq);
     if (cq.interruptsEnabled) this.host.interrupts.completionPosted(cq.vector, cq.qid === 0);
   }
 }

@@ -215,7 +215,8 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
       isFatal: () => (this.state.registers.csts & CSTS.CFS) !== 0,
       generation: () => this.generationCount,
       completionGone: (entry) => this.queues.completionGone(entry),
-      completionHeld: (cq) => void this.doorbells.refreshShadowHead(cq),
+      completionHeld: (cq) => this.doorbells.refreshShadowHead(cq),
+      completionPosted: (cq) => this.doorbells.watchHead(cq),
       fatal: (reason) => this.fatal(reason),
     });
     this.doorbells = new Doorbells({
@@ -747,7 +748,7 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
     // Doorbells written while silent were ignored: the CQ heads the host moved meanwhile are only
     // in its shadow doorbells. Read every one back, or the stale head just published as EventIdx
     // tells the host it need not ring again (SQ tails are read back by the fetch loops).
-    for (const cq of this.state.completionQueues) if (cq) void this.doorbells.refreshShadowHead(cq);
+    for (const cq of this.state.completionQueues) if (cq) this.doorbells.refreshShadowHead(cq);
     this.queues.kickAll();
   }
 

@@ -32,10 +32,15 @@ export interface DoorbellHost {
 
 /** Head updates one CQ may take in one event-loop turn before the rest of the process runs. */
 const MAX_HEAD_ROUNDS = 8;
+/** How often a CQ's head is looked at until the host has stopped moving it (watchHead). */
+const QUIET_HEAD_MS = 1;
 
 export class Doorbells {
   /** CQs whose shadow head is being read, and whether to read it again when done. */
   private readonly headRefresh = new Map<number, { again: boolean }>();
+  /** CQs whose head EventIdx is published once the host stops moving the head (watchHead). */
+  private readonly quietHeads = new Set<number>();
+  private quietTimer: NodeJS.Timeout | null = null;
 
   constructor(private readonly host: DoorbellHost) {}
 
@@ -63,7 +68,9 @@ export class Doorbells {
     if (this.usesShadow(qid)) {
       // The shadow head is authoritative and may already be newer than this posted value.
       if (value >= cq.size) return this.invalid(AsyncEventInfo.INVALID_DOORBELL_VALUE, qid);
-      void this.refreshShadowHead(cq);
+      // Completions waiting for room need the new head now; otherwise it can wait for a quiet moment.
+      if (state.heldCompletions.some((h) => h.cqid === qid)) this.refreshShadowHead(cq);
+      else this.watchHead(cq);
       return;
     }
     if (!validCqHead(cq, value)) return this.invalid(AsyncEventInfo.INVALID_DOORBELL_VALUE, qid);
@@ -183,6 +190,17 @@ export class Doorbells {
 
   /** Reads the shadow head once; when it moved, takes it, publishes it and posts what waited for room. */
   private headRound(cq: CompletionQueueState): MaybePromise<boolean> {
+    return andThen(this.takeShadowHead(cq), (moved) => {
+      if (!moved) return false;
+      return andThen(this.publishEventIdx(cq.qid, true, cq.head), () => {
+        this.host.poster.releaseHeld(cq);
+        return true;
+      });
+    });
+  }
+
+  /** Takes the shadow head as the CQ's head if it moved (validly); true when it did. */
+  private takeShadowHead(cq: CompletionQueueState): MaybePromise<boolean> {
     return andThen(this.readShadow(cq.qid, true), (head) => {
       if (head === null || this.host.state.completionQueues[cq.qid] !== cq || head === cq.head) return false;
       if (!validCqHead(cq, head)) {
@@ -190,11 +208,58 @@ export class Doorbells {
         return false;
       }
       cq.head = head;
-      return andThen(this.publishEventIdx(cq.qid, true, head), () => {
-        this.host.poster.releaseHeld(cq);
-        return true;
-      });
+      return true;
     });
+  }
+
+  /**
+   * Completions went to `cq`, or the host rang its head doorbell with nothing waiting for room:
+   * its head is taken and published as EventIdx once the host has stopped moving it, checked
+   * every QUIET_HEAD_MS. While completions flow the host's head runs past a stale EventIdx and
+   * rings no CQ doorbell (a VM exit and a socket message each); a CQ that looks full reads the
+   * shadow head at once (completionHeld), and an idle one ends with EventIdx equal to the shadow.
+   */
+  watchHead(cq: CompletionQueueState): void {
+    if (!this.usesShadow(cq.qid)) return;
+    this.quietHeads.add(cq.qid);
+    if (this.quietTimer) return;
+    this.quietTimer = setTimeout(() => this.publishQuietHeads(), QUIET_HEAD_MS);
+    // Nothing here must keep a stopping process alive.
+    this.quietTimer.unref();
+  }
+
+  private publishQuietHeads(): void {
+    this.quietTimer = null;
+    for (const qid of [...this.quietHeads]) {
+      const cq = this.host.state.completionQueues[qid];
+      if (!cq || !this.usesShadow(qid) || !this.host.hostDma()) {
+        this.quietHeads.delete(qid);
+        continue;
+      }
+      const moved = this.takeShadowHead(cq);
+      if (isPromise(moved)) {
+        // Message-based DMA: the ordinary refresh publishes as it goes.
+        this.quietHeads.delete(qid);
+        this.refreshShadowHead(cq);
+        continue;
+      }
+      if (moved) {
+        this.host.poster.releaseHeld(cq);
+        continue; // still moving: look again at the next check
+      }
+      // Quiet since the last check: publish, then look once more for a move that raced with it.
+      this.quietHeads.delete(qid);
+      void this.publishEventIdx(qid, true, cq.head);
+      const raced = this.takeShadowHead(cq);
+      if (raced === true) {
+        this.host.poster.releaseHeld(cq);
+        this.quietHeads.add(qid);
+      }
+    }
+    if (this.quietHeads.size > 0 && !this.quietTimer) {
+      this.quietTimer = setTimeout(() => this.publishQuietHeads(), QUIET_HEAD_MS);
+      this.quietTimer.unref();
+    }
   }
 
   /** A shadow doorbell's value: read in place when mapped, by message otherwise; null when there is none. */
