@@ -76,15 +76,30 @@ function frameName(frame: CallFrame): string {
   return `${name} (${shortPath(where.file)}:${where.line})`;
 }
 
-export function summariseProfile(profile: CpuProfile, label: string, rawPath: string, top = 30): ProfileSummary {
+/** A span of CLOCK_MONOTONIC in µs: V8 stamps its samples with that clock, in every process alike. */
+export interface MonotonicWindow {
+  fromUs: number;
+  toUs: number;
+}
+
+/** CLOCK_MONOTONIC now, in µs (the clock of a profile's timestamps). */
+export const monotonicUs = (): number => Number(process.hrtime.bigint() / 1000n);
+
+/** Summarises the samples taken inside `window` (the measured run, not start-up or preconditioning). */
+export function summariseProfile(profile: CpuProfile, label: string, rawPath: string, window: MonotonicWindow | null = null, top = 30): ProfileSummary {
   const byId = new Map(profile.nodes.map((n) => [n.id, n]));
   const parent = new Map<number, number>();
   for (const n of profile.nodes) for (const c of n.children ?? []) parent.set(c, n.id);
   // Self time per node: the delta that follows a sample is the time spent where it was taken.
   const selfUs = new Map<number, number>();
   const hits = new Map<number, number>();
+  let at = profile.startTime;
+  let sampledUs = 0;
   profile.samples.forEach((id, i) => {
+    at += profile.timeDeltas[i] ?? 0;
+    if (window && (at < window.fromUs || at > window.toUs)) return;
     const dt = profile.timeDeltas[i + 1] ?? 0;
+    sampledUs += dt;
     selfUs.set(id, (selfUs.get(id) ?? 0) + dt);
     hits.set(id, (hits.get(id) ?? 0) + 1);
   });
@@ -124,7 +139,7 @@ export function summariseProfile(profile: CpuProfile, label: string, rawPath: st
     '',
     `${label}.`,
     '',
-    `Sampled ${((profile.endTime - profile.startTime) / 1e6).toFixed(1)} s of the server's main thread (V8 \`--cpu-prof\`): busy ${(busyUs / 1e6).toFixed(2)} s, idle ${(idleUs / 1e6).toFixed(2)} s. ` +
+    `${(sampledUs / 1e6).toFixed(1)} s of the server's main thread sampled (V8 \`--cpu-prof\`)${window ? ', the measured window only (not start-up or preconditioning)' : ''}: busy ${(busyUs / 1e6).toFixed(2)} s, idle ${(idleUs / 1e6).toFixed(2)} s. ` +
       'Percentages are of busy time. Self is time in the function itself; total includes what it called. ' +
       'The sampler measures wall time: a thread the kernel preempts inside a system call (an eventfd write that wakes the driver on a busy 2-CPU machine) is charged to the function that made the call, so native calls can look costlier here than their share of the CPU time /proc reports. ' +
       'The whole sampled stacks are in `device-profile.folded` (one stack per line with its sample count: the input of flamegraph.pl or speedscope); ' +

@@ -13,7 +13,8 @@
 //
 // Usage: npx tsx bench/device.ts [--runtime 3] [--warmup 0.5] [--reps 1] [--qd 1,32,128]
 //          [--queues 1,4] [--ns ram,file] [--rw randread,randwrite] [--region 256]
-//          [--doorbells shadow|mmio] [--baseline DIR] [--cpu-prof] [--out bench/results/device]
+//          [--doorbells shadow|mmio] [--coalescing CDW11] [--baseline DIR] [--cpu-prof]
+//          [--profile-qd 32] [--out bench/results/device]
 // See bench/README.md.
 
 import { spawnSync } from 'node:child_process';
@@ -28,7 +29,7 @@ import { HostQueue, NvmeHost, PAGE } from '../test/support/nvme-host.js';
 import { startServerProcess, type ServerProcess } from '../test/support/server-process.js';
 import { cpuModel, cpuSeconds } from './host-stats.js';
 import { markdownTable } from './report.js';
-import { summariseProfile, type ProfileSummary } from './cpu-profile.js';
+import { monotonicUs, summariseProfile, type MonotonicWindow, type ProfileSummary } from './cpu-profile.js';
 
 const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 
@@ -52,6 +53,8 @@ interface Options {
   coalescing: number | null;
   baseline: string | null;
   cpuProf: boolean;
+  /** QD of the profiled run (RAM, randread, 1 queue). */
+  profileDepth: number;
   out: string;
 }
 
@@ -64,8 +67,8 @@ const QUEUE_ENTRIES = 256;
 /** Preconditioning writes this much per command (a PRP list of 32 pages). */
 const PRECONDITION_BYTES = 128 * 1024;
 const GUEST_RAM_BYTES = 32 << 20;
-/** What the --cpu-prof run measures: the issue's flame graph point. */
-const PROFILE_POINT = { ns: 'ram', pattern: 'randread', queues: 1, depth: 32 } as const;
+/** What the --cpu-prof run measures: the issue's flame graph point (--profile-qd sets the depth). */
+const PROFILE_POINT = { ns: 'ram', pattern: 'randread', queues: 1 } as const;
 
 function parseOptions(argv: string[]): Options {
   const { values } = parseArgs({
@@ -84,6 +87,7 @@ function parseOptions(argv: string[]): Options {
       coalescing: { type: 'string' },
       baseline: { type: 'string' },
       'cpu-prof': { type: 'boolean', default: false },
+      'profile-qd': { type: 'string', default: '32' },
       out: { type: 'string', default: path.join(REPO, 'bench', 'results', 'device') },
       help: { type: 'boolean', short: 'h', default: false },
     },
@@ -120,6 +124,7 @@ function parseOptions(argv: string[]): Options {
     coalescing: values.coalescing === undefined ? null : Number(values.coalescing),
     baseline: values.baseline ? path.resolve(values.baseline) : null,
     cpuProf: values['cpu-prof'],
+    profileDepth: positive('profile-qd', values['profile-qd']),
     out: path.resolve(values.out),
   };
 }
@@ -283,7 +288,7 @@ interface Rig {
 }
 
 async function attachRig(server: ServerProcess, o: Options, queueCount: number): Promise<Rig> {
-  const maxDepth = Math.max(...o.depths, PROFILE_POINT.depth);
+  const maxDepth = Math.max(...o.depths, o.cpuProf ? o.profileDepth : 1);
   // Queues, data pages, doorbell buffer and the preconditioning buffer fit in a few MiB.
   const host = await NvmeHost.attachWhenFree(server.socketPath, { ramBytes: GUEST_RAM_BYTES, vectors: queueCount + 1 });
   await host.enable(32);
@@ -347,6 +352,8 @@ interface PointResult extends Point {
   errors: number;
   seconds: number;
   loadAverage: number;
+  /** The measured window on CLOCK_MONOTONIC (to cut a server profile to it). */
+  window: MonotonicWindow;
 }
 
 const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
@@ -364,10 +371,12 @@ async function runPoint(server: ServerProcess, rig: Rig, point: Point, o: Option
   const interrupts0 = totalInterrupts(rig.host);
   const mmio0 = rig.host.doorbellCounts.mmio;
   const t0 = performance.now();
+  const fromUs = monotonicUs();
   for (const k of keepers) k.counting = true;
   await sleep(o.runtimeSec * 1000);
   for (const k of keepers) k.counting = false;
   const t1 = performance.now();
+  const toUs = monotonicUs();
   const cpu1 = cpuSeconds(server.child.pid!);
   const driver = process.cpuUsage(driver0);
   const interrupts = totalInterrupts(rig.host) - interrupts0;
@@ -394,6 +403,7 @@ async function runPoint(server: ServerProcess, rig: Rig, point: Point, o: Option
     errors: keepers.reduce((n, k) => n + k.errors, 0),
     seconds,
     loadAverage: os.loadavg()[0]!,
+    window: { fromUs, toUs },
   };
 }
 
@@ -532,7 +542,7 @@ function gitRevision(root: string): string {
 async function profileRun(o: Options, workDir: string, me: ServerUnderTest): Promise<ProfileSummary> {
   const profileDir = fs.mkdtempSync(path.join(workDir, 'prof-'));
   const running = await startServer(me, 'ram', o, workDir, ['--cpu-prof', `--cpu-prof-dir=${profileDir}`]);
-  const point: Point = { ...PROFILE_POINT };
+  const point: Point = { ...PROFILE_POINT, depth: o.profileDepth };
   let result: PointResult;
   try {
     result = await runPoint(running.server, running.rig, point, { ...o, runtimeSec: Math.max(o.runtimeSec, 5) }, me.label, 0);
@@ -542,8 +552,8 @@ async function profileRun(o: Options, workDir: string, me: ServerUnderTest): Pro
   const file = fs.readdirSync(profileDir).find((f) => f.endsWith('.cpuprofile'));
   if (!file) throw new Error(`the server wrote no profile into ${profileDir}`);
   if (result.errors > 0) throw new Error(`the profiled run had ${result.errors} failed commands`);
-  const label = `RAM namespace, 4k randread, 1 queue, QD32, ${fmt(result.iops)} IOPS under the profiler (${fmt(result.serverCpuUsPerIo, 1)} CPU-µs per I/O)`;
-  return summariseProfile(JSON.parse(fs.readFileSync(path.join(profileDir, file), 'utf8')), label, path.join(profileDir, file));
+  const label = `RAM namespace, 4k randread, 1 queue, QD${o.profileDepth}, ${fmt(result.iops)} IOPS under the profiler (${fmt(result.serverCpuUsPerIo, 1)} CPU-µs per I/O)`;
+  return summariseProfile(JSON.parse(fs.readFileSync(path.join(profileDir, file), 'utf8')), label, path.join(profileDir, file), result.window);
 }
 
 async function main(): Promise<void> {
@@ -553,7 +563,7 @@ async function main(): Promise<void> {
   const servers: ServerUnderTest[] = o.baseline ? [{ label: 'base', root: o.baseline }, me] : [me];
   const points: Point[] = [];
   for (const ns of o.namespaces) for (const pattern of o.patterns) for (const queues of o.queueCounts) for (const depth of o.depths) points.push({ ns, pattern, queues, depth });
-  const meta: Record<string, string> = { date: new Date().toISOString(), cpu: cpuModel(), loadBefore: fmt(os.loadavg()[0], 2), loadAfter: '' };
+  const meta: Record<string, string> = { date: new Date().toISOString(), cpu: cpuModel(), loadBefore: fmt(os.loadavg()[0]!, 2), loadAfter: '' };
   for (const s of servers) meta[`rev:${s.label}`] = gitRevision(s.root);
   const results: PointResult[] = [];
   for (const s of servers) buildServer(s.root);
@@ -582,11 +592,12 @@ async function main(): Promise<void> {
       }
     }
     const profile = o.cpuProf ? await profileRun(o, workDir, me) : null;
-    meta.loadAfter = fmt(os.loadavg()[0], 2);
+    meta.loadAfter = fmt(os.loadavg()[0]!, 2);
     const markdown = report(results, points, servers, o, meta, profile);
     fs.mkdirSync(path.dirname(o.out), { recursive: true });
     fs.writeFileSync(`${o.out}.md`, markdown);
-    fs.writeFileSync(`${o.out}.json`, JSON.stringify({ meta, options: { ...o, out: path.relative(REPO, o.out) }, results }, null, 1) + '\n');
+    const samples = results.map(({ window: _window, ...rest }) => rest);
+    fs.writeFileSync(`${o.out}.json`, JSON.stringify({ meta, options: { ...o, out: path.relative(REPO, o.out) }, results: samples }, null, 1) + '\n');
     if (profile) writeProfile(profile, `${o.out}-profile`);
     process.stdout.write(markdown + '\n');
   } finally {

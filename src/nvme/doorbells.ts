@@ -32,15 +32,17 @@ export interface DoorbellHost {
 
 /** Head updates one CQ may take in one event-loop turn before the rest of the process runs. */
 const MAX_HEAD_ROUNDS = 8;
-/** How often a CQ's head is looked at until the host has stopped moving it (watchHead). */
-const QUIET_HEAD_MS = 1;
+/** How often watched shadow doorbells are looked at again (watchHead, watchTail). */
+const SHADOW_CHECK_MS = 1;
 
 export class Doorbells {
   /** CQs whose shadow head is being read, and whether to read it again when done. */
   private readonly headRefresh = new Map<number, { again: boolean }>();
   /** CQs whose head EventIdx is published once the host stops moving the head (watchHead). */
   private readonly quietHeads = new Set<number>();
-  private quietTimer: NodeJS.Timeout | null = null;
+  /** SQs whose shadow tail is read once more at the next check (watchTail). */
+  private readonly tailChecks = new Set<number>();
+  private shadowTimer: NodeJS.Timeout | null = null;
 
   constructor(private readonly host: DoorbellHost) {}
 
@@ -215,21 +217,43 @@ export class Doorbells {
   /**
    * Completions went to `cq`, or the host rang its head doorbell with nothing waiting for room:
    * its head is taken and published as EventIdx once the host has stopped moving it, checked
-   * every QUIET_HEAD_MS. While completions flow the host's head runs past a stale EventIdx and
+   * every SHADOW_CHECK_MS. While completions flow the host's head runs past a stale EventIdx and
    * rings no CQ doorbell (a VM exit and a socket message each); a CQ that looks full reads the
    * shadow head at once (completionHeld), and an idle one ends with EventIdx equal to the shadow.
    */
   watchHead(cq: CompletionQueueState): void {
     if (!this.usesShadow(cq.qid)) return;
     this.quietHeads.add(cq.qid);
-    if (this.quietTimer) return;
-    this.quietTimer = setTimeout(() => this.publishQuietHeads(), QUIET_HEAD_MS);
+    this.armShadowCheck();
+  }
+
+  /**
+   * SQ `qid` took commands: read its shadow tail once more at the next check. A host that follows
+   * EventIdx rings for whatever it submits after we published it; this is for one that moves the
+   * shadow tail without looking, whose commands are then taken within a check period.
+   */
+  watchTail(qid: number): void {
+    if (!this.usesShadow(qid)) return;
+    this.tailChecks.add(qid);
+    this.armShadowCheck();
+  }
+
+  private armShadowCheck(): void {
+    if (this.shadowTimer) return;
+    this.shadowTimer = setTimeout(() => this.checkShadows(), SHADOW_CHECK_MS);
     // Nothing here must keep a stopping process alive.
-    this.quietTimer.unref();
+    this.shadowTimer.unref();
+  }
+
+  private checkShadows(): void {
+    this.shadowTimer = null;
+    const tails = [...this.tailChecks];
+    this.tailChecks.clear();
+    for (const qid of tails) this.host.kick(qid);
+    this.publishQuietHeads();
   }
 
   private publishQuietHeads(): void {
-    this.quietTimer = null;
     for (const qid of [...this.quietHeads]) {
       const cq = this.host.state.completionQueues[qid];
       if (!cq || !this.usesShadow(qid) || !this.host.hostDma()) {
@@ -256,10 +280,7 @@ export class Doorbells {
         this.quietHeads.add(qid);
       }
     }
-    if (this.quietHeads.size > 0 && !this.quietTimer) {
-      this.quietTimer = setTimeout(() => this.publishQuietHeads(), QUIET_HEAD_MS);
-      this.quietTimer.unref();
-    }
+    if (this.quietHeads.size > 0) this.armShadowCheck();
   }
 
   /** A shadow doorbell's value: read in place when mapped, by message otherwise; null when there is none. */

@@ -21,7 +21,11 @@ export class Interrupts {
   private readonly toRaise = new Set<number>();
   private scheduled = false;
   private intxRecheck: NodeJS.Timeout | null = null;
-  private readonly aggregator = new InterruptAggregator((vector) => this.schedule(vector));
+  /** An aggregation time ended: raise now (its timer or immediate already waited for the turn to end). */
+  private readonly aggregator = new InterruptAggregator((vector) => {
+    this.toRaise.add(vector);
+    this.raiseScheduled();
+  });
 
   constructor(private readonly host: InterruptHost) {}
 

@@ -231,9 +231,8 @@ export class QueueEngine implements QueueControl {
       return;
     }
     rt.fetching = false;
-    // With shadow doorbells, look at the tail once more after the rest of the process had its
-    // turn: a host submitting meanwhile finds the commands taken without ringing again.
-    if (rounds > 0 && this.host.doorbells.usesShadow(qid)) setImmediate(() => this.kick(qid));
+    // With shadow doorbells, look at the tail once more a little later (see watchTail).
+    if (rounds > 0) this.host.doorbells.watchTail(qid);
   }
 
   private fetchFailed(qid: number, rt: SqRuntime, err: unknown): void {

@@ -64,14 +64,16 @@ describe('interrupt coalescing', () => {
   });
 
   it('raises the interrupt once the aggregation time has passed', async () => {
-    // Threshold 255 entries, aggregation time 2 ms: the time comes first.
-    const h = await coalescingHost(coalescing(255, 20));
+    // Threshold 255 entries, aggregation time 25 ms: the time comes first.
+    const h = await coalescingHost(coalescing(255, 250));
     const posted = Date.now();
     await completeOne(h);
     await settle();
-    expect(h.msixCount(VECTOR)).toBe(0);
+    // (A machine that stalled this test for the whole aggregation time proves nothing here.)
+    if (Date.now() - posted < 20) expect(h.msixCount(VECTOR)).toBe(0);
     await until(() => h.msixCount(VECTOR) === 1, 'the interrupt after the aggregation time', 1000);
-    expect(Date.now() - posted).toBeGreaterThanOrEqual(1);
+    // Timers fire on the event loop's cached clock: allow it a little slack.
+    expect(Date.now() - posted).toBeGreaterThanOrEqual(20);
     await settle();
     expect(h.msixCount(VECTOR)).toBe(1);
   });
@@ -132,12 +134,12 @@ describe('interrupt coalescing', () => {
   });
 
   it('a controller reset drops the aggregation with the queues: no late interrupt, and the next controller starts afresh', async () => {
-    const h = await coalescingHost(coalescing(8, 20));
+    const h = await coalescingHost(coalescing(8, 255));
     await completeOne(h);
     await settle();
     expect(h.msixCount(VECTOR)).toBe(0);
     h.controller.controllerReset('test');
-    await new Promise((resolve) => setTimeout(resolve, 10));
+    await new Promise((resolve) => setTimeout(resolve, 40));
     expect(h.msixCount(VECTOR)).toBe(0);
     // The reset also restored the default (no coalescing).
     expect(h.controller.state.features.interruptCoalescing).toBe(0);
