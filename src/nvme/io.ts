@@ -16,7 +16,8 @@ const UNITS_512 = 512;
 
 
 interface Range {
-  slba: bigint;
+  /** Exact: a namespace holds fewer than 2^53 blocks. */
+  slba: number;
   nlb: number;
   /** Byte offset and length in the backend. */
   offset: number;
@@ -28,10 +29,13 @@ export const numberOfBlocks = (cmd: Command): number => (cmd.cdw12 & 0xffff) + 1
 
 /** SLBA in CDW10-11, NLB in CDW12; LBA Out of Range when it leaves the namespace. */
 function lbaRange(ns: Namespace, cmd: Command): Range {
-  const slba = (BigInt(cmd.cdw11) << 32n) | BigInt(cmd.cdw10);
   const nlb = numberOfBlocks(cmd);
-  if (!ns.inRange(slba, nlb)) throw new CommandError(Status.LBA_OUT_OF_RANGE, `LBA ${slba}+${nlb} beyond ${ns.blockCount}`);
-  return { slba, nlb, offset: Number(slba) * ns.blockSize, bytes: nlb * ns.blockSize };
+  // In numbers, not BigInt: an SLBA at or past 2^53 (CDW11 >= 2^21) is beyond every namespace.
+  const slba = cmd.cdw11 * 0x1_0000_0000 + cmd.cdw10;
+  if (cmd.cdw11 >= 0x20_0000 || slba + nlb > ns.blockCount) {
+    throw new CommandError(Status.LBA_OUT_OF_RANGE, `LBA ${(BigInt(cmd.cdw11) << 32n) | BigInt(cmd.cdw10)}+${nlb} beyond ${ns.blockCount}`);
+  }
+  return { slba, nlb, offset: slba * ns.blockSize, bytes: nlb * ns.blockSize };
 }
 
 function checkTransferSize(c: ControllerContext, bytes: number): void {
@@ -75,7 +79,7 @@ const write: IoHandler = (c, ns, cmd, data) => {
   const moved = data.direct(r.bytes, false, (buffers) =>
     media(c, Status.WRITE_FAULT, () =>
       andThen(ns.backend.writev(r.offset, buffers), () => {
-        c.userDataChanged(cmd.nsid, r.slba, r.nlb, false);
+        c.userDataChanged(cmd.nsid, BigInt(r.slba), r.nlb, false);
         if (mustFlush(c, ns, cmd)) return ns.backend.flush();
       }),
     ),
@@ -101,7 +105,7 @@ const writeZeroes: IoHandler = async (c, ns, cmd) => {
     const deallocate = (cmd.cdw12 & CmdBits.WRITE_ZEROES_DEAC) !== 0;
     if (deallocate) await ns.backend.discard(r.offset, r.bytes);
     else await ns.backend.writeZeroes(r.offset, r.bytes);
-    c.userDataChanged(cmd.nsid, r.slba, r.nlb, deallocate);
+    c.userDataChanged(cmd.nsid, BigInt(r.slba), r.nlb, deallocate);
     if (mustFlush(c, ns, cmd)) await ns.backend.flush();
   });
   c.smart.hostWriteCommands++;
@@ -121,12 +125,12 @@ const datasetManagement: IoHandler = async (c, ns, cmd, data) => {
     const slba = view.getBigUint64(at + 8, true);
     if (nlb === 0) continue;
     if (!ns.inRange(slba, nlb)) throw new CommandError(Status.LBA_OUT_OF_RANGE, `DSM range ${i}: LBA ${slba}+${nlb}`);
-    ranges.push({ slba, nlb, offset: Number(slba) * ns.blockSize, bytes: nlb * ns.blockSize });
+    ranges.push({ slba: Number(slba), nlb, offset: Number(slba) * ns.blockSize, bytes: nlb * ns.blockSize });
   }
   await media(c, Status.WRITE_FAULT, async () => {
     for (const r of ranges) {
       await ns.backend.discard(r.offset, r.bytes);
-      c.userDataChanged(cmd.nsid, r.slba, r.nlb, true);
+      c.userDataChanged(cmd.nsid, BigInt(r.slba), r.nlb, true);
     }
   });
 };
