@@ -123,17 +123,27 @@ export class Doorbells {
   /** Publishes our view of the tail, then re-reads the shadow tail; true when it moved. */
   refreshShadowTail(sq: SubmissionQueueState): MaybePromise<boolean> {
     if (!this.usesShadow(sq.qid)) return false;
+    const stillThere = (): boolean => this.host.state.submissionQueues[sq.qid] === sq;
     return andThen(this.publishEventIdx(sq.qid, false, sq.tail), () =>
-      andThen(this.readShadow(sq.qid, false), (tail) => {
-        if (tail === null || tail === sq.tail || this.host.state.submissionQueues[sq.qid] !== sq) return false;
-        if (tail >= sq.size) {
-          this.invalid(AsyncEventInfo.INVALID_DOORBELL_VALUE, sq.qid);
-          return false;
-        }
+      andThen(this.movedShadow(sq.qid, false, sq.tail, stillThere, (tail) => tail < sq.size), (tail) => {
+        if (tail === null) return false;
         sq.tail = tail;
         return true;
       }),
     );
+  }
+
+  /**
+   * Queue `qid`'s shadow doorbell when it differs from `current`, the queue is still there and the
+   * value is `valid` for it; null otherwise (an invalid value is reported to the host).
+   */
+  private movedShadow(qid: number, completion: boolean, current: number, stillThere: () => boolean, valid: (value: number) => boolean): MaybePromise<number | null> {
+    return andThen(this.readShadow(qid, completion), (value) => {
+      if (value === null || value === current || !stillThere()) return null;
+      if (valid(value)) return value;
+      this.invalid(AsyncEventInfo.INVALID_DOORBELL_VALUE, qid);
+      return null;
+    });
   }
 
   /**
@@ -203,12 +213,9 @@ export class Doorbells {
 
   /** Takes the shadow head as the CQ's head if it moved (validly); true when it did. */
   private takeShadowHead(cq: CompletionQueueState): MaybePromise<boolean> {
-    return andThen(this.readShadow(cq.qid, true), (head) => {
-      if (head === null || this.host.state.completionQueues[cq.qid] !== cq || head === cq.head) return false;
-      if (!validCqHead(cq, head)) {
-        this.invalid(AsyncEventInfo.INVALID_DOORBELL_VALUE, cq.qid);
-        return false;
-      }
+    const stillThere = (): boolean => this.host.state.completionQueues[cq.qid] === cq;
+    return andThen(this.movedShadow(cq.qid, true, cq.head, stillThere, (head) => validCqHead(cq, head)), (head) => {
+      if (head === null) return false;
       cq.head = head;
       return true;
     });
