@@ -67,7 +67,12 @@ export interface CompletionHost {
 export class CompletionPoster {
   constructor(private readonly host: CompletionHost) {}
 
-  post(entry: HeldCompletion): void {
+  /**
+   * Posts `entry`, or holds it while its CQ is full. `fromCallback`: the command finished in an I/O
+   * callback of a later event-loop iteration (a file backend's threadpool result), whose interrupt
+   * waits for the other results of that iteration (Interrupts.completionPosted).
+   */
+  post(entry: HeldCompletion, fromCallback = false): void {
     const state = this.host.state;
     const cq = state.completionQueues[entry.cqid];
     if (!cq || this.host.isFatal()) {
@@ -80,7 +85,7 @@ export class CompletionPoster {
       this.host.completionHeld(cq);
       return;
     }
-    this.write(cq, entry);
+    this.write(cq, entry, fromCallback);
   }
 
   /** Posts what waits for `cq` while it has room. */
@@ -90,7 +95,7 @@ export class CompletionPoster {
       const index = held.findIndex((h) => h.cqid === cq.qid);
       if (index < 0) return;
       const [entry] = held.splice(index, 1);
-      this.write(cq, entry!);
+      this.write(cq, entry!, false);
     }
   }
 
@@ -98,7 +103,7 @@ export class CompletionPoster {
     for (const cq of this.host.state.completionQueues) if (cq) this.releaseHeld(cq);
   }
 
-  private write(cq: CompletionQueueState, entry: HeldCompletion): void {
+  private write(cq: CompletionQueueState, entry: HeldCompletion, fromCallback: boolean): void {
     const dma = this.host.postingDma()!;
     const sq = this.host.state.submissionQueues[entry.sqid];
     const sqHead = sq ? sq.head : 0;
@@ -116,7 +121,7 @@ export class CompletionPoster {
         this.host.fatal(`CQ ${cq.qid} post: guest memory was truncated under the completion`);
         return;
       }
-      this.posted(cq, entry);
+      this.posted(cq, entry, fromCallback);
       return;
     }
     const cqe = new Uint8Array(CQE_SIZE);
@@ -124,7 +129,7 @@ export class CompletionPoster {
     const generation = this.host.generation();
     this.host.writes.track(dma.write(addr, cqe)).then(
       () => {
-        if (generation === this.host.generation()) this.posted(cq, entry);
+        if (generation === this.host.generation()) this.posted(cq, entry, false);
       },
       (err: unknown) => {
         if (generation === this.host.generation()) this.host.fatal(`CQ ${cq.qid} post: ${(err as Error).message}`);
@@ -133,10 +138,10 @@ export class CompletionPoster {
   }
 
   /** The entry is in the CQ: its command is finished, and the CQ's vector is due. */
-  private posted(cq: CompletionQueueState, entry: HeldCompletion): void {
+  private posted(cq: CompletionQueueState, entry: HeldCompletion, fromCallback: boolean): void {
     this.host.completionGone(entry);
     this.host.completionPosted(cq);
-    if (cq.interruptsEnabled) this.host.interrupts.completionPosted(cq.vector, cq.qid === 0);
+    if (cq.interruptsEnabled) this.host.interrupts.completionPosted(cq.vector, cq.qid === 0, fromCallback);
   }
 }
 

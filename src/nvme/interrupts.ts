@@ -20,6 +20,7 @@ export interface InterruptHost {
 export class Interrupts {
   private readonly toRaise = new Set<number>();
   private scheduled = false;
+  private scheduledAfterIteration = false;
   private intxRecheck: NodeJS.Timeout | null = null;
   /** An aggregation time ended: raise now (its timer or immediate already waited for the turn to end). */
   private readonly aggregator = new InterruptAggregator((vector) => {
@@ -34,10 +35,15 @@ export class Interrupts {
    * vectors with Coalescing Disable interrupt at once; I/O CQs otherwise wait as Interrupt
    * Coalescing's threshold and time ask.
    */
-  completionPosted(vector: number, adminQueue: boolean): void {
+  completionPosted(vector: number, adminQueue: boolean, fromCallback = false): void {
     const features = this.host.state.features;
     const settings = adminQueue || features.coalescingDisabled.includes(vector) ? null : coalescingSettings(features.interruptCoalescing);
-    if (!settings || this.aggregator.add(vector, settings)) this.schedule(vector);
+    if (settings && !this.aggregator.add(vector, settings)) return;
+    // A completion from an I/O callback of its own (a file backend's threadpool result) shares its
+    // interrupt with the other results libuv hands over in the same iteration: each callback
+    // drains the microtasks, so "end of this turn" would mean one interrupt per result.
+    if (fromCallback && !adminQueue) this.scheduleAfterIteration(vector);
+    else this.schedule(vector);
   }
 
   /**
@@ -49,6 +55,17 @@ export class Interrupts {
     if (this.scheduled) return;
     this.scheduled = true;
     queueMicrotask(() => this.raiseScheduled());
+  }
+
+  /** Raises `vector` once the event loop has handled every callback that is ready now (its check phase). */
+  private scheduleAfterIteration(vector: number): void {
+    this.toRaise.add(vector);
+    if (this.scheduledAfterIteration) return;
+    this.scheduledAfterIteration = true;
+    setImmediate(() => {
+      this.scheduledAfterIteration = false;
+      this.raiseScheduled();
+    });
   }
 
   /** Raises now what is due or gathering (a controller about to go silent). */

@@ -8,6 +8,7 @@ import { DEFERRED, parseCommand, type Command } from './command.js';
 import type { CompletionPoster } from './completions.js';
 import type { QueueControl } from './context.js';
 import type { Doorbells } from './doorbells.js';
+import { loopIteration } from './loop-turn.js';
 import { andThen, attempt, isPromise, type MaybePromise } from './maybe-async.js';
 import { IN_FLIGHT_DATA_BYTES } from './policy.js';
 import { SQE_SIZE } from './spec.js';
@@ -324,10 +325,14 @@ export class QueueEngine implements QueueControl {
       this.commandFinished();
       if (rt.executing === 0 && rt.idle.length > 0) rt.idle.splice(0).forEach((wake) => wake());
     };
+    // Set once the command turned out to wait: the event-loop iteration it started in.
+    let startedIn: number | null = null;
     const post = (result: CommandResult | typeof DEFERRED): void => {
       finished();
       if (result === DEFERRED || generation !== host.generation()) return;
-      host.poster.post({ cqid: sq.cqid, sqid: sq.qid, cid: cmd.cid, status: result.status, dw0: result.dw0, dw1: result.dw1 });
+      // Completed in a later iteration (a file backend's threadpool result): in an I/O callback.
+      const fromCallback = startedIn !== null && startedIn !== loopIteration();
+      host.poster.post({ cqid: sq.cqid, sqid: sq.qid, cid: cmd.cid, status: result.status, dw0: result.dw0, dw1: result.dw1 }, fromCallback);
     };
     const failed = (err: unknown): void => {
       finished();
@@ -357,7 +362,10 @@ export class QueueEngine implements QueueControl {
     const postFailed = (err: unknown): void => host.fatal(`posting on SQ ${sq.qid}: ${(err as Error).stack ?? String(err)}`);
     try {
       const outcome = attempt(() => andThen(isAdmin ? 0 : this.dataBudget.acquire(host.dataBytes(cmd)), run), post, failed);
-      if (isPromise(outcome)) outcome.catch(postFailed);
+      if (isPromise(outcome)) {
+        startedIn = loopIteration();
+        outcome.catch(postFailed);
+      }
     } catch (err) {
       postFailed(err);
     }
