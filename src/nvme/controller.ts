@@ -11,15 +11,7 @@ import { PciIrq } from '../vfio-user/protocol.js';
 import { Clocks } from './clocks.js';
 import { DEFERRED, parseCommand, type Command } from './command.js';
 import { CompletionPoster, InFlightWrites } from './completions.js';
-import type {
-  AdminCommandSet,
-  AttachedNamespace,
-  ControllerContext,
-  ControllerIdentity,
-  ControllerLimits,
-  NamespaceView,
-  ResetKind,
-} from './context.js';
+import type { AdminCommandSet, ControllerContext, ControllerIdentity, ControllerLimits, NamespaceView, ResetKind } from './context.js';
 import { Doorbells } from './doorbells.js';
 import { AsyncEvents, type ErrorRecord } from './events.js';
 import { executeCommand } from './execution.js';
@@ -27,7 +19,8 @@ import { Interrupts } from './interrupts.js';
 import { numberOfBlocks } from './io.js';
 import { Lifecycle, type RunState } from './lifecycle.js';
 import type { MaybePromise } from './maybe-async.js';
-import type { Namespace, NamespaceIds } from './namespace.js';
+import { createNamespaceView, type NamespaceNaming } from './namespace-view.js';
+import type { Namespace } from './namespace.js';
 import { ControllerProperties } from './properties.js';
 import { QueueEngine, type CommandResult } from './queues.js';
 import {
@@ -47,6 +40,7 @@ import { cloneState, defaultFeatures, initialState, type ControllerState, type F
 import type { Subsystem, SubsystemController } from './subsystem.js';
 import { BufferDataTransfer, type DataTransfer } from './transfer.js';
 
+export type { NamespaceNaming } from './namespace-view.js';
 export type InterruptOffer = 'msix' | 'msi' | 'intx';
 export const INTERRUPT_OFFERS: readonly InterruptOffer[] = ['msix', 'msi', 'intx'];
 
@@ -86,19 +80,6 @@ export interface SecondaryResources {
   readonly queues: number;
   /** Virtual Interrupt resources: interrupt vectors. */
   readonly interrupts: number;
-}
-
-/**
- * How a host numbers and names the subsystem's namespaces. A virtual subsystem renumbers them and
- * derives their identifiers from its own definition; without one, hosts see the physical ones.
- */
-export interface NamespaceNaming {
-  /** The subsystem NSID behind host NSID `hostNsid`. */
-  physical(hostNsid: number): number | undefined;
-  /** The host NSID of the subsystem's namespace `nsid`, if the host can see it at all. */
-  host(nsid: number): number | undefined;
-  ids(hostNsid: number, namespace: Namespace): NamespaceIds;
-  readonly maxNsid: number;
 }
 
 // BAR layout: registers + doorbells in BAR0; MSI-X table and PBA alone in BAR4 (never mappable).
@@ -310,40 +291,16 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
     };
   }
 
-  /** One view for the controller's life: the I/O path looks a namespace up for every command. */
   get namespaces(): NamespaceView {
     return this.namespaceView;
   }
 
-  private readonly namespaceView: NamespaceView = this.createNamespaceView();
-
-  private createNamespaceView(): NamespaceView {
-    // The maxNsid getter has a `this` of its own.
-    const controller = this;
-    return {
-      get: (hostNsid) => {
-        const nsid = this.naming ? this.naming.physical(hostNsid) : hostNsid;
-        return nsid === undefined ? undefined : this.attachedAs(hostNsid, nsid);
-      },
-      list: () =>
-        this.state.attachedNamespaces
-          .map((nsid) => {
-            const hostNsid = this.naming ? this.naming.host(nsid) : nsid;
-            return hostNsid === undefined ? undefined : this.attachedAs(hostNsid, nsid);
-          })
-          .filter((a): a is AttachedNamespace => a !== undefined)
-          .sort((a, b) => a.nsid - b.nsid),
-      get maxNsid() {
-        return controller.naming?.maxNsid ?? controller.subsystem.maxNamespaces;
-      },
-    };
-  }
-
-  private attachedAs(hostNsid: number, nsid: number): AttachedNamespace | undefined {
-    const namespace = this.isAttached(nsid) ? this.subsystem.namespace(nsid) : undefined;
-    if (!namespace) return undefined;
-    return { nsid: hostNsid, namespace, ids: this.naming ? this.naming.ids(hostNsid, namespace) : namespace.ids };
-  }
+  private readonly namespaceView = createNamespaceView({
+    naming: () => this.naming,
+    attached: () => this.state.attachedNamespaces,
+    attachedNamespace: (nsid) => (this.isAttached(nsid) ? this.subsystem.namespace(nsid) : undefined),
+    maxNamespaces: () => this.subsystem.maxNamespaces,
+  });
 
   get features(): FeatureValues {
     return this.state.features;
