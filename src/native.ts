@@ -137,7 +137,21 @@ export interface NativeAddon {
    * of a regular file, which then reads as zeros. Rejects with `.code` (e.g. 'EOPNOTSUPP').
    */
   punchHole(fd: number, offset: number, length: number): Promise<void>;
+  /**
+   * preadv2/pwritev2 on this thread, over at most 1,024 of `views`, with RWF_NOWAIT when `noWait`:
+   * the bytes transferred (maybe fewer than asked), NOWAIT_WOULD_BLOCK when the kernel would have
+   * to wait for the disk, NOWAIT_UNSUPPORTED when the file does not take RWF_NOWAIT in that
+   * direction. Other errors throw with `.code` (EFAULT for guest memory its owner truncated).
+   */
+  preadvInline(fd: number, views: readonly Uint8Array[], offset: number, noWait: boolean): number;
+  pwritevInline(fd: number, views: readonly Uint8Array[], offset: number, noWait: boolean): number;
+  /** The file lives in memory (tmpfs, ramfs, hugetlbfs): its reads and writes never wait for a disk. */
+  memoryBackedFile(fd: number): boolean;
 }
+
+/** What preadvInline/pwritevInline return instead of a byte count. */
+export const NOWAIT_WOULD_BLOCK = -1;
+export const NOWAIT_UNSUPPORTED = -2;
 
 const ADDON_RELATIVE_PATH = join('build', 'native', 'Release', 'vfio_native.node');
 

@@ -1,9 +1,15 @@
-// Block-file operations Node's fs module lacks. They run on the libuv threadpool (AsyncWorker) so a
-// slow filesystem never stalls the event loop that serves the guest.
+// Block-file operations Node's fs module lacks. Anything that may wait for a disk runs on the libuv
+// threadpool (AsyncWorker) so a slow filesystem never stalls the event loop that serves the guest;
+// the inline calls run on the event loop's thread only where they cannot wait for a disk: with
+// RWF_NOWAIT (the kernel refuses rather than wait) or on a file that lives in memory.
 #include <fcntl.h>
 #include <linux/falloc.h>
+#include <linux/magic.h>
+#include <sys/statfs.h>
+#include <sys/uio.h>
 
 #include <cerrno>
+#include <algorithm>
 #include <cstdint>
 
 #include "common.h"
@@ -61,10 +67,64 @@ Napi::Value PunchHole(const Napi::CallbackInfo& info) {
   return promise;
 }
 
+// At most this many buffers per call (Linux's UIO_MAXIOV); the caller continues after a short count.
+constexpr size_t kMaxIov = 1024;
+
+// preadv2/pwritev2 on this thread, with RWF_NOWAIT when asked: bytes transferred (maybe short), -1
+// when the kernel would have to wait (not in the page cache, writeback throttling), -2 when the file
+// or kernel does not offer RWF_NOWAIT for this direction. Other errors throw, with .code as node's
+// fs does.
+Napi::Value VectoredInline(const Napi::CallbackInfo& info, bool write) {
+  Napi::Env env = info.Env();
+  int fd = ArgFd(info, 0, "fd");
+  if (info.Length() <= 1 || !info[1].IsArray()) throw Napi::TypeError::New(env, "views must be an array");
+  int64_t offset = ArgNonNegative(info, 2, "offset");
+  if (info.Length() <= 3 || !info[3].IsBoolean()) throw Napi::TypeError::New(env, "noWait must be a boolean");
+  int flags = info[3].As<Napi::Boolean>().Value() ? RWF_NOWAIT : 0;
+  Napi::Array views = info[1].As<Napi::Array>();
+  size_t count = std::min<size_t>(views.Length(), kMaxIov);
+  struct iovec iov[kMaxIov];
+  for (size_t i = 0; i < count; i++) {
+    Napi::Value v = views.Get(static_cast<uint32_t>(i));
+    if (!v.IsTypedArray()) throw Napi::TypeError::New(env, "views must be Uint8Arrays");
+    Napi::TypedArray t = v.As<Napi::TypedArray>();
+    // A detached buffer (its mapping was removed) has no data: refuse it like a bad address.
+    uint8_t* base = static_cast<uint8_t*>(t.ArrayBuffer().Data());
+    if (base == nullptr && t.ByteLength() > 0) throw ErrnoError(env, EFAULT, write ? "pwritev2" : "preadv2");
+    iov[i].iov_base = base + t.ByteOffset();
+    iov[i].iov_len = t.ByteLength();
+  }
+  ssize_t n;
+  do {
+    n = write ? pwritev2(fd, iov, static_cast<int>(count), offset, flags)
+              : preadv2(fd, iov, static_cast<int>(count), offset, flags);
+  } while (n < 0 && errno == EINTR);
+  if (n >= 0) return Napi::Number::New(env, static_cast<double>(n));
+  if (errno == EAGAIN) return Napi::Number::New(env, -1);
+  if (errno == EOPNOTSUPP || errno == ENOSYS) return Napi::Number::New(env, -2);
+  throw ErrnoError(env, errno, write ? "pwritev2" : "preadv2");
+}
+
+Napi::Value PreadvInline(const Napi::CallbackInfo& info) { return VectoredInline(info, false); }
+Napi::Value PwritevInline(const Napi::CallbackInfo& info) { return VectoredInline(info, true); }
+
+// tmpfs, ramfs and hugetlbfs keep their files in memory: a transfer is a copy and never waits for a
+// disk (short of swap, which guest RAM itself is exposed to).
+Napi::Value MemoryBackedFile(const Napi::CallbackInfo& info) {
+  int fd = ArgFd(info, 0, "fd");
+  struct statfs st;
+  if (fstatfs(fd, &st) != 0) throw ErrnoError(info.Env(), errno, "fstatfs");
+  auto type = static_cast<unsigned long>(st.f_type);
+  return Napi::Boolean::New(info.Env(), type == TMPFS_MAGIC || type == RAMFS_MAGIC || type == HUGETLBFS_MAGIC);
+}
+
 }  // namespace
 
 void InitFile(Napi::Env env, Napi::Object exports) {
   exports.Set("punchHole", Napi::Function::New(env, PunchHole, "punchHole"));
+  exports.Set("preadvInline", Napi::Function::New(env, PreadvInline, "preadvInline"));
+  exports.Set("pwritevInline", Napi::Function::New(env, PwritevInline, "pwritevInline"));
+  exports.Set("memoryBackedFile", Napi::Function::New(env, MemoryBackedFile, "memoryBackedFile"));
 }
 
 }  // namespace vfio
