@@ -35,8 +35,11 @@ import { waitUntil } from './helpers.js';
 /** LBA Migration Queue entries per window: far more than a window writes, so it never fills. */
 const USER_DATA_QUEUE_SLOTS = 2048;
 const STATE_CHUNKS = [64, 256, 1024, 4096];
-/** Track Receive buffer: 63 descriptors, so a window's report usually takes several commands (MTR). */
-const TRACK_RECEIVE_BYTES = 1024;
+/**
+ * Track Receive buffer: 15 descriptors, so a window's report (the guest's data pages, CQ pages and
+ * queue memory: a few hundred scattered pages) takes several commands (MTR).
+ */
+const TRACK_RECEIVE_BYTES = 256;
 
 let pair: MigrationPair | null = null;
 
