@@ -9,11 +9,56 @@ import * as path from 'node:path';
 export const BEGIN = '<!-- migration:begin -->';
 export const END = '<!-- migration:end -->';
 
+/** Depths of the device part: commands outstanding when the source is suspended. */
+export const DEPTHS = [1, 32, 128] as const;
+
+/** How the device part's admin commands reach a primary. */
+export type DevicePath = 'control' | 'primary';
+
+/** One hop of the device part (bench/migration.ts); times in ms. */
+export interface DeviceHop {
+  /** WRITEs fetched but not completed in the guest's CQs when the suspend was submitted. */
+  outstandingAtSuspend: number;
+  /** WRITEs still in an SQ after the suspend (never fetched): they run on the target. */
+  unfetched: number;
+  suspendMs: number;
+  stateOutMs: number;
+  stateInMs: number;
+  resumeMs: number;
+  /** suspend + state out + state in + resume: the device part of the downtime. */
+  deviceMs: number;
+  /** The guest's move to the target socket (QEMU's job in a VM), and the target's suspend (done ahead by `migrate`). */
+  moveMs: number;
+  targetSuspendMs: number;
+  /** Suspend submitted → resume completed, the move and the target's suspend included. */
+  wallMs: number;
+  stateBytes: number;
+  receiveCommands: number;
+  setCommands: number;
+}
+
+type Numeric = { [K in keyof DeviceHop]: DeviceHop[K] extends number ? K : never }[keyof DeviceHop];
+type PerHop = Exclude<Numeric, 'stateBytes' | 'receiveCommands' | 'setCommands'>;
+
+/** Every hop's figures at one depth, column by column; the state's size and commands of the last. */
+export type DeviceDepth = { outstanding: number; stateBytes: number; receiveCommands: number; setCommands: number } & { [K in PerHop]: number[] };
+
+export interface DeviceFigures {
+  when: string;
+  /** Hops per depth. */
+  reps: number;
+  /** The backing file's directory and file system. */
+  backing: string;
+  /** Per manager path, plain writes (write-back: page-cache copies) and FUA writes (each an fdatasync). */
+  paths: Array<{ via: DevicePath; fua: boolean; depths: DeviceDepth[] }>;
+}
+
 export interface MigrationJson {
+  /** The VM part's run (the device part has its own date). */
   when?: string;
   reps?: number;
   downtimeLimitMs?: number | null;
-  device: Record<string, { quiesceMs: number[]; stateBytes: number; inFlight: number[] }>;
+  device: DeviceFigures;
   vms: Array<{ device: 'ours' | 'virtio-blk'; totalMs: number; downtimeMs: number; qemuDowntimeMs: number | null }>;
 }
 
@@ -22,22 +67,30 @@ const f = (x: number | undefined, d = 0): string => (x === undefined ? 'n/a' : x
 
 export interface MigrationSummary {
   when?: string;
-  device: Array<{ outstanding: number; runningAtSuspend?: number; quiesceMedianMs?: number; quiesceMaxMs?: number; stateBytes: number }>;
+  deviceWhen?: string;
+  /** Through the control socket, as `nvme-vfio-user migrate`; write-back and FUA writes. */
+  device: Array<{ outstanding: number; fua: boolean; outstandingAtSuspend?: number; suspendMedianMs?: number; stateOutMedianMs?: number; stateInMedianMs?: number; resumeMedianMs?: number; deviceMedianMs?: number; deviceMaxMs?: number; stateBytes: number }>;
   vm: Array<{ device: string; runs: number; totalMedianMs?: number; downtimeMedianMs?: number; downtimeMs: number[] }>;
 }
 
 export function summarizeMigration(j: MigrationJson): MigrationSummary {
+  // A migration.json from before the device part moved between two processes has no `paths`.
+  const control = (j.device?.paths ?? []).filter((p) => p.via === 'control').flatMap((p) => p.depths.map((d) => ({ ...d, fua: p.fua })));
   return {
     when: j.when,
-    device: Object.entries(j.device)
-      .map(([n, d]) => ({
-        outstanding: Number(n),
-        runningAtSuspend: median(d.inFlight),
-        quiesceMedianMs: median(d.quiesceMs),
-        quiesceMaxMs: d.quiesceMs.length ? Math.max(...d.quiesceMs) : undefined,
-        stateBytes: d.stateBytes,
-      }))
-      .sort((a, b) => a.outstanding - b.outstanding),
+    deviceWhen: j.device?.when,
+    device: control.sort((a, b) => a.outstanding - b.outstanding || Number(a.fua) - Number(b.fua)).map((d) => ({
+      outstanding: d.outstanding,
+      fua: d.fua,
+      outstandingAtSuspend: median(d.outstandingAtSuspend),
+      suspendMedianMs: median(d.suspendMs),
+      stateOutMedianMs: median(d.stateOutMs),
+      stateInMedianMs: median(d.stateInMs),
+      resumeMedianMs: median(d.resumeMs),
+      deviceMedianMs: median(d.deviceMs),
+      deviceMaxMs: d.deviceMs.length ? Math.max(...d.deviceMs) : undefined,
+      stateBytes: d.stateBytes,
+    })),
     vm: (['ours', 'virtio-blk'] as const).map((device) => {
       const runs = j.vms.filter((v) => v.device === device);
       return {
@@ -75,11 +128,11 @@ export function migrationSection(j: MigrationJson | undefined, fresh: boolean): 
     `From \`bench/migration.ts\`, ${when}${fresh ? '' : ' — **not measured with the fio tables above**; `npm run bench` runs both'}. ` +
       'Full tables, every run and our switchover step by step: [migration.md](migration.md) (raw: [migration.json](migration.json)).',
     '',
-    'Device (in process, through the primary\'s Migration Send/Receive, /dev/shm file namespace): time for a secondary to suspend (finish every fetched command) and the size of its state.',
+    `Device part of the downtime (${s.deviceWhen ? `run of ${s.deviceWhen}` : 'date not recorded'}; two \`serve\` processes, through the control socket as \`nvme-vfio-user migrate\`; 4 KiB WRITEs on a disk-backed file namespace, FUA ones still running at the suspend): medians in ms.`,
     '',
-    '| commands outstanding | running at suspend | quiesce median ms | quiesce max ms | state bytes |',
-    '|---|---|---|---|---|',
-    ...s.device.map((d) => `| ${d.outstanding} | ${f(d.runningAtSuspend)} | ${f(d.quiesceMedianMs, 2)} | ${f(d.quiesceMaxMs, 2)} | ${d.stateBytes} |`),
+    '| 4 KiB writes submitted | writes | outstanding at suspend | suspend | state out | state in | resume | device total | device total max | state bytes |',
+    '|---|---|---|---|---|---|---|---|---|---|',
+    ...s.device.map((d) => `| ${d.outstanding} | ${d.fua ? 'FUA' : 'write-back'} | ${f(d.outstandingAtSuspend)} | ${f(d.suspendMedianMs, 2)} | ${f(d.stateOutMedianMs, 2)} | ${f(d.stateInMedianMs, 2)} | ${f(d.resumeMedianMs, 2)} | ${f(d.deviceMedianMs, 2)} | ${f(d.deviceMaxMs, 2)} | ${d.stateBytes} |`),
     '',
     'VM (TCG guest running verified random writes, migrated mid-I/O; downtime = source STOP → destination RESUME):',
     '',

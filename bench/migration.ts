@@ -1,39 +1,50 @@
 // `npx tsx bench/migration.ts`: what a live migration costs, measured here.
 //
-// 1. The device part: how long a secondary takes to suspend (finish every fetched command, go
-//    silent) and how big its state is, with 1, 32 and 128 commands outstanding — in process,
-//    through the primary's own Migration Send/Receive, on a /dev/shm file namespace.
+// 1. The device part of the downtime, between two `serve` processes as `nvme-vfio-user migrate`
+//    does it (test/support/migration-pair.ts): suspend on the source, state out (Migration
+//    Receive), state in on the target (Set Controller State), resume on the target, each timed,
+//    with 1, 32 and 128 4 KiB WRITEs in flight at the suspend (backing file on a disk file system,
+//    so they really are: in tmpfs they would complete inline), and the state size. Through the
+//    control socket; with --primary through the exported primary's admin queue as well.
 // 2. The VM part: total time and VM downtime (the source's STOP event to the destination's RESUME)
 //    of the same guest running verified writes, once on our device moved by `nvme-vfio-user
 //    migrate`, once on QEMU's virtio-blk over the same kind of shared image moved by QEMU alone,
-//    interleaved, in one run.
+//    interleaved, in one run. --device-only skips it and rewrites only the device section.
 // Results: stdout and bench/results/migration.md (and .json).
 
 import * as fs from 'node:fs';
+import * as os from 'node:os';
 import * as path from 'node:path';
 import { parseArgs } from 'node:util';
 import { fileURLToPath } from 'node:url';
-import { buildCommand } from '../src/nvme/command.js';
-import { FileBackend } from '../src/nvme/backend.js';
-import { Namespace } from '../src/nvme/namespace.js';
-import { NvmOpcode, PrimaryOpcode, VirtAction, VirtResource } from '../src/nvme/spec.js';
-import { Subsystem } from '../src/nvme/subsystem.js';
-import { silentLogger } from '../src/log.js';
-import { ControllingFunction } from '../src/nvme/virt/controlling-function.js';
-import { liveMigrationFor } from '../src/lm/primary.js';
-import { receiveState } from '../src/lm/state-transfer.js';
+import { CmdBits, NvmOpcode } from '../src/nvme/spec.js';
+import { STATE_CHUNK } from '../src/lm/state-transfer.js';
 import { QmpClient } from '../src/mgmt/qemu/qmp.js';
 import { cont, migrate, migrateIncoming, queryMigrate, setMigrationCapabilities, setMigrationParameters, UNLIMITED_BANDWIDTH, waitForMigrationStatus } from '../src/mgmt/qemu/migration.js';
-import { TestHost, DATA, PAGE } from '../test/unit/nvme/helpers.js';
 import { ensureHarness } from '../test/e2e/guest.js';
 import { Vm } from '../test/e2e/vm.js';
 import { DISK_MIB, freePort, side, stopWorkload, workload } from '../test/e2e/migration-scenario.js';
 import { runCli } from '../test/support/cli.js';
-import { refreshCombinedReport } from './migration-summary.js';
+import { RESOURCES, startPair, type Guest, type MigrationServer } from '../test/support/migration-pair.js';
+import { seededRandom } from '../test/support/nvme-workload.js';
+import { DEPTHS, refreshCombinedReport, type DeviceDepth, type DeviceFigures, type DeviceHop, type DevicePath, type MigrationJson } from './migration-summary.js';
 
 const REPO = path.join(path.dirname(fileURLToPath(import.meta.url)), '..');
-const { values } = parseArgs({ options: { reps: { type: 'string', default: '3' }, 'downtime-limit': { type: 'string' }, out: { type: 'string', default: path.join(REPO, 'bench', 'results', 'migration.md') } } });
+const { values } = parseArgs({
+  options: {
+    reps: { type: 'string', default: '3' },
+    'device-reps': { type: 'string', default: '12' },
+    'device-only': { type: 'boolean', default: false },
+    primary: { type: 'boolean', default: false },
+    'downtime-limit': { type: 'string' },
+    out: { type: 'string', default: path.join(REPO, 'bench', 'results', 'migration.md') },
+  },
+});
 const REPS = Number(values.reps);
+/** Hops per depth in the device part (after one not counted). */
+const DEVICE_REPS = Number(values['device-reps']);
+/** The device part through the control socket, and with --primary through the exported primary too. */
+const DEVICE_PATHS: DevicePath[] = values.primary ? ['control', 'primary'] : ['control'];
 /** QEMU's downtime-limit for both devices' migrations (ms); QEMU's default (300) unless given. */
 const DOWNTIME_LIMIT = values['downtime-limit'] !== undefined ? Number(values['downtime-limit']) : undefined;
 
@@ -41,43 +52,186 @@ const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floo
 
 // ---- 1. the device ---------------------------------------------------------------------------------
 
-async function deviceFigures(outstanding: number): Promise<{ quiesceMs: number[]; stateBytes: number; inFlight: number[] }> {
-  const file = path.join('/dev/shm', `nvu-bench-mig-${process.pid}.img`);
-  const backend = await FileBackend.open(file, { size: 64 << 20 });
-  const subsystem = new Subsystem({ nqn: 'nqn.2026-11.bench:mig' });
-  subsystem.addNamespace(new Namespace({ nsid: 1, backend }));
-  const cf = new ControllingFunction({ subsystem, secondaries: 1, ioQueues: 4, queueEntries: 1024, logger: silentLogger, extraCommandSets: (f) => liveMigrationFor(f).commandSets });
-  cf.virtualization.manage(VirtAction.SECONDARY_ASSIGN, VirtResource.QUEUE, 1, 5);
-  cf.virtualization.manage(VirtAction.SECONDARY_ASSIGN, VirtResource.INTERRUPT, 1, 5);
-  cf.virtualization.manage(VirtAction.SECONDARY_ONLINE, 0, 1, 0);
-  const guest = new TestHost({ use: cf.controller(1)! }).start();
-  await guest.createIoQueuePair(1, 256);
-  const quiesceMs: number[] = [];
-  const inFlight: number[] = [];
-  let stateBytes = 0;
-  const secondary = cf.controller(1)!;
-  const admin = async (fields: Parameters<typeof buildCommand>[0], data?: Uint8Array) => {
-    const r = await cf.primary.executeAdmin(buildCommand(fields), data);
-    if (r.status !== 0) throw new Error(`admin 0x${fields.opcode.toString(16)}: status 0x${r.status.toString(16)}`);
-    return { dw0: r.dw0, data: r.data ?? new Uint8Array(0) };
-  };
-  for (let rep = 0; rep < REPS * 3; rep++) {
-    for (let i = 0; i < outstanding; i++) guest.place(1, buildCommand({ opcode: NvmOpcode.READ, nsid: 1, prp1: DATA + (i % 64) * PAGE, cdw10: i * 8, cdw12: 7 }));
-    guest.ringSq(1);
-    // Suspend once they are fetched and running (their reads are on the threadpool), not before.
-    for (let turn = 0; turn < 10_000 && secondary.queues.commandsRunning < outstanding; turn++) await Promise.resolve();
-    inFlight.push(secondary.queues.commandsRunning);
-    const t0 = performance.now();
-    await admin({ opcode: PrimaryOpcode.MIGRATION_SEND, cdw10: 0, cdw11: (1 << 16) | 1 });
-    quiesceMs.push(performance.now() - t0);
-    stateBytes = (await receiveState(admin, 1)).bytes.length;
-    await admin({ opcode: PrimaryOpcode.MIGRATION_SEND, cdw10: 1, cdw11: 1 });
-    for (let i = 0; i < outstanding; i++) await guest.reap(1);
+const TMPFS_MAGIC = 0x01021994;
+const RAMFS_MAGIC = 0x858458f6;
+/** Queues the writes go to: not the pair's stalled queue, whose CQ is small. */
+const WRITE_QUEUES = 4;
+const WRITE_BYTES = 4096;
+/** Hops not counted on a fresh pair, then one more at each depth. */
+const WARMUP_HOPS = 5;
+
+/**
+ * The directory the pair's backing file goes to (os.tmpdir(), as startPair does) must be on a disk
+ * file system: in tmpfs a file namespace completes writes inline, so none would be in flight at
+ * the suspend.
+ */
+function requireDiskTmpdir(): string {
+  const dir = os.tmpdir();
+  const type = fs.statfsSync(dir).type;
+  if (type === TMPFS_MAGIC || type === RAMFS_MAGIC) throw new Error(`${dir} is in memory (statfs type 0x${type.toString(16)}): set TMPDIR to a directory on a disk file system, so writes are in flight at the suspend`);
+  return `${dir} (statfs type 0x${type.toString(16)})`;
+}
+
+/**
+ * One hop of the device part of a migration between the pair's two servers, with `outstanding`
+ * 4 KiB WRITEs (with FUA: each durable before it completes, an fdatasync) submitted and fetched
+ * on the source when its suspend is submitted; the guest then runs on the target. Steps as the
+ * orchestrator sees them, in ms.
+ */
+async function deviceHop(guest: Guest, source: MigrationServer, target: MigrationServer, outstanding: number, fua: boolean, buffer: number, hop: number): Promise<DeviceHop> {
+  const { host } = guest;
+  const queues = guest.queues.slice(0, WRITE_QUEUES);
+  const blocks = WRITE_BYTES / 512;
+  for (let i = 0; i < outstanding; i++) {
+    const slba = ((hop * 128 + i) * blocks) % (24 << 11); // within the pair's 32 MiB disk
+    queues[i % WRITE_QUEUES]!.place(NvmOpcode.WRITE, { nsid: 1, prp1: buffer + (i % 128) * WRITE_BYTES, cdw10: slba, cdw12: (blocks - 1) | (fua ? CmdBits.RW_FUA : 0) });
   }
-  cf.dispose();
-  await backend.close();
-  fs.rmSync(file, { force: true });
-  return { quiesceMs, stateBytes, inFlight };
+  for (const q of queues) q.ring();
+  // One round trip: the server has handled the doorbells, and fetches in the turn that brings one,
+  // so the writes are now on its threadpool (or done). No more waiting, or they would all be done.
+  await host.sync();
+  const posted = (): number => queues.reduce((n, q) => n + q.posted(), 0);
+  const completedBefore = posted();
+  const t0 = performance.now();
+  await source.mmh.suspend(source.cntlid);
+  const t1 = performance.now();
+  const state = await source.mmh.getState(source.cntlid, STATE_CHUNK);
+  const t2 = performance.now();
+  // Whatever the suspend did not complete was never fetched: it stays in the SQ, in the state.
+  const completedBySuspend = posted();
+  await host.moveTo(target.socket);
+  const t3 = performance.now();
+  await target.mmh.suspend(target.cntlid);
+  const t4 = performance.now();
+  const setCommands = (await target.mmh.setState(target.cntlid, state.bytes, STATE_CHUNK)).length;
+  const t5 = performance.now();
+  await target.mmh.resume(target.cntlid);
+  const t6 = performance.now();
+  // The guest reaps every write on the target (those still in an SQ run there), then the source is reset to be the next target.
+  let reaped = 0;
+  const deadline = Date.now() + 10_000;
+  while (reaped < outstanding) {
+    for (const q of queues) {
+      for (const c of q.reap()) {
+        if (c.status !== 0) throw new Error(`hop ${hop}: a write completed with status 0x${c.status.toString(16)}`);
+        reaped++;
+      }
+    }
+    if (reaped < outstanding) {
+      if (Date.now() > deadline) throw new Error(`hop ${hop}: ${reaped} of ${outstanding} writes completed`);
+      await host.sync();
+    }
+  }
+  host.takeInterrupts();
+  await source.mmh.resetSecondary(source.cntlid, RESOURCES);
+  const suspendMs = t1 - t0;
+  const stateOutMs = t2 - t1;
+  const stateInMs = t5 - t4;
+  const resumeMs = t6 - t5;
+  return {
+    outstandingAtSuspend: outstanding - completedBefore,
+    unfetched: outstanding - completedBySuspend,
+    suspendMs,
+    stateOutMs,
+    stateInMs,
+    resumeMs,
+    deviceMs: suspendMs + stateOutMs + stateInMs + resumeMs,
+    moveMs: t3 - t2,
+    targetSuspendMs: t4 - t3,
+    wallMs: t6 - t0,
+    stateBytes: state.bytes.length,
+    receiveCommands: state.commands,
+    setCommands,
+  };
+}
+
+/** One pair of `serve` processes managed through `via`; `reps` hops (after one not counted) per depth, alternating A→B→A. */
+async function deviceFigures(via: DevicePath, fua: boolean, reps: number): Promise<DeviceDepth[]> {
+  const pair = await startPair({ managementHost: via === 'primary' });
+  try {
+    const guest = await pair.startGuest(seededRandom(1));
+    // The pair's Workload stays frozen (it would reap on interrupts): the hops submit and reap their own WRITEs.
+    guest.workload.freeze();
+    const buffer = guest.host.alloc(128 * WRITE_BYTES);
+    const servers = [pair.a, pair.b] as const;
+    let hop = 0;
+    // First-run costs (code paths not yet optimized, first connections) out of the figures: `migrate` too reads a state once ahead.
+    for (; hop < WARMUP_HOPS; hop++) await deviceHop(guest, servers[hop % 2]!, servers[(hop + 1) % 2]!, 1, fua, buffer, hop);
+    const depths: DeviceDepth[] = [];
+    for (const outstanding of DEPTHS) {
+      const hops: DeviceHop[] = [];
+      for (let rep = -1; rep < reps; rep++, hop++) {
+        const result = await deviceHop(guest, servers[hop % 2]!, servers[(hop + 1) % 2]!, outstanding, fua, buffer, hop);
+        if (rep >= 0) hops.push(result);
+      }
+      const column = <K extends keyof DeviceHop>(k: K): DeviceHop[K][] => hops.map((h) => h[k]);
+      depths.push({
+        outstanding,
+        outstandingAtSuspend: column('outstandingAtSuspend'),
+        unfetched: column('unfetched'),
+        suspendMs: column('suspendMs'),
+        stateOutMs: column('stateOutMs'),
+        stateInMs: column('stateInMs'),
+        resumeMs: column('resumeMs'),
+        deviceMs: column('deviceMs'),
+        moveMs: column('moveMs'),
+        targetSuspendMs: column('targetSuspendMs'),
+        wallMs: column('wallMs'),
+        stateBytes: hops.at(-1)!.stateBytes,
+        receiveCommands: hops.at(-1)!.receiveCommands,
+        setCommands: hops.at(-1)!.setCommands,
+      });
+      const d = depths.at(-1)!;
+      console.error(
+        `[bench migration] device via ${via}, ${outstanding} ${fua ? 'FUA ' : ''}writes submitted (${median(d.outstandingAtSuspend)} outstanding at suspend): ` +
+          `suspend ${median(d.suspendMs).toFixed(2)} + out ${median(d.stateOutMs).toFixed(2)} + in ${median(d.stateInMs).toFixed(2)} + resume ${median(d.resumeMs).toFixed(2)} = ${median(d.deviceMs).toFixed(2)} ms (median), state ${d.stateBytes} bytes`,
+      );
+    }
+    return depths;
+  } finally {
+    await pair.close();
+  }
+}
+
+const range = (xs: number[], digits = 2): string => `${median(xs).toFixed(digits)} (${Math.min(...xs).toFixed(digits)}–${Math.max(...xs).toFixed(digits)})`;
+
+/** The device section of migration.md: from `## Device` to the line before `## VM`. */
+function deviceSection(figures: DeviceFigures): string {
+  const row = (fua: boolean, d: DeviceDepth): string => {
+    const at = d.outstandingAtSuspend;
+    const unfetched = Math.max(...d.unfetched) > 0 ? `; up to ${Math.max(...d.unfetched)} not yet fetched` : '';
+    return (
+      `| ${d.outstanding} | ${fua ? 'FUA' : 'write-back'} | ${median(at)} (${Math.min(...at)}–${Math.max(...at)})${unfetched} | ${range(d.suspendMs)} | ${range(d.stateOutMs)} | ${range(d.stateInMs)} | ${range(d.resumeMs)} | ` +
+      `**${range(d.deviceMs)}** | ${range(d.targetSuspendMs)} | ${range(d.moveMs)} | ${range(d.wallMs)} | ${d.stateBytes} (${d.receiveCommands} / ${d.setCommands}) |`
+    );
+  };
+  const table = (via: DevicePath): string[] => {
+    const series = figures.paths.filter((p) => p.via === via);
+    return [
+      via === 'control' ? 'Through the control socket (what `nvme-vfio-user migrate` uses):' : "Through the exported primary's admin queue (a management host on the primary's socket):",
+      '',
+      '| 4 KiB WRITEs submitted | writes | outstanding at suspend, median (min–max) | suspend | state out | state in | resume | **device total** | target suspend (ahead) | guest move (QEMU\'s) | suspend → resume, wall | state bytes (Receive / Set commands) |',
+      '|---|---|---|---|---|---|---|---|---|---|---|---|',
+      ...DEPTHS.flatMap((n) => series.map((p) => row(p.fua, p.depths.find((d) => d.outstanding === n)!))),
+      '',
+    ];
+  };
+  return [
+    '## Device: suspend → state out → state in → resume, between two server processes',
+    '',
+    `Measured ${figures.when}, ${figures.reps} hops per depth (after ${WARMUP_HOPS} not counted on each fresh pair and one at each depth), alternating A→B→A between two \`serve --secondaries 2\` processes ` +
+      `(test/support/migration-pair.ts); backing file in ${figures.backing}. The guest (an NvmeHost with shadow doorbells) submits that many 4 KiB WRITEs on ` +
+      `${WRITE_QUEUES} queues, waits one round trip (the server fetches in the turn that brings a doorbell, so they are fetched and on its threadpool) and submits the suspend. ` +
+      '"Outstanding at suspend" counts the writes not completed in its CQs at that moment: the suspend waits for all of them. Write-back writes are page-cache copies ' +
+      '(tens of µs each on the threadpool: how many are still running when the suspend arrives varies from hop to hop); FUA writes are each made durable (an fdatasync) before they complete, so they are all still running.',
+    '',
+    'Times in ms, median (min–max), as the orchestrator sees them: suspend (Migration Send) on the source, state out ' +
+      `(Migration Receive in ${STATE_CHUNK >> 10} KiB chunks, as \`migrate\` does), state in (Set Controller State on the target), resume on the target. ` +
+      '**Device total** is their sum: the device part of the downtime. Not in it: the target\'s suspend (`migrate` does it ahead of the switchover, while the target is idle) ' +
+      'and the guest\'s move to the target socket (QEMU\'s job in a real VM); "wall" is suspend submitted → resume completed with both.',
+    '',
+    ...[...new Set(figures.paths.map((p) => p.via))].flatMap(table),
+  ].join('\n');
 }
 
 // ---- 2. the VM ---------------------------------------------------------------------------------------
@@ -169,14 +323,31 @@ async function virtioOnce(dir: string, rep: number): Promise<VmMigration> {
 
 // ---- report ------------------------------------------------------------------------------------------
 
-ensureHarness();
+const out = values.out!;
+// The VM part needs the QEMU harness: fail before the device part if it is missing.
+if (!values['device-only']) ensureHarness();
+const deviceRun: DeviceFigures = { when: new Date().toISOString(), reps: DEVICE_REPS, backing: requireDiskTmpdir(), paths: [] };
+for (const via of DEVICE_PATHS) for (const fua of [false, true]) deviceRun.paths.push({ via, fua, depths: await deviceFigures(via, fua, DEVICE_REPS) });
+fs.mkdirSync(path.dirname(out), { recursive: true });
+
+if (values['device-only']) {
+  // Only the device section of migration.md and the `device` key of migration.json: the VM part stays as its last run left it.
+  const md = fs.existsSync(out) ? fs.readFileSync(out, 'utf8') : '';
+  const a = md.indexOf('## Device');
+  const b = md.indexOf('\n## VM', a);
+  if (a < 0 || b < 0) throw new Error(`${out}: no "## Device" section followed by "## VM" to replace; run without --device-only`);
+  const section = deviceSection(deviceRun);
+  console.log(section);
+  fs.writeFileSync(out, md.slice(0, a) + section.trimEnd() + '\n\n' + md.slice(b + 1));
+  const jsonPath = out.replace(/\.md$/, '.json');
+  const json = JSON.parse(fs.readFileSync(jsonPath, 'utf8')) as MigrationJson;
+  fs.writeFileSync(jsonPath, JSON.stringify({ ...json, device: deviceRun }, null, 2));
+  refreshCombinedReport(path.dirname(out));
+  process.exit(0);
+}
+
 const dir = fs.mkdtempSync(path.join('/dev/shm', 'nvu-bench-mig-'));
 try {
-  const device: Record<number, { quiesceMs: number[]; stateBytes: number; inFlight: number[] }> = {};
-  for (const n of [1, 32, 128]) {
-    device[n] = await deviceFigures(n);
-    console.error(`[bench migration] device, ${n} submitted (${median(device[n]!.inFlight)} running at suspend): quiesce median ${median(device[n]!.quiesceMs).toFixed(2)} ms, state ${device[n]!.stateBytes} bytes`);
-  }
   const vms: VmMigration[] = [];
   for (let rep = 0; rep < REPS; rep++) {
     vms.push(await oursOnce(dir, rep));
@@ -187,14 +358,7 @@ try {
   const md = [
     `# Live migration figures (${new Date().toISOString()}, ${REPS} repetitions, TCG guests, QEMU downtime-limit ${DOWNTIME_LIMIT ?? '300 (its default)'} ms, bandwidth unthrottled)`,
     '',
-    '## Device: suspend (quiesce) time and controller state size, through the primary',
-    '',
-    '| commands submitted | running at suspend (median) | quiesce median (ms) | quiesce min–max (ms) | state bytes |',
-    '|---|---|---|---|---|',
-    ...[1, 32, 128].map(
-      (n) =>
-        `| ${n} | ${median(device[n]!.inFlight)} | ${median(device[n]!.quiesceMs).toFixed(2)} | ${Math.min(...device[n]!.quiesceMs).toFixed(2)}–${Math.max(...device[n]!.quiesceMs).toFixed(2)} | ${device[n]!.stateBytes} |`,
-    ),
+    deviceSection(deviceRun).trimEnd(),
     '',
     '## VM: the same guest (384 MiB, 2 vCPUs, fio random writes with verification) migrated mid-I/O',
     '',
@@ -215,11 +379,10 @@ try {
     '',
   ].join('\n');
   console.log(md);
-  fs.mkdirSync(path.dirname(values.out!), { recursive: true });
-  fs.writeFileSync(values.out!, md);
-  fs.writeFileSync(values.out!.replace(/\.md$/, '.json'), JSON.stringify({ when: new Date().toISOString(), reps: REPS, downtimeLimitMs: DOWNTIME_LIMIT ?? null, device, vms }, null, 2));
+  fs.writeFileSync(out, md);
+  fs.writeFileSync(out.replace(/\.md$/, '.json'), JSON.stringify({ when: new Date().toISOString(), reps: REPS, downtimeLimitMs: DOWNTIME_LIMIT ?? null, device: deviceRun, vms } satisfies MigrationJson, null, 2));
   // The combined report (latest.md / latest.json from fio-compare) gets these figures and a link.
-  refreshCombinedReport(path.dirname(values.out!));
+  refreshCombinedReport(path.dirname(out));
 } finally {
   fs.rmSync(dir, { recursive: true, force: true });
 }

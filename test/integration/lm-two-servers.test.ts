@@ -13,8 +13,6 @@ import { EntrySequence, LbaChangeRange, SequenceIndicator } from '../../src/lm/s
 import { AdminCommandError, stateFacts, type UserDataMigrationQueue } from '../support/migration-host.js';
 import {
   DEPTH,
-  expectArrived,
-  expectAsyncEventRequestsAlive,
   expectedDeviceWrites,
   finishOnTarget,
   GUEST_RAM,
@@ -29,6 +27,7 @@ import {
   type MigrationPair,
   type MigrationServer,
 } from '../support/migration-pair.js';
+import { expectArrived, expectAsyncEventRequestsAlive } from '../support/migration-expect.js';
 import { seededRandom, seedFromEnvironment } from '../support/nvme-workload.js';
 import { waitUntil } from './helpers.js';
 

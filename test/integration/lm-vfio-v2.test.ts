@@ -11,8 +11,6 @@ import { MigrationState } from '../../src/vfio-user/protocol.js';
 import { parseStream } from '../../src/vfio-user/migration-stream.js';
 import { stateFacts } from '../support/migration-host.js';
 import {
-  expectArrived,
-  expectAsyncEventRequestsAlive,
   expectedDeviceWrites,
   finishOnTarget,
   GUEST_RAM,
@@ -21,6 +19,7 @@ import {
   startPair,
   type MigrationPair,
 } from '../support/migration-pair.js';
+import { expectArrived, expectAsyncEventRequestsAlive } from '../support/migration-expect.js';
 import { PAGE } from '../support/nvme-host.js';
 import { seededRandom, seedFromEnvironment } from '../support/nvme-workload.js';
 

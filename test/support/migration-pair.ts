@@ -2,15 +2,14 @@
 // backing file, the same virtual subsystem, and a secondary on each that presents itself as the
 // same virtual controller (under different physical CNTLIDs). A guest (an NvmeHost with shadow
 // doorbells, outstanding Asynchronous Event Requests and a Workload on five I/O queues) runs on
-// one of them; the steps of a hop that do not depend on how the state moves live here too.
+// one of them; the steps of a hop that do not depend on how the state moves live here too. No
+// vitest here (bench/migration.ts drives a pair outside a test run): the assertions about an
+// arrival are in migration-expect.ts.
 
-import { expect } from 'vitest';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { ControlClient } from '../../src/mgmt/control/client.js';
-import { Reg, Status } from '../../src/nvme/spec.js';
-import { Cfg, Command as PciCommand, MsixCap } from '../../src/pci/registers.js';
 import { MigrationHost } from './migration-host.js';
 import { NvmeHost, type HostQueue } from './nvme-host.js';
 import { pageOf, Workload, type WindowRecord } from './nvme-workload.js';
@@ -255,30 +254,4 @@ export async function finishOnTarget(guest: Guest, cut: Cut, label: string): Pro
  */
 export function expectedDeviceWrites(guest: Guest, record: WindowRecord): number[] {
   return [...new Set([...record.pages, pageOf(guest.host.doorbellBuffer!.eventIdx)])].sort((a, b) => a - b);
-}
-
-/**
- * What every arrival promises, once the guest drained on its new controller: every command once,
- * with its data; no completion nobody submitted; interrupts on every I/O vector's new eventfd; and
- * bus mastering and MSI-X on, from the state (the guest never wrote the new config space).
- */
-export async function expectArrived(guest: Guest, label: string): Promise<void> {
-  const { host, workload } = guest;
-  expect(workload.violations.join('\n'), label).toBe('');
-  for (const q of guest.queues) expect(q.peek(), `${label}: q${q.id} holds a completion nobody submitted`).toBeNull();
-  expect(host.interruptCounts.slice(1).every((n) => n > 0), `${label}: interrupts per vector on the target ${host.interruptCounts.join(',')}`).toBe(true);
-  expect((await host.client.configRead(Cfg.COMMAND, 1))[0]! & PciCommand.BUS_MASTER, `${label}: bus mastering`).toBe(PciCommand.BUS_MASTER);
-  const msix = await host.findCapability(0x11);
-  expect((await host.client.configRead(msix + MsixCap.CONTROL + 1, 1))[0]! & (MsixCap.CTRL_ENABLE >> 8), `${label}: MSI-X enable`).toBe(MsixCap.CTRL_ENABLE >> 8);
-}
-
-/** The AERs submitted at the start are still the controller's: an event (a doorbell of a queue that does not exist) completes one. */
-export async function expectAsyncEventRequestsAlive(guest: Guest): Promise<void> {
-  const { host } = guest;
-  expect(host.admin.peek()).toBeNull();
-  const missingQueue = IO_QUEUES + 3;
-  await host.write32(Reg.DOORBELLS + 2 * missingQueue * 4, 1);
-  const event = await host.admin.wait();
-  expect(guest.asyncEventRequests).toContain(event.cid);
-  expect(event.status).toBe(Status.SUCCESS);
 }

@@ -44,7 +44,7 @@ describe('FileBackend', () => {
   it('writev that stores 0 bytes fails with EIO instead of retrying forever', async () => {
     const backend = await fileBackend();
     storeNothing(backend);
-    await expect(bounded(backend.writev(4096, [new Uint8Array(512), new Uint8Array(512)]))).rejects.toMatchObject({ code: 'EIO', message: expect.stringMatching(/stored 0 bytes/) });
+    await expect(bounded((async () => backend.writev(4096, [new Uint8Array(512), new Uint8Array(512)]))())).rejects.toMatchObject({ code: 'EIO', message: expect.stringMatching(/stored 0 bytes/) });
     await backend.close();
   });
 
