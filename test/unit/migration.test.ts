@@ -83,6 +83,19 @@ async function feedStream(migration: MigrationController): Promise<void> {
   if (migration.state === RESUMING) await migration.writeData(stateRecord([9, 9]));
 }
 
+
+/** A test that moves from `from` to `to` and expects exactly `calls` of the device, in order. */
+function itMovesWithCalls(from: MigrationState, to: MigrationState, calls: Call[]): void {
+  it(`${name(from)} → ${name(to)} asks the device for ${calls.join(', ') || 'nothing'}`, async () => {
+    const t = setup();
+    await reach(t, from);
+    await feedStream(t.migration);
+    await t.migration.setState(to);
+    expect(t.migration.state).toBe(to);
+    expect(t.device.calls).toEqual(calls);
+  });
+}
+
 describe('each direct arc', () => {
   const arcs: [MigrationState, MigrationState, Call[]][] = [
     [RUNNING, STOP, ['stop']],
@@ -96,14 +109,7 @@ describe('each direct arc', () => {
     [PRE_COPY, STOP_COPY, ['stop', 'save']],
   ];
   for (const [from, to, calls] of arcs) {
-    it(`${name(from)} → ${name(to)} asks the device for ${calls.join(', ') || 'nothing'}`, async () => {
-      const t = setup();
-      await reach(t, from);
-      await feedStream(t.migration);
-      await t.migration.setState(to);
-      expect(t.migration.state).toBe(to);
-      expect(t.device.calls).toEqual(calls);
-    });
+    itMovesWithCalls(from, to, calls);
   }
 });
 
@@ -119,14 +125,7 @@ describe('routes through several arcs', () => {
     [PRE_COPY, RESUMING, ['stop']],
   ];
   for (const [from, to, calls] of routes) {
-    it(`${name(from)} → ${name(to)} asks the device for ${calls.join(', ')}`, async () => {
-      const t = setup();
-      await reach(t, from);
-      await feedStream(t.migration);
-      await t.migration.setState(to);
-      expect(t.migration.state).toBe(to);
-      expect(t.device.calls).toEqual(calls);
-    });
+    itMovesWithCalls(from, to, calls);
   }
 
   it('PRE_COPY → STOP takes the RUNNING side, so the device is never saved on the way', async () => {
