@@ -171,9 +171,9 @@ export interface FileBackendOptions {
 type InlineMode = 'always' | 'no-wait' | 'never';
 
 /**
- * Transfers up to this size try the inline path: a page-cache copy of 256 KiB takes
- * tens of µs, about what the threadpool hop costs; larger ones would hold the event loop (and every
- * other controller's doorbells) for longer than they save.
+ * Transfers up to this size try the inline path: a page-cache copy of 256 KiB takes tens of µs,
+ * about what the threadpool hop costs; larger ones would hold the event loop (and every other
+ * controller's doorbells) for longer than they save.
  */
 const INLINE_MAX_BYTES = 256 * 1024;
 
@@ -219,34 +219,37 @@ export class FileBackend extends VectoredBackend {
   }
 
   readv(offset: number, targets: readonly Uint8Array[]): MaybePromise<void> {
-    if (this.inlineReads !== 'never') {
-      const done = this.inline(false, this.inlineReads, offset, targets);
-      if (done === null) this.inlineReads = 'never';
-      else if (done > 0) return done === totalLength(targets) ? undefined : this.readvThreaded(offset + done, advance(targets, done));
-    }
-    return this.readvThreaded(offset, targets);
+    return this.transfer(false, offset, targets);
   }
 
   writev(offset: number, sources: readonly Uint8Array[]): MaybePromise<void> {
-    if (this.inlineWrites !== 'never') {
-      const done = this.inline(true, this.inlineWrites, offset, sources);
-      if (done === null) this.inlineWrites = 'never';
-      else if (done > 0) return done === totalLength(sources) ? undefined : this.writevThreaded(offset + done, advance(sources, done));
-    }
-    return this.writevThreaded(offset, sources);
+    return this.transfer(true, offset, sources);
   }
 
   /**
-   * Bytes moved on this thread (0 when the kernel would wait, or the transfer is too large to hold
-   * the event loop for); null when the file does not take RWF_NOWAIT in this direction.
+   * On this thread what cannot wait (see InlineMode) and is small enough not to hold the event loop
+   * for long; the rest, or all of it, on the threadpool.
    */
-  private inline(write: boolean, mode: InlineMode, offset: number, views: readonly Uint8Array[]): number | null {
-    if (totalLength(views) > INLINE_MAX_BYTES) return 0;
-    const noWait = mode === 'no-wait';
-    const fd = this.handle.fd;
-    const n = write ? native.pwritevInline(fd, views, offset, noWait) : native.preadvInline(fd, views, offset, noWait);
-    if (n === NOWAIT_UNSUPPORTED) return null;
-    return n === NOWAIT_WOULD_BLOCK ? 0 : n;
+  private transfer(write: boolean, offset: number, views: readonly Uint8Array[]): MaybePromise<void> {
+    const mode = write ? this.inlineWrites : this.inlineReads;
+    let done = 0;
+    if (mode !== 'never') {
+      const total = totalLength(views);
+      if (total <= INLINE_MAX_BYTES) {
+        const fd = this.handle.fd;
+        const noWait = mode === 'no-wait';
+        const n = write ? native.pwritevInline(fd, views, offset, noWait) : native.preadvInline(fd, views, offset, noWait);
+        if (n === NOWAIT_UNSUPPORTED) {
+          if (write) this.inlineWrites = 'never';
+          else this.inlineReads = 'never';
+        } else if (n !== NOWAIT_WOULD_BLOCK) {
+          if (n === total) return;
+          done = n; // short: the threadpool continues (past EOF it reads zeros)
+        }
+      }
+    }
+    const rest = done > 0 ? advance(views, done) : views;
+    return write ? this.writevThreaded(offset + done, rest) : this.readvThreaded(offset + done, rest);
   }
 
   private async readvThreaded(offset: number, targets: readonly Uint8Array[]): Promise<void> {
