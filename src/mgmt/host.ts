@@ -66,7 +66,6 @@ export class ServerHost implements ControlTarget {
   controlPath: string | null = null;
   private readonly exports = new Map<number, Export>();
   private readonly namespaceConfigs = new Map<number, NamespaceConfig>();
-  private readonly writeThrough = new Map<number, boolean>();
   private store: StateStore | null = null;
   /** Set while provisioning is being applied: one record at the end, not one per step. */
   private applying = false;
@@ -249,7 +248,6 @@ export class ServerHost implements ControlTarget {
   async setWriteThrough(cntlid: number, on: boolean): Promise<void> {
     const session = this.sessionOf(cntlid);
     await session.dma.routeWritesThroughClient(on);
-    this.writeThrough.set(cntlid, on);
   }
 
   async clientRead(cntlid: number, address: number, length: number): Promise<Uint8Array> {
@@ -292,7 +290,7 @@ export class ServerHost implements ControlTarget {
         socket,
         clientConnected: session !== null,
         dmaWriteBytes: session?.counters.dmaWriteBytes ?? 0,
-        writeThrough: session !== null && this.writeThrough.get(c.cntlid) === true,
+        writeThrough: session?.dma.routesWritesThroughClient ?? false,
         virtualNqn: membership?.vsubsys.definition.nqn ?? '',
         virtualCntlid: membership?.vcid ?? 0,
         runState: c.runState,
