@@ -7,27 +7,26 @@
 // `setup` MIGRATION event precedes `migrate`'s return, RESUME precedes `cont`'s).
 
 import * as net from 'node:net';
+import { parseControlAddress, type ControlAddress } from '../control/client.js';
 
 export type QmpAddress = { kind: 'unix'; path: string } | { kind: 'tcp'; host: string; port: number };
 
-/** Parses `unix:PATH` or `tcp:HOST:PORT` (IPv6 hosts in brackets: `tcp:[::1]:4444`). */
+/**
+ * Parses `unix:PATH` or `tcp:HOST:PORT` (IPv6 hosts in brackets: `tcp:[::1]:4444`) with the control
+ * plane's parser; unlike a control address, the scheme is required.
+ */
 export function parseQmpAddress(address: string): QmpAddress {
-  if (address.startsWith('unix:')) {
-    const path = address.slice('unix:'.length);
-    if (path === '') throw new Error(`QMP address "${address}" has an empty socket path`);
-    return { kind: 'unix', path };
+  const tcp = address.startsWith('tcp:');
+  if (!tcp && !address.startsWith('unix:')) throw new Error(`QMP address "${address}" must start with unix: or tcp:`);
+  let parsed: ControlAddress | undefined;
+  try {
+    parsed = parseControlAddress(address);
+  } catch {
+    parsed = undefined;
   }
-  if (address.startsWith('tcp:')) {
-    const hostAndPort = address.slice('tcp:'.length);
-    const colon = hostAndPort.lastIndexOf(':');
-    const host = hostAndPort.slice(0, colon).replace(/^\[(.*)\]$/, '$1');
-    const port = Number(hostAndPort.slice(colon + 1));
-    if (colon <= 0 || host === '' || !Number.isInteger(port) || port <= 0 || port > 65535) {
-      throw new Error(`QMP address "${address}" is not tcp:HOST:PORT`);
-    }
-    return { kind: 'tcp', host, port };
-  }
-  throw new Error(`QMP address "${address}" must start with unix: or tcp:`);
+  if (parsed && 'path' in parsed) return { kind: 'unix', path: parsed.path };
+  if (parsed && parsed.host !== '') return { kind: 'tcp', host: parsed.host, port: parsed.port };
+  throw new Error(tcp ? `QMP address "${address}" is not tcp:HOST:PORT` : `QMP address "${address}" has an empty socket path`);
 }
 
 export interface QmpGreeting {
