@@ -1,13 +1,43 @@
 // Moving a controller state through a primary's admin commands, in chunks, as any Migration
 // Management Host would: Migration Receive (header first, then the rest) and Migration Send
-// (Set Controller State, FIRST/MIDDLE/LAST pieces). Used by the CLI and the migration driver.
+// (Set Controller State, FIRST/MIDDLE/LAST pieces), and the suspend and resume around them. Used
+// by the CLI, the migration driver and the migration orchestrator.
 
 import type { CommandFields } from '../nvme/command.js';
-import { PrimaryOpcode } from '../nvme/spec.js';
-import { MigrationReceiveSelect, MigrationSendSelect, MOS_SHIFT, SequenceIndicator, StateHeader } from './spec.js';
+import { PrimaryOpcode, Status, statusCode } from '../nvme/spec.js';
+import { MigrationReceiveSelect, MigrationSendSelect, MOS_SHIFT, SequenceIndicator, StateHeader, SuspendType } from './spec.js';
 
 /** Submits one admin command to a primary; throws when it does not succeed. */
 export type AdminSubmitter = (fields: CommandFields, data?: Uint8Array) => Promise<{ dw0: number; data: Uint8Array }>;
+
+/** What an AdminSubmitter throws when the command completes with an error status. */
+export class AdminCommandFailed extends Error {
+  constructor(
+    readonly status: number,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+/** Migration Send Suspend (suspending a suspended controller is no error). */
+export function suspendController(admin: AdminSubmitter, cntlid: number): Promise<unknown> {
+  return admin({ opcode: PrimaryOpcode.MIGRATION_SEND, cdw10: MigrationSendSelect.SUSPEND, cdw11: (SuspendType.SUSPEND << 16) | cntlid });
+}
+
+/** Migration Send Resume. */
+export function resumeController(admin: AdminSubmitter, cntlid: number): Promise<unknown> {
+  return admin({ opcode: PrimaryOpcode.MIGRATION_SEND, cdw10: MigrationSendSelect.RESUME, cdw11: cntlid });
+}
+
+/** Resume, where a controller that already runs is no error (a VMM may ask twice; a recovery may find it resumed). */
+export async function resumeIfSuspended(admin: AdminSubmitter, cntlid: number): Promise<void> {
+  try {
+    await resumeController(admin, cntlid);
+  } catch (error) {
+    if (!(error instanceof AdminCommandFailed && statusCode(error.status) === statusCode(Status.CONTROLLER_NOT_SUSPENDED))) throw error;
+  }
+}
 
 /** Bytes per Migration Receive / Migration Send command. */
 export const STATE_CHUNK = 64 << 10;

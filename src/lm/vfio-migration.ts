@@ -5,22 +5,11 @@
 // side door into the secondary ("the VFIO driver is the live-migration driver").
 
 import { buildCommand, type CommandFields } from '../nvme/command.js';
-import { PrimaryOpcode, Status, statusName } from '../nvme/spec.js';
+import { statusName } from '../nvme/spec.js';
 import type { ControllingFunction } from '../nvme/virt/controlling-function.js';
 import { VfioError, type DeviceMigration } from '../vfio-user/device.js';
 import { Errno } from '../vfio-user/protocol.js';
-import { MigrationSendSelect, SuspendType } from './spec.js';
-import { receiveState, sendState, type AdminSubmitter } from './state-transfer.js';
-
-/** A failed admin command: its status and why. */
-class AdminCommandFailed extends Error {
-  constructor(
-    readonly status: number,
-    message: string,
-  ) {
-    super(message);
-  }
-}
+import { AdminCommandFailed, receiveState, resumeIfSuspended, sendState, suspendController, type AdminSubmitter } from './state-transfer.js';
 
 export function vfioMigrationFor(cf: ControllingFunction, cntlid: number): DeviceMigration {
   const admin: AdminSubmitter = async (fields: CommandFields, data?: Uint8Array) => {
@@ -28,18 +17,13 @@ export function vfioMigrationFor(cf: ControllingFunction, cntlid: number): Devic
     if (result.status !== 0) throw new AdminCommandFailed(result.status, `${statusName(result.status)}${result.detail ? `: ${result.detail}` : ''}`);
     return { dw0: result.dw0, data: result.data ?? new Uint8Array(0) };
   };
-  const suspend = (): Promise<unknown> => admin({ opcode: PrimaryOpcode.MIGRATION_SEND, cdw10: MigrationSendSelect.SUSPEND, cdw11: (SuspendType.SUSPEND << 16) | cntlid });
   return {
     async stop() {
-      await suspend(); // suspending a suspended controller is no error
+      await suspendController(admin, cntlid);
     },
     async run() {
-      try {
-        await admin({ opcode: PrimaryOpcode.MIGRATION_SEND, cdw10: MigrationSendSelect.RESUME, cdw11: cntlid });
-      } catch (error) {
-        // Already running (the VMM may ask twice, or after a reset): nothing to do.
-        if (!(error instanceof AdminCommandFailed && (error.status & 0x7ff) === (Status.CONTROLLER_NOT_SUSPENDED & 0x7ff))) throw error;
-      }
+      // Already running (the VMM may ask twice, or after a reset): nothing to do.
+      await resumeIfSuspended(admin, cntlid);
     },
     async save() {
       const { bytes, consistent } = await receiveState(admin, cntlid);
@@ -48,7 +32,7 @@ export function vfioMigrationFor(cf: ControllingFunction, cntlid: number): Devic
     },
     async load(state: Uint8Array) {
       try {
-        await suspend();
+        await suspendController(admin, cntlid);
         await sendState(admin, cntlid, state);
       } catch (error) {
         if (error instanceof AdminCommandFailed) throw new VfioError(Errno.EINVAL, `the primary refused the state: ${error.message}`);

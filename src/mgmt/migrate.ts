@@ -10,9 +10,8 @@
 // service with nothing lost.
 
 import { buildCommand, type CommandFields } from '../nvme/command.js';
-import { PrimaryOpcode, Status, statusName } from '../nvme/spec.js';
-import { MigrationSendSelect, SuspendType } from '../lm/spec.js';
-import { receiveState, sendState, type AdminSubmitter } from '../lm/state-transfer.js';
+import { statusName } from '../nvme/spec.js';
+import { AdminCommandFailed, receiveState, resumeController, resumeIfSuspended, sendState, suspendController, type AdminSubmitter } from '../lm/state-transfer.js';
 import { ControlClient, parseControlAddress } from './control/client.js';
 import type { ControllerStatus } from './control/messages.js';
 import { findVfioUserDevices, type VfioUserDeviceInfo } from './qemu/devices.js';
@@ -87,29 +86,9 @@ function adminSubmitter(control: ControlClient): AdminSubmitter {
     const response = await control.request({ admin: { command: buildCommand(fields), ...(data ? { data } : {}) } });
     if (response.error) throw new MigrationError(response.error);
     const result = response.admin!;
-    if (result.status !== 0) throw new AdminFailure(result.status, `${result.statusName || statusName(result.status)}${result.detail ? `: ${result.detail}` : ''}`);
+    if (result.status !== 0) throw new AdminCommandFailed(result.status, `${result.statusName || statusName(result.status)}${result.detail ? `: ${result.detail}` : ''}`);
     return { dw0: result.dw0, data: result.data };
   };
-}
-
-class AdminFailure extends MigrationError {
-  constructor(
-    readonly status: number,
-    message: string,
-  ) {
-    super(message);
-  }
-}
-
-const suspendCommand = (cntlid: number): CommandFields => ({ opcode: PrimaryOpcode.MIGRATION_SEND, cdw10: MigrationSendSelect.SUSPEND, cdw11: (SuspendType.SUSPEND << 16) | cntlid });
-const resumeCommand = (cntlid: number): CommandFields => ({ opcode: PrimaryOpcode.MIGRATION_SEND, cdw10: MigrationSendSelect.RESUME, cdw11: cntlid });
-
-async function resumeIfSuspended(admin: AdminSubmitter, cntlid: number): Promise<void> {
-  try {
-    await admin(resumeCommand(cntlid));
-  } catch (error) {
-    if (!(error instanceof AdminFailure && (error.status & 0x7ff) === (Status.CONTROLLER_NOT_SUSPENDED & 0x7ff))) throw error;
-  }
 }
 
 async function connectControl(address: string, token: string | undefined): Promise<ControlClient> {
@@ -186,7 +165,7 @@ export async function migrateVm(o: MigrateOptions): Promise<MigrationFigures> {
       p.preloaded = await readPciShadow(ends(p).source);
       await replayPciShadow(ends(p).target, p.preloaded);
       // Idle and about to be overwritten: suspended now, it only has to load the state at switchover.
-      await targetAdmin(suspendCommand(p.targetController.cntlid));
+      await suspendController(targetAdmin, p.targetController.cntlid);
       // A first Get of the running source's state (allowed, marked not suspended throughout)
       // proves its primary answers and takes the first-run costs out of the downtime.
       await receiveState(sourceAdmin, p.sourceController.cntlid);
@@ -218,7 +197,7 @@ export async function migrateVm(o: MigrateOptions): Promise<MigrationFigures> {
         const pci = readPciShadow(ends(p).source);
         pci.catch(() => undefined); // awaited below, after the suspend, which may fail first
         const t0 = performance.now();
-        await sourceAdmin(suspendCommand(p.sourceController.cntlid));
+        await suspendController(sourceAdmin, p.sourceController.cntlid);
         p.quiesceMs = performance.now() - t0;
         p.state = (await receiveState(sourceAdmin, p.sourceController.cntlid)).bytes;
         p.pci = await pci;
@@ -244,7 +223,7 @@ export async function migrateVm(o: MigrateOptions): Promise<MigrationFigures> {
       if (changed.length > 0) say(`RAM switched over; the guest changed ${changed.join(', ')} during the migration: replayed`);
     }
     mark('PCI configuration up to date');
-    for (const p of pairings) await targetAdmin(resumeCommand(p.targetController.cntlid));
+    for (const p of pairings) await resumeController(targetAdmin, p.targetController.cntlid);
     mark('destination controllers resumed');
     const resumed = targetQmp.waitForEvent('RESUME', undefined, timeoutMs);
     await cont(targetQmp);
