@@ -132,7 +132,7 @@ export class DmaTable implements DmaSpace {
   /** The bytes of [addr, addr+length) in `mapping`; a write is reported to the observers first. */
   private bytesFor(mapping: DmaMapping, addr: number, length: number, forWrite: boolean): Uint8Array {
     // The caller writes before its next await, so no report can come between this and the bytes.
-    if (forWrite && this.writeObservers.length !== 0) this.notifyWrite(addr, length);
+    if (forWrite) this.notifyWrite(addr, length);
     const start = addr - mapping.iova;
     return mapping.bytes!.subarray(start, start + length);
   }
@@ -142,21 +142,17 @@ export class DmaTable implements DmaSpace {
     if (!mapping) return null;
     mapping.pins++;
     this.pinned++;
-    if (forWrite) {
-      this.pinnedForWrite++;
-      if (this.writeObservers.length !== 0) this.notifyWrite(addr, length);
-    }
-    const start = addr - mapping.iova;
+    if (forWrite) this.pinnedForWrite++;
     let released = false;
     return {
-      bytes: mapping.bytes!.subarray(start, start + length),
+      bytes: this.bytesFor(mapping, addr, length, forWrite),
       intact: () => !this.poisoned(mapping),
       release: () => {
         if (released) return;
         released = true;
         if (forWrite) {
           // The I/O landed after the pin: a report taken meanwhile cleared these pages too early.
-          if (this.writeObservers.length !== 0) this.notifyWrite(addr, length);
+          this.notifyWrite(addr, length);
           if (--this.pinnedForWrite === 0) this.writePinWaiters.splice(0).forEach((wake) => wake());
         }
         mapping.pins--;
@@ -190,6 +186,7 @@ export class DmaTable implements DmaSpace {
   }
 
   private notifyWrite(addr: number, length: number): void {
+    if (this.writeObservers.length === 0) return;
     for (const observer of this.writeObservers) observer(addr, length);
   }
 
@@ -237,14 +234,14 @@ export class DmaTable implements DmaSpace {
     if (done) return;
     await this.walk(addr, data.length, true, async (mapping, at, n) => {
       const part = data.subarray(at - addr, at - addr + n);
-      if (this.writeObservers.length !== 0) this.notifyWrite(at, n);
+      this.notifyWrite(at, n);
       if (mapping.bytes && !this.writeThrough) {
         mapping.bytes.set(part, at - mapping.iova);
         return;
       }
       await this.requireRemote(addr, data.length).write(at, part);
       // Sent in several messages, the piece may straddle a report: say it again now that it landed.
-      if (this.writeObservers.length !== 0) this.notifyWrite(at, n);
+      this.notifyWrite(at, n);
     });
   }
 
