@@ -7,6 +7,7 @@ import * as codec from './codec.js';
 import { native, type Connection } from '../native.js';
 import { MessageFramer } from './framer.js';
 import {
+  dirtyBitmapBytes,
   Command,
   commandName,
   DmaMapFlags,
@@ -366,8 +367,7 @@ export class VfioUserClient {
   /** DMA_LOGGING_REPORT: the bitmap of [iova, iova+length) at `pageSize` (bit i = page iova + i·pageSize). */
   async dmaLoggingReport(iova: number, length: number, pageSize: number): Promise<Uint8Array> {
     const request = codec.dmaLoggingReport.encode({ iova: BigInt(iova), length: BigInt(length), pageSize: BigInt(pageSize) });
-    const bitmapBytes = Math.ceil(Math.ceil(length / pageSize) / 64) * 8;
-    const reply = await this.deviceFeature(Feature.DMA_LOGGING_REPORT | FeatureFlags.GET, request, PayloadSize.DMA_LOGGING_REPORT + bitmapBytes);
+    const reply = await this.deviceFeature(Feature.DMA_LOGGING_REPORT | FeatureFlags.GET, request, PayloadSize.DMA_LOGGING_REPORT + dirtyBitmapBytes(length, pageSize));
     return reply.data.subarray(PayloadSize.DMA_LOGGING_REPORT);
   }
 

@@ -3,6 +3,8 @@
 // get dirty), so logging all of memory costs in proportion to what the device touches, not to the
 // size of the ranges asked for.
 
+import { dirtyBitmapBytes } from './protocol.js';
+
 /** Pages per slice: 4 KiB of bitmap, 128 MiB of guest memory at 4 KiB pages. */
 const SLICE_PAGES = 1 << 15;
 
@@ -43,8 +45,7 @@ export class DirtyLog {
    */
   report(iova: number, length: number, reportPageSize: number): Uint8Array {
     const end = iova + length;
-    const bits = Math.ceil(length / reportPageSize);
-    const out = new Uint8Array(Math.ceil(bits / 64) * 8);
+    const out = new Uint8Array(dirtyBitmapBytes(length, reportPageSize));
     const firstPage = Math.floor(iova / this.pageSize);
     const lastPage = Math.floor((end - 1) / this.pageSize);
     for (const [index, slice] of this.slicesBetween(firstPage, lastPage)) {

@@ -14,7 +14,7 @@ import { VfioError } from './device.js';
 import { DirtyLog, type LoggedRange } from './dirty-log.js';
 import type { DmaTable } from './dma.js';
 import type { MigrationController } from './migration.js';
-import { Errno, Feature, FeatureFlags, Limits, NO_DATA_FD, PayloadSize } from './protocol.js';
+import { dirtyBitmapBytes, Errno, Feature, FeatureFlags, Limits, NO_DATA_FD, PayloadSize } from './protocol.js';
 
 /** The smallest page a dirty log keeps: the page size this server offers (pgsizes). */
 const MIN_LOG_PAGE = 4096;
@@ -160,7 +160,7 @@ export class MigrationCommands {
     }
     if (length === 0n) throw invalid('DMA_LOGGING_REPORT of an empty range');
     safeNumber(iova + length);
-    const bitmapBytes = Math.ceil(Math.ceil(Number(length) / Number(pageSize)) / 64) * 8;
+    const bitmapBytes = dirtyBitmapBytes(Number(length), Number(pageSize));
     if (bitmapBytes > Limits.maxDataTransfer) {
       throw new VfioError(Errno.E2BIG, `DMA_LOGGING_REPORT bitmap of ${bitmapBytes} bytes (at most ${Limits.maxDataTransfer}): ask for less at once`);
     }

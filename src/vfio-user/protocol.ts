@@ -145,6 +145,9 @@ export const PayloadSize = {
   MIG_DATA: 8,
 } as const;
 
+/** A DMA_LOGGING_REPORT bitmap's size: one bit per page of the range, padded to whole u64s. */
+export const dirtyBitmapBytes = (length: number, pageSize: number): number => Math.ceil(Math.ceil(length / pageSize) / 64) * 8;
+
 /** Linux errno values used in error replies (positive, as the protocol carries them). */
 export const Errno = {
   EPERM: 1,
