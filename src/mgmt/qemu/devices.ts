@@ -89,7 +89,7 @@ interface QomProperty {
   value?: unknown;
 }
 
-export function queryPci(qmp: QmpClient): Promise<QueryPciBus[]> {
+function queryPci(qmp: QmpClient): Promise<QueryPciBus[]> {
   return qmp.execute<QueryPciBus[]>('query-pci');
 }
 
