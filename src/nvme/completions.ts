@@ -3,7 +3,7 @@
 // arithmetic is shared with every ring the controller writes with a phase tag (the Controller
 // Data Queue too).
 
-import type { DmaSpace } from '../vfio-user/device.js';
+import { DmaError, type DmaSpace } from '../vfio-user/device.js';
 import type { Interrupts } from './interrupts.js';
 import { Cqe, CQE_SIZE } from './spec.js';
 import type { CompletionQueueState, ControllerState, HeldCompletion } from './state.js';
@@ -112,15 +112,19 @@ export class CompletionPoster {
     // makes stores visible in program order.
     const statusPhase = ((entry.status << Cqe.STATUS_SHIFT) | phase) & 0xffff;
     // The fast path stores in place synchronously; remote DMA is a message round trip.
-    const view = dma.view(addr, CQE_SIZE, true);
-    if (view) {
-      fillCqe(new DataView(view.buffer, view.byteOffset, CQE_SIZE), entry, sqHead, statusPhase);
-      // A mapping truncated under the store is refused from then on: the entry landed in the
-      // guard's zero pages, so the host never sees it and the queue is lost.
-      if (!dma.view(addr, CQE_SIZE, true)) {
-        this.host.fatal(`CQ ${cq.qid} post: guest memory was truncated under the completion`);
-        return;
-      }
+    let stored: boolean | undefined;
+    try {
+      stored = dma.direct(addr, CQE_SIZE, true, (view) => {
+        fillCqe(new DataView(view.buffer, view.byteOffset, CQE_SIZE), entry, sqHead, statusPhase);
+        return true;
+      });
+    } catch (err) {
+      if (!(err instanceof DmaError)) throw err;
+      // The entry landed in the guard's zero pages: the host never sees it and the queue is lost.
+      this.host.fatal(`CQ ${cq.qid} post: guest memory was truncated under the completion`);
+      return;
+    }
+    if (stored) {
       this.posted(cq, entry, fromCallback);
       return;
     }

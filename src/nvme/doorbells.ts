@@ -108,13 +108,19 @@ export class Doorbells {
     if (!buffer || qid === 0 || !dma) return;
     const addr = buffer.eventIdx + slot(qid, completion);
     const fail = (err: unknown): void => this.host.fatal(`EventIdx write: ${(err as Error).message}`);
-    const view = dma.view(addr, 4, true);
-    if (view) {
+    let stored: boolean | undefined;
+    try {
       // One 32-bit store: the host reads EventIdx as a dword while we write it.
-      new DataView(view.buffer, view.byteOffset, 4).setUint32(0, value, true);
-      if (!dma.view(addr, 4, true)) fail(new DmaError(addr, 4, 'into guest memory its owner truncated'));
+      stored = dma.direct(addr, 4, true, (view) => {
+        new DataView(view.buffer, view.byteOffset, 4).setUint32(0, value, true);
+        return true;
+      });
+    } catch (err) {
+      if (!(err instanceof DmaError)) throw err;
+      fail(err);
       return;
     }
+    if (stored) return;
     const bytes = new Uint8Array(4);
     new DataView(bytes.buffer).setUint32(0, value, true);
     return this.host.writes.track(dma.write(addr, bytes)).then(undefined, fail);
@@ -300,11 +306,14 @@ export class Doorbells {
       this.host.fatal(`shadow doorbell read: ${(err as Error).message}`);
       return null;
     };
-    const view = dma.view(addr, 4, false);
-    if (view) {
-      const value = new DataView(view.buffer, view.byteOffset, 4).getUint32(0, true);
-      return dma.view(addr, 4, false) ? value : fail(new DmaError(addr, 4, 'from guest memory its owner truncated'));
+    let value: number | undefined;
+    try {
+      value = dma.direct(addr, 4, false, (view) => new DataView(view.buffer, view.byteOffset, 4).getUint32(0, true));
+    } catch (err) {
+      if (!(err instanceof DmaError)) throw err;
+      return fail(err);
     }
+    if (value !== undefined) return value;
     return dma.read(addr, 4).then((bytes) => new DataView(bytes.buffer, bytes.byteOffset).getUint32(0, true), fail);
   }
 

@@ -286,15 +286,14 @@ export class QueueEngine implements QueueControl {
       };
       // Mapped: copy the entries out in place. Each command keeps its own copy, since the host may
       // refill a slot as soon as a completion reports the head past it.
-      let entries: MaybePromise<Uint8Array | false>;
-      const view = dma.view(addr, count * SQE_SIZE, false);
-      if (view) {
-        const copy = view.slice();
-        // A mapping truncated under the copy read zeros: look again to know the entries are real.
-        entries = dma.view(addr, count * SQE_SIZE, false) ? copy : fetchFailed(new DmaError(addr, count * SQE_SIZE, 'from guest memory its owner truncated'));
-      } else {
-        entries = dma.read(addr, count * SQE_SIZE).then(undefined, fetchFailed);
+      let entries: MaybePromise<Uint8Array | false> | undefined;
+      try {
+        // A mapping truncated under the copy read zeros: direct() throws rather than pass them on.
+        entries = dma.direct(addr, count * SQE_SIZE, false, (view) => view.slice());
+      } catch (err) {
+        entries = fetchFailed(err);
       }
+      entries ??= dma.read(addr, count * SQE_SIZE).then(undefined, fetchFailed);
       return andThen(entries, (bytes) => {
         if (!bytes) return false;
         if (this.fetchable(qid, rt, generation) !== sq) return false;

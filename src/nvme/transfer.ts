@@ -52,12 +52,14 @@ async function dataAccess<T>(fn: () => Promise<T>): Promise<T> {
 
 
 
-/**
- * After a synchronous copy through a view: a mapping whose owner truncated it under the copy is
- * refused from then on, so a second lookup tells whether the copy touched real guest memory.
- */
-function confirmCopied(dma: DmaSpace, s: Segment, forWrite: boolean): void {
-  if (!dma.view(s.addr, s.length, forWrite)) throw new CommandError(Status.DATA_TRANSFER_ERROR, 'guest memory was truncated during the copy');
+/** A synchronous copy through a view (DmaSpace.direct); memory truncated under it is a Data Transfer Error. */
+function copyDirect<T>(dma: DmaSpace, s: Segment, forWrite: boolean, access: (bytes: Uint8Array) => T): T | undefined {
+  try {
+    return dma.direct(s.addr, s.length, forWrite, access);
+  } catch (err) {
+    if (err instanceof DmaError) throw new CommandError(Status.DATA_TRANSFER_ERROR, 'guest memory was truncated during the copy');
+    throw err;
+  }
 }
 
 function pushMerged(segments: Segment[], addr: number, length: number): void {
@@ -116,11 +118,7 @@ export function walkPrps(dma: DmaSpace, prp1: number, prp2: number, length: numb
 
 /** A copy of guest memory: taken in place when mapped, by message otherwise (a failure is a Data Transfer Error). */
 function readGuest(dma: DmaSpace, addr: number, length: number): MaybePromise<Uint8Array> {
-  const view = dma.view(addr, length, false);
-  if (!view) return dataAccess(() => dma.read(addr, length));
-  const copy = view.slice();
-  confirmCopied(dma, { addr, length }, false);
-  return copy;
+  return copyDirect(dma, { addr, length }, false, (view) => view.slice()) ?? dataAccess(() => dma.read(addr, length));
 }
 
 // ---- SGL (Base §4.3.2 "Scatter Gather List") ----------------------------------------------------
@@ -265,13 +263,11 @@ export class GuestDataTransfer implements DataTransfer {
     for (const s of segments) {
       const chunk = data.subarray(done, done + s.length);
       // Mapped guest memory is written in place; only message-based DMA needs to wait.
-      const view = dma.view(s.addr, s.length, true);
-      if (view) {
+      const copied = copyDirect(dma, s, true, (view) => {
         view.set(chunk);
-        confirmCopied(dma, s, true);
-      } else {
-        await dataAccess(() => dma.write(s.addr, chunk));
-      }
+        return true;
+      });
+      if (!copied) await dataAccess(() => dma.write(s.addr, chunk));
       done += s.length;
     }
   }
@@ -282,13 +278,11 @@ export class GuestDataTransfer implements DataTransfer {
     const out = Buffer.allocUnsafe(length);
     let done = 0;
     for (const s of segments) {
-      const view = dma.view(s.addr, s.length, false);
-      if (view) {
+      const copied = copyDirect(dma, s, false, (view) => {
         out.set(view, done);
-        confirmCopied(dma, s, false);
-      } else {
-        out.set(await dataAccess(() => dma.read(s.addr, s.length)), done);
-      }
+        return true;
+      });
+      if (!copied) out.set(await dataAccess(() => dma.read(s.addr, s.length)), done);
       done += s.length;
     }
     return out;

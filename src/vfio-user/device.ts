@@ -58,9 +58,16 @@ export interface DmaSpace {
    * until the next await: a DMA_UNMAP may take the memory away. If the client truncates the memory
    * under a copy through the view, the copy completes on zero pages and the mapping is refused
    * from then on (view() returns null, read/write fail): a caller that must know the copy was
-   * real looks the view up again after it.
+   * real uses direct().
    */
   view(addr: number, length: number, forWrite: boolean): Uint8Array | null;
+  /**
+   * Runs `access` synchronously on the zero-copy view of [addr, addr+length) and returns what it
+   * returned; undefined, without calling it, where view() would be null. Throws DmaError when the
+   * client truncated the memory under the access (it touched the guard's zero pages): the one
+   * lookup that tells a caller its copy was real.
+   */
+  direct<T>(addr: number, length: number, forWrite: boolean, access: (bytes: Uint8Array) => T): T | undefined;
   /** Like view(), but the memory stays mapped until release(): for I/O that outlives this turn. */
   pin(addr: number, length: number, forWrite: boolean): PinnedView | null;
   read(addr: number, length: number): Promise<Uint8Array>;

@@ -205,7 +205,7 @@ export class DmaTable implements DmaSpace {
   }
 
   /** Runs `access` on the mapped bytes of [addr, addr+length) if one mapping holds them; undefined otherwise. */
-  private accessDirect<T>(addr: number, length: number, forWrite: boolean, access: (bytes: Uint8Array) => T): T | undefined {
+  direct<T>(addr: number, length: number, forWrite: boolean, access: (bytes: Uint8Array) => T): T | undefined {
     const mapping = this.directMapping(addr, length, forWrite);
     if (!mapping) return undefined;
     const result = access(this.bytesFor(mapping, addr, length, forWrite));
@@ -214,7 +214,7 @@ export class DmaTable implements DmaSpace {
   }
 
   async read(addr: number, length: number): Promise<Uint8Array> {
-    const direct = this.accessDirect(addr, length, false, (bytes) => bytes.slice());
+    const direct = this.direct(addr, length, false, (bytes) => bytes.slice());
     if (direct) return direct;
     const out = new Uint8Array(length);
     await this.walk(addr, length, false, async (mapping, at, n) => {
@@ -227,7 +227,7 @@ export class DmaTable implements DmaSpace {
   }
 
   async write(addr: number, data: Uint8Array): Promise<void> {
-    const done = this.accessDirect(addr, data.length, true, (bytes) => {
+    const done = this.direct(addr, data.length, true, (bytes) => {
       bytes.set(data);
       return true;
     });

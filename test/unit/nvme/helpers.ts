@@ -41,6 +41,11 @@ export class GuestMemory implements DmaSpace {
     return this.bytes.subarray(addr - this.base, addr - this.base + length);
   }
 
+  direct<T>(addr: number, length: number, forWrite: boolean, access: (bytes: Uint8Array) => T): T | undefined {
+    const view = this.view(addr, length, forWrite);
+    return view ? access(view) : undefined;
+  }
+
   pin(addr: number, length: number, forWrite: boolean): PinnedView | null {
     const bytes = this.view(addr, length, forWrite);
     return bytes ? { bytes, intact: () => true, release: () => undefined } : null;
