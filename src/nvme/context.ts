@@ -108,7 +108,7 @@ export interface ControllerContext {
    * User data changed: the host's namespace `nsid`, `blocks` from `slba`, deallocated or written.
    * (Whoever logs user data changes for migration listens.)
    */
-  userDataChanged(nsid: number, slba: bigint, blocks: number, deallocated: boolean): void;
+  userDataChanged(nsid: number, slba: number, blocks: number, deallocated: boolean): void;
   /** Tells the subsystem's other controllers that sees `nsid` that its attributes changed. */
   namespaceAttributesChanged(nsid: number): void;
 }

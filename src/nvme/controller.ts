@@ -345,11 +345,13 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
     this.subsystem.notifyNamespaceChanged(nsid, this);
   }
 
-  userDataChanged(hostNsid: number, slba: bigint, blocks: number, deallocated: boolean): void {
+  userDataChanged(hostNsid: number, slba: number, blocks: number, deallocated: boolean): void {
     if (this.userDataObservers.size === 0) return;
     const nsid = this.naming ? this.naming.physical(hostNsid) : hostNsid;
     if (nsid === undefined) return;
-    for (const observer of this.userDataObservers) observer(nsid, slba, blocks, deallocated);
+    // The observers' LBAs are 64-bit; the I/O path keeps SLBA a number (below 2^53, see io.ts).
+    const lba = BigInt(slba);
+    for (const observer of this.userDataObservers) observer(nsid, lba, blocks, deallocated);
   }
 
   // ---- observers (live migration's tracking) -----------------------------------------------------

@@ -79,7 +79,7 @@ const write: IoHandler = (c, ns, cmd, data) => {
   const moved = data.direct(r.bytes, false, (buffers) =>
     media(c, Status.WRITE_FAULT, () =>
       andThen(ns.backend.writev(r.offset, buffers), () => {
-        c.userDataChanged(cmd.nsid, BigInt(r.slba), r.nlb, false);
+        c.userDataChanged(cmd.nsid, r.slba, r.nlb, false);
         if (mustFlush(c, ns, cmd)) return ns.backend.flush();
       }),
     ),
@@ -105,7 +105,7 @@ const writeZeroes: IoHandler = async (c, ns, cmd) => {
     const deallocate = (cmd.cdw12 & CmdBits.WRITE_ZEROES_DEAC) !== 0;
     if (deallocate) await ns.backend.discard(r.offset, r.bytes);
     else await ns.backend.writeZeroes(r.offset, r.bytes);
-    c.userDataChanged(cmd.nsid, BigInt(r.slba), r.nlb, deallocate);
+    c.userDataChanged(cmd.nsid, r.slba, r.nlb, deallocate);
     if (mustFlush(c, ns, cmd)) await ns.backend.flush();
   });
   c.smart.hostWriteCommands++;
@@ -130,7 +130,7 @@ const datasetManagement: IoHandler = async (c, ns, cmd, data) => {
   await media(c, Status.WRITE_FAULT, async () => {
     for (const r of ranges) {
       await ns.backend.discard(r.offset, r.bytes);
-      c.userDataChanged(cmd.nsid, BigInt(r.slba), r.nlb, true);
+      c.userDataChanged(cmd.nsid, r.slba, r.nlb, true);
     }
   });
 };
