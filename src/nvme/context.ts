@@ -46,6 +46,8 @@ export interface AttachedNamespace {
 export interface NamespaceView {
   /** The active namespace the host calls `nsid`. */
   get(nsid: number): AttachedNamespace | undefined;
+  /** The same namespace without its host-facing identifiers: what the I/O path needs per command. */
+  namespace(nsid: number): Namespace | undefined;
   /** Active namespaces in ascending host NSID order. */
   list(): AttachedNamespace[];
   /** Highest NSID the host may use (Identify Controller NN). */

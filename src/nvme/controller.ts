@@ -442,7 +442,7 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
 
   /** The active namespace the host calls `nsid`. */
   namespace(hostNsid: number): Namespace | undefined {
-    return this.namespaces.get(hostNsid)?.namespace;
+    return this.namespaces.namespace(hostNsid);
   }
 
   attachedNamespaces(): Namespace[] {

@@ -168,7 +168,7 @@ export function executeIoCommand(c: ControllerContext, cmd: Command, data: DataT
   if (cmd.flags & Sqe.FUSE_MASK) throw new CommandError(Status.INVALID_FIELD, 'fused operation');
   // Flush to FFFFFFFFh flushes every attached namespace (Identify VWC bits 2:1 = 11b).
   if (cmd.opcode === NvmOpcode.FLUSH && cmd.nsid === NSID_BROADCAST) return flushAll(c);
-  const ns = c.namespaces.get(cmd.nsid)?.namespace;
+  const ns = c.namespaces.namespace(cmd.nsid);
   if (!ns) throw new CommandError(Status.INVALID_NAMESPACE, `NSID ${cmd.nsid}`);
   if (ns.formatting) throw new CommandError(Status.FORMAT_IN_PROGRESS, `NSID ${cmd.nsid}`);
   return ns.track(() => handler(c, ns, cmd, data));

@@ -18,7 +18,7 @@ export interface NamespaceNaming {
   readonly maxNsid: number;
 }
 
-export interface NamespaceViewSource {
+interface NamespaceViewSource {
   /** The naming the host sees now (null: the physical one). */
   naming(): NamespaceNaming | null;
   /** Subsystem NSIDs attached to the controller. */
@@ -36,11 +36,18 @@ export function createNamespaceView(source: NamespaceViewSource): NamespaceView 
     const naming = source.naming();
     return { nsid: hostNsid, namespace, ids: naming ? naming.ids(hostNsid, namespace) : namespace.ids };
   };
+  const physical = (hostNsid: number): number | undefined => {
+    const naming = source.naming();
+    return naming ? naming.physical(hostNsid) : hostNsid;
+  };
   return {
     get: (hostNsid) => {
-      const naming = source.naming();
-      const nsid = naming ? naming.physical(hostNsid) : hostNsid;
+      const nsid = physical(hostNsid);
       return nsid === undefined ? undefined : attachedAs(hostNsid, nsid);
+    },
+    namespace: (hostNsid) => {
+      const nsid = physical(hostNsid);
+      return nsid === undefined ? undefined : source.attachedNamespace(nsid);
     },
     list: () => {
       const naming = source.naming();
