@@ -9,7 +9,7 @@ import { DmaError, type DmaSpace } from '../vfio-user/device.js';
 import type { CompletionPoster, InFlightWrites } from './completions.js';
 import type { AsyncEvents } from './events.js';
 import type { Interrupts } from './interrupts.js';
-import { andThen, isPromise, type MaybePromise } from './maybe-async.js';
+import { andThen, isPromise, runRounds, type MaybePromise } from './maybe-async.js';
 import { AsyncEventInfo } from './spec.js';
 import type { CompletionQueueState, ControllerState, SubmissionQueueState } from './state.js';
 
@@ -30,8 +30,6 @@ export interface DoorbellHost {
   fatal(reason: string): void;
 }
 
-/** Head updates one CQ may take in one event-loop turn before the rest of the process runs. */
-const MAX_HEAD_ROUNDS = 8;
 /** How often watched shadow doorbells are looked at again (watchHead, watchTail). */
 const SHADOW_CHECK_MS = 1;
 
@@ -170,40 +168,19 @@ export class Doorbells {
     }
     const refresh = { again: true };
     this.headRefresh.set(cq.qid, refresh);
-    this.headRounds(cq, refresh, 0);
+    this.headRounds(cq, refresh);
   }
 
-  private headRounds(cq: CompletionQueueState, refresh: { again: boolean }, roundsThisTurn: number): void {
-    let rounds = roundsThisTurn;
-    try {
-      while (refresh.again) {
-        refresh.again = false;
-        const moved = this.headRound(cq);
-        if (isPromise(moved)) {
-          moved.then(
-            (again) => {
-              if (again) refresh.again = true;
-              this.headRounds(cq, refresh, 0);
-            },
-            (err: unknown) => {
-              this.headRefresh.delete(cq.qid);
-              this.host.fatal(`CQ ${cq.qid} head refresh: ${(err as Error).stack ?? String(err)}`);
-            },
-          );
-          return;
-        }
-        if (!moved) continue;
-        refresh.again = true;
-        // A host that keeps moving its head must not keep the rest of the process waiting.
-        if (++rounds >= MAX_HEAD_ROUNDS) {
-          setImmediate(() => this.headRounds(cq, refresh, 0));
-          return;
-        }
-      }
-    } catch (err) {
-      this.host.fatal(`CQ ${cq.qid} head refresh: ${(err as Error).stack ?? String(err)}`);
-    }
-    this.headRefresh.delete(cq.qid);
+  private headRounds(cq: CompletionQueueState, refresh: { again: boolean }): void {
+    runRounds(
+      refresh,
+      () => this.headRound(cq),
+      () => this.headRefresh.delete(cq.qid),
+      (err) => {
+        this.headRefresh.delete(cq.qid);
+        this.host.fatal(`CQ ${cq.qid} head refresh: ${(err as Error).stack ?? String(err)}`);
+      },
+    );
   }
 
   /** Reads the shadow head once; when it moved, takes it, publishes it and posts what waited for room. */

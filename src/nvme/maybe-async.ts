@@ -44,3 +44,45 @@ export function always<T>(step: () => MaybePromise<T>, cleanup: () => void): May
   }
   return value.finally(cleanup);
 }
+
+/**
+ * Rounds one loop runs synchronously in one event-loop turn before it yields: a guest that keeps
+ * moving a shadow doorbell must not keep every other socket, timer and file I/O of the process waiting.
+ */
+const MAX_SYNC_ROUNDS = 8;
+
+/**
+ * Runs `round` while `state.again` is set (a caller sets it to ask for another look) or the last
+ * round found work. Rounds run synchronously while they complete synchronously; a round that has to
+ * wait continues the loop when it is back; after MAX_SYNC_ROUNDS rounds that found work in one turn
+ * the loop yields (setImmediate). `done` gets the rounds that found work in the last turn.
+ */
+export function runRounds(state: { again: boolean }, round: () => MaybePromise<boolean>, done: (rounds: number) => void, failed: (error: unknown) => void): void {
+  const run = (): void => {
+    let rounds = 0;
+    try {
+      while (state.again) {
+        state.again = false;
+        const more = round();
+        if (isPromise(more)) {
+          more.then((again) => {
+            if (again) state.again = true;
+            run();
+          }, failed);
+          return;
+        }
+        if (!more) continue;
+        state.again = true;
+        if (++rounds >= MAX_SYNC_ROUNDS) {
+          setImmediate(run);
+          return;
+        }
+      }
+    } catch (error) {
+      failed(error);
+      return;
+    }
+    done(rounds);
+  };
+  run();
+}

@@ -9,7 +9,7 @@ import type { CompletionPoster } from './completions.js';
 import type { QueueControl } from './context.js';
 import type { Doorbells } from './doorbells.js';
 import { loopIteration } from './loop-turn.js';
-import { andThen, attempt, isPromise, type MaybePromise } from './maybe-async.js';
+import { andThen, attempt, isPromise, runRounds, type MaybePromise } from './maybe-async.js';
 import { IN_FLIGHT_DATA_BYTES } from './policy.js';
 import { SQE_SIZE } from './spec.js';
 import type { CompletionQueueState, ControllerState, HeldCompletion, SubmissionQueueState } from './state.js';
@@ -53,9 +53,6 @@ interface SqRuntime {
 }
 
 const newRuntime = (): SqRuntime => ({ fetching: false, again: false, outstanding: 0, executing: 0, deleting: false, idle: [] });
-
-/** Fetch rounds one event-loop turn may run before the loop lets the rest of the process in. */
-const MAX_SYNC_ROUNDS = 8;
 
 /** Thrown into a command's data transfer when the controller was reset under it. */
 export class StaleCommandError extends Error {}
@@ -192,48 +189,25 @@ export class QueueEngine implements QueueControl {
     rt.again = true;
     if (rt.fetching) return;
     rt.fetching = true;
-    this.fetchRounds(qid, rt, 0);
+    this.fetchRounds(qid, rt);
   }
 
   /**
-   * Fetches round after round until the SQ is empty. Rounds run synchronously while guest memory
-   * is mapped, so a doorbell's commands (and, on a RAM namespace, their completions) are handled in
-   * the turn that brought it. A round that needs a message round trip continues when it is back.
-   * After MAX_SYNC_ROUNDS rounds in one turn the loop yields: a guest that keeps moving its shadow
-   * tail must not keep every other socket, timer and file I/O of the process waiting.
+   * Fetches round after round until the SQ is empty (runRounds). Rounds run synchronously while
+   * guest memory is mapped, so a doorbell's commands (and, on a RAM namespace, their completions)
+   * are handled in the turn that brought it.
    */
-  private fetchRounds(qid: number, rt: SqRuntime, roundsThisTurn: number): void {
-    let rounds = roundsThisTurn;
-    try {
-      while (rt.again) {
-        rt.again = false;
-        for (;;) {
-          const more = this.fetchRound(qid, rt);
-          if (isPromise(more)) {
-            more.then(
-              (again) => {
-                if (again) rt.again = true;
-                this.fetchRounds(qid, rt, 0);
-              },
-              (err: unknown) => this.fetchFailed(qid, rt, err),
-            );
-            return;
-          }
-          if (!more) break;
-          if (++rounds >= MAX_SYNC_ROUNDS) {
-            rt.again = true;
-            setImmediate(() => this.fetchRounds(qid, rt, 0));
-            return;
-          }
-        }
-      }
-    } catch (err) {
-      this.fetchFailed(qid, rt, err);
-      return;
-    }
-    rt.fetching = false;
-    // With shadow doorbells, look at the tail once more a little later (see watchTail).
-    if (rounds > 0) this.host.doorbells.watchTail(qid);
+  private fetchRounds(qid: number, rt: SqRuntime): void {
+    runRounds(
+      rt,
+      () => this.fetchRound(qid, rt),
+      (rounds) => {
+        rt.fetching = false;
+        // With shadow doorbells, look at the tail once more a little later (see watchTail).
+        if (rounds > 0) this.host.doorbells.watchTail(qid);
+      },
+      (err) => this.fetchFailed(qid, rt, err),
+    );
   }
 
   private fetchFailed(qid: number, rt: SqRuntime, err: unknown): void {
