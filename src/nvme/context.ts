@@ -7,6 +7,7 @@ import type { InterruptMode } from '../pci/function.js';
 import type { Command, HandlerResult } from './command.js';
 import type { Namespace, NamespaceIds } from './namespace.js';
 import type { AsyncEvent, CompletionQueueState, ControllerState, FeatureValues, SmartCounters, SubmissionQueueState } from './state.js';
+import type { ErrorRecord } from './events.js';
 import type { DataTransfer } from './transfer.js';
 import type { Feature } from './features.js';
 
@@ -73,6 +74,8 @@ export interface EventControl {
   queue(event: AsyncEvent): void;
   /** The host read `logPage` without Retain Asynchronous Event. */
   logPageRead(logPage: number): void;
+  /** The Error Information log, where failed commands are recorded. */
+  recordError(entry: ErrorRecord): void;
   readonly errorLog: ControllerState['errorLog'];
   readonly changedNamespaces: readonly number[];
 }

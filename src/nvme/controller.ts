@@ -13,16 +13,15 @@ import { DEFERRED, parseCommand, type Command } from './command.js';
 import { CompletionPoster, InFlightWrites } from './completions.js';
 import type { AdminCommandSet, ControllerContext, ControllerIdentity, ControllerLimits, NamespaceView, ResetKind } from './context.js';
 import { Doorbells } from './doorbells.js';
-import { AsyncEvents, type ErrorRecord } from './events.js';
+import { AsyncEvents } from './events.js';
 import { executeCommand } from './execution.js';
 import { Interrupts } from './interrupts.js';
 import { numberOfBlocks } from './io.js';
 import { Lifecycle, type RunState } from './lifecycle.js';
-import type { MaybePromise } from './maybe-async.js';
 import { createNamespaceView, type NamespaceNaming } from './namespace-view.js';
 import type { Namespace } from './namespace.js';
 import { ControllerProperties } from './properties.js';
-import { QueueEngine, type CommandResult } from './queues.js';
+import { QueueEngine } from './queues.js';
 import {
   AdminOpcode,
   AQA,
@@ -38,7 +37,7 @@ import {
 } from './spec.js';
 import { cloneState, defaultFeatures, initialState, type ControllerState, type FeatureValues, type SmartCounters } from './state.js';
 import type { Subsystem, SubsystemController } from './subsystem.js';
-import { BufferDataTransfer, type DataTransfer } from './transfer.js';
+import { BufferDataTransfer } from './transfer.js';
 
 export type { NamespaceNaming } from './namespace-view.js';
 export type InterruptOffer = 'msix' | 'msi' | 'intx';
@@ -228,7 +227,7 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
       generation: () => this.generationCount,
       fetchDma: () => (this.canFetch() ? this.context!.dma : null),
       dataBytes: (cmd) => this.dataBytes(cmd),
-      execute: (cmd, transfer, isAdmin) => this.execute(cmd, transfer, isAdmin),
+      execute: (cmd, transfer, isAdmin) => executeCommand(this, cmd, transfer, isAdmin),
       fatal: (reason) => this.fatal(reason),
     });
     this.clocks = new Clocks({
@@ -641,15 +640,6 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
     return ns ? numberOfBlocks(cmd) * ns.blockSize : 0;
   }
 
-  /** Runs one command through its handler; never throws. */
-  private execute(cmd: Command, transfer: DataTransfer, isAdmin: boolean): MaybePromise<CommandResult | typeof DEFERRED> {
-    return executeCommand(this, cmd, transfer, isAdmin);
-  }
-
-  recordError(entry: ErrorRecord): void {
-    this.events.recordError(entry);
-  }
-
   /**
    * Runs an admin command from an in-process host (e.g. the control socket) through the same
    * handlers the admin queue uses. `data` is the host-to-controller buffer if the command needs one.
@@ -660,7 +650,7 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
       return { status: Status.COMMAND_SEQUENCE_ERROR, dw0: 0, dw1: 0 };
     }
     const transfer = new BufferDataTransfer(data);
-    const result = await this.execute(cmd, transfer, true);
+    const result = await executeCommand(this, cmd, transfer, true);
     if (result === DEFERRED) return { status: Status.INTERNAL_ERROR, dw0: 0, dw1: 0 };
     return { ...result, ...(transfer.output ? { data: transfer.output } : {}) };
   }

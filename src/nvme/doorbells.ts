@@ -60,7 +60,7 @@ export class Doorbells {
       host.kick(qid);
       // With shadow doorbells a CQ head update may have skipped MMIO: look while completions wait.
       const cq = state.completionQueues[sq.cqid];
-      if (cq && state.heldCompletions.some((h) => h.cqid === cq.qid)) void this.refreshShadowHead(cq);
+      if (cq && state.heldCompletions.some((h) => h.cqid === cq.qid)) this.refreshShadowHead(cq);
       return;
     }
     const cq = state.completionQueues[qid];
