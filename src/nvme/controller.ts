@@ -693,11 +693,12 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
     this.doorbells.publishAll();
     this.poster.releaseAll();
     this.events.deliver();
-    this.interrupts.raiseUnconsumed();
     // Doorbells written while silent were ignored: the CQ heads the host moved meanwhile are only
     // in its shadow doorbells. Read every one back, or the stale head just published as EventIdx
     // tells the host it need not ring again (SQ tails are read back by the fetch loops).
     for (const cq of this.state.completionQueues) if (cq) this.doorbells.refreshShadowHead(cq);
+    // Then interrupt for what is still unconsumed, judged by those heads rather than stale ones.
+    this.interrupts.raiseUnconsumed();
     this.queues.kickAll();
   }
 
