@@ -128,7 +128,7 @@ export async function replayPciShadow(target: PciEndpoint, shadow: PciShadow, pr
     written.push('MSI-X table');
   }
   const control = field(shadow.config, msix + MsixCap.CONTROL, 2);
-  if (tableChanged || !present || present.config.readUInt16LE(msix + MsixCap.CONTROL) !== control.value) {
+  if (tableChanged || present!.config.readUInt16LE(msix + MsixCap.CONTROL) !== control.value) {
     await writeConfigSequence(target.qmp, target.address, [control]);
     written.push('MSI-X control');
   }
