@@ -9,10 +9,10 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { runGuest } from '../test/e2e/guest.js';
 import { Vm } from '../test/e2e/vm.js';
-import { freePort, side, stopWorkload, workload, type Side } from '../test/e2e/migration-scenario.js';
+import { side, stopWorkload, workload, type Side } from '../test/e2e/migration-scenario.js';
 import { fields } from '../test/e2e/shell.js';
 import { runCli } from '../test/support/cli.js';
-import { startServerProcess } from '../test/support/server-process.js';
+import { freePort, startServerProcess } from '../test/support/server-process.js';
 
 const BASIC_SCRIPT = `
 set -e

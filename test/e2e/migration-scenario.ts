@@ -4,7 +4,6 @@
 
 import { randomBytes } from 'node:crypto';
 import { closeSync, existsSync, openSync, writeFileSync, writeSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { HELPERS } from './shell.js';
 import { startServe, type Served } from '../support/serve.js';
@@ -21,17 +20,6 @@ export function stopWorkload(disk: string, marker: string): void {
   } finally {
     closeSync(fd);
   }
-}
-
-/** A free TCP port on loopback for the migration stream. */
-export function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = createServer();
-    server.listen(0, '127.0.0.1', () => {
-      const address = server.address();
-      server.close(() => (typeof address === 'object' && address ? resolve(address.port) : reject(new Error('no port'))));
-    });
-  });
 }
 
 /**

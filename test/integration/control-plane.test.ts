@@ -8,7 +8,7 @@ import { existsSync, mkdirSync, mkdtempSync, rmSync, statSync, writeFileSync } f
 import { connect, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { spawnServe, type Served } from '../support/server-process.js';
+import { freePort, spawnServe, type Served } from '../support/server-process.js';
 import { cli, runCli } from '../support/cli.js';
 import { VfioUserClient } from '../../src/vfio-user/client.js';
 import { CONTROL_PROTOCOL_VERSION, decodeResponse, encodeRequest, FrameReader, type ControlResponse, type ServerStatus } from '../../src/mgmt/control/messages.js';
@@ -194,7 +194,7 @@ describe('a control socket on TCP', () => {
   it('refuses every request without the token, and serves one that carries it', async () => {
     const token = join(dir, 'token');
     writeFileSync(token, 'a-long-enough-shared-secret\n', { mode: 0o600 });
-    const port = 20_000 + Math.floor(Math.random() * 20_000);
+    const port = await freePort();
     const address = `tcp:127.0.0.1:${port}`;
     const server = await spawnServe(['--secondaries', '1', '--namespace', 'ram,size=16M', '--control', address, '--control-token', token, '--log-level', 'warn'], 'control on ');
     try {

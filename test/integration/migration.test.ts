@@ -11,6 +11,7 @@ import { Command, Errno, Feature, FeatureFlags, MigrationFlags, MigrationState, 
 import { fnv1a, pattern, ScratchDmaCommand, ScratchDmaControl, ScratchDmaStatus, ScratchReg } from '../../src/pci/scratch-device.js';
 import { Cfg, MsixCap } from '../../src/pci/registers.js';
 import { startServerProcess, type ServerProcess } from '../support/server-process.js';
+import { connectClient } from '../support/nvme-host.js';
 import { waitUntil } from './helpers.js';
 
 const { STOP, RUNNING, STOP_COPY, RESUMING, PRE_COPY } = MigrationState;
@@ -47,20 +48,12 @@ afterAll(async () => {
  * the server still says goodbye to the previous test's client (one client per socket).
  */
 async function attach(server: ServerProcess): Promise<{ client: VfioUserClient; memory: GuestMemory }> {
-  for (let attempt = 0; ; attempt++) {
-    const client = VfioUserClient.connect(server.socketPath);
-    const closed = new Promise<'closed'>((r) => client.onClose(() => r('closed')));
-    const ok = await Promise.race([client.negotiate().then(() => 'ok' as const, () => 'closed' as const), closed]);
-    if (ok === 'ok') {
-      const memory = new GuestMemory(RAM.iova, RAM.size);
-      opened.push({ client, memory });
-      await client.dmaMap(memory);
-      await client.reset();
-      return { client, memory };
-    }
-    if (attempt > 50) throw new Error('server keeps refusing clients');
-    await new Promise((r) => setTimeout(r, 20));
-  }
+  const client = await connectClient(server.socketPath);
+  const memory = new GuestMemory(RAM.iova, RAM.size);
+  opened.push({ client, memory });
+  await client.dmaMap(memory);
+  await client.reset();
+  return { client, memory };
 }
 
 /** Programs the scratch device's DMA engine and waits (bounded) for it to finish; returns DMA_STATUS. */

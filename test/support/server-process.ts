@@ -2,6 +2,7 @@
 
 import { spawn, type ChildProcess } from 'node:child_process';
 import { readdirSync, readFileSync } from 'node:fs';
+import { createServer } from 'node:net';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -83,4 +84,15 @@ export async function spawnServe(args: readonly string[], ready: string, options
 export async function startServerProcess(socketPath: string, extraArgs: string[] = [], options: ServerProcessOptions = {}): Promise<ServerProcess> {
   const served = await spawnServe(['--socket', socketPath, ...extraArgs], `listening on ${socketPath}\n`, options);
   return { ...served, socketPath };
+}
+
+/** A free TCP port on loopback (for a migration stream or a TCP control socket). */
+export function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const server = createServer();
+    server.listen(0, '127.0.0.1', () => {
+      const address = server.address();
+      server.close(() => (typeof address === 'object' && address ? resolve(address.port) : reject(new Error('no port'))));
+    });
+  });
 }
