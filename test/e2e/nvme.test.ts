@@ -11,6 +11,7 @@ import { join } from 'node:path';
 import { ensureHarness, runGuest, type GuestRun } from './guest.js';
 import { startServerProcess, type ServerProcess } from '../support/server-process.js';
 import { fileRange } from '../support/files.js';
+import { fields } from './shell.js';
 
 const MiB = 1 << 20;
 let dir: string;
@@ -23,13 +24,6 @@ beforeAll(() => {
 afterAll(() => {
   if (dir) rmSync(dir, { recursive: true, force: true });
 });
-
-/** key=value lines the guest scripts print. */
-const fields = (run: GuestRun): Map<string, string> =>
-  new Map(run.scriptOutput.split('\n').flatMap((line) => {
-    const m = /^([\w.-]+)=(.*)$/.exec(line.trim());
-    return m ? [[m[1]!, m[2]!] as [string, string]] : [];
-  }));
 
 /** Offset of the first allocated byte at or after `offset` (SEEK_DATA), or the file size. */
 function nextData(path: string, offset: number): number {
@@ -125,7 +119,7 @@ dd if=$d1 bs=64k skip=1600 count=16 iflag=direct 2>/dev/null | sha256sum | cut -
 nvme flush $d1; echo flush.rc=$?
 `;
     run = await runAgainst(server, { script, vfioUserSockets: [server.socketPath], memMiB: 768, timeoutMs: 420_000 });
-    f = fields(run);
+    f = fields(run.scriptOutput);
   }, 480_000);
 
   it('runs the guest script cleanly', () => expectClean(run, server));
@@ -234,7 +228,7 @@ for c in nvme0 nvme1; do echo irq.$c=$(grep -E "$c"'q[1-9]' /proc/interrupts | a
 `;
     const run = await runAgainst(server, { script, vfioUserSockets: [server.socketPath, join(dir, 'm1.sock')], timeoutMs: 300_000 });
     expectClean(run, server);
-    const f = fields(run);
+    const f = fields(run.scriptOutput);
     expect(f.get('subsystems')).toBe('1');
     expect(f.get('cntlids')!.split(',').sort()).toEqual(['1', '2']);
     expect(f.get('namespaces')).toBe('2');
@@ -260,7 +254,7 @@ dmesg | grep -q 'nobody cared' && echo irq.storm=yes || echo irq.storm=no
     const server = await startServerProcess(join(dir, 'intx.sock'), ['--namespace', 'ram,size=64M']);
     const run = await runAgainst(server, { script: verifyScript('intx'), vfioUserSockets: [server.socketPath], extraKernelArgs: ['pci=nomsi'], timeoutMs: 240_000 });
     expectClean(run, server);
-    const f = fields(run);
+    const f = fields(run.scriptOutput);
     expect([f.get('intx.rc'), f.get('intx.errors')]).toEqual(['0', '0']);
     expect(f.get('irq.kind')).toBe('IO-APIC');
     expect(f.get('irq.storm')).toBe('no');
@@ -276,7 +270,7 @@ dmesg | grep -q 'nobody cared' && echo irq.storm=yes || echo irq.storm=no
     const server = await startServerProcess(join(dir, 'msi.sock'), ['--namespace', 'ram,size=64M', '--interrupts', 'msi']);
     const run = await runAgainst(server, { script: verifyScript('msi'), vfioUserSockets: [server.socketPath], timeoutMs: 240_000 });
     expectClean(run, server);
-    const f = fields(run);
+    const f = fields(run.scriptOutput);
     expect([f.get('msi.rc'), f.get('msi.errors')]).toEqual(['0', '0']);
     expect(f.get('irq.kind')).toBe('PCI-MSI-0000:00:01.0');
     expect(Number(f.get('irq.total'))).toBeGreaterThan(0);
@@ -286,7 +280,7 @@ dmesg | grep -q 'nobody cared' && echo irq.storm=yes || echo irq.storm=no
     const server = await startServerProcess(join(dir, 'noshm.sock'), ['--namespace', 'ram,size=64M']);
     const run = await runAgainst(server, { script: verifyScript('msgdma'), vfioUserSockets: [server.socketPath], privateRam: true, timeoutMs: 240_000 });
     expectClean(run, server);
-    const f = fields(run);
+    const f = fields(run.scriptOutput);
     expect([f.get('msgdma.rc'), f.get('msgdma.errors')]).toEqual(['0', '0']);
     expect(f.get('irq.kind')).toBe('PCI-MSIX-0000:00:01.0');
   }, 300_000);

@@ -5,17 +5,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { native, type Connection, type Listener, type NativeError } from '../../src/native.js';
+import { until } from './nvme/helpers.js';
 
 const openFdCount = (): number => readdirSync('/proc/self/fd').length;
-
-/** Resolves once `predicate` holds (checked every event-loop turn); rejects after `timeoutMs`. */
-async function waitUntil(predicate: () => boolean, what: string, timeoutMs = 5000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!predicate()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 1));
-  }
-}
 
 function errorOf(fn: () => unknown): NativeError {
   try {
@@ -174,7 +166,7 @@ describe('native addon', () => {
     );
     server.close();
     client.send(Buffer.from('x'));
-    await waitUntil(() => closedWith !== undefined, 'onClose');
+    await until(() => closedWith !== undefined, 'onClose', 5000);
     expect([null, 'EPIPE', 'ECONNRESET']).toContain(closedWith);
   });
 
@@ -277,7 +269,7 @@ describe('native addon', () => {
       native.eventfdRead(fd);
     });
     native.eventfdWrite(fd);
-    await waitUntil(() => fired === 1, 'the watcher');
+    await until(() => fired === 1, 'the watcher', 5000);
     w.close();
     w.close();
     // A control watcher made readable at the same moment: once it has fired, libuv has polled
@@ -290,7 +282,7 @@ describe('native addon', () => {
     });
     native.eventfdWrite(fd);
     native.eventfdWrite(control);
-    await waitUntil(() => controlFired, 'the control watcher');
+    await until(() => controlFired, 'the control watcher', 5000);
     expect(fired).toBe(1);
     cw.close();
     native.closeFd(control);
@@ -313,14 +305,14 @@ describe('native addon', () => {
       c.close();
     };
     cycle();
-    await waitUntil(() => serverSideClosed === 1, 'the first connection to be torn down');
+    await until(() => serverSideClosed === 1, 'the first connection to be torn down', 5000);
     const before = openFdCount();
     for (let i = 0; i < 1000; i++) {
       cycle();
       // connect() blocks while the backlog (4) is full, so let the listener accept.
       await new Promise((r) => setImmediate(r));
     }
-    await waitUntil(() => serverSideClosed === 1001, 'every connection to be torn down', 10_000);
+    await until(() => serverSideClosed === 1001, 'every connection to be torn down', 10_000);
     expect(openFdCount()).toBe(before);
   });
 });
