@@ -36,7 +36,6 @@ afterAll(() => {
 
 interface HopResult {
   figures: { totalMs: number; vmDowntimeMs: number; devices: { quiesceMs: number; stateBytes: number; dmaWriteBytes: number }[] };
-  roundsBefore: number;
 }
 
 /** Runs the VM on A, migrates it HOPS times between A and B, then stops the workload. */
@@ -69,7 +68,6 @@ async function migrateBackAndForth(
     for (let hop = 0; hop < hops; hop++) {
       const there = here === a ? b : a;
       // Migrate while a round of verified I/O runs: wait for the round after the last one seen.
-      const rounds = lines.filter((l) => /^round\.\d+=/.test(l)).length;
       await vm.waitForLine(/^round\.\d+=/, 240_000, vm.lines.length);
       await new Promise((r) => setTimeout(r, 1500 + Math.random() * 2000)); // into the next round
       const port = there.placement ? 7200 + hop : await freePort();
@@ -88,7 +86,7 @@ async function migrateBackAndForth(
         await target.kill();
         throw new Error(`hop ${hop + 1} failed (${run.code}): ${run.stderr}\n${here.server.log()}\n${there.server.log()}`);
       }
-      results.push({ figures: JSON.parse(run.stdout) as HopResult['figures'], roundsBefore: rounds });
+      results.push({ figures: JSON.parse(run.stdout) as HopResult['figures'] });
       const hopFigures = results[results.length - 1]!.figures as HopResult['figures'] & { switchover?: Record<string, number> };
       console.error(`[e2e migration ${label}] hop ${hop + 1}: downtime ${hopFigures.vmDowntimeMs.toFixed(0)} ms, total ${hopFigures.totalMs.toFixed(0)} ms; ${JSON.stringify(hopFigures.switchover)}`);
       target.onLine((l) => lines.push(l));

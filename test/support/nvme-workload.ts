@@ -93,7 +93,6 @@ export class Workload {
   readonly image: Uint8Array;
   readonly violations: string[] = [];
   completions = 0;
-  submissions = 0;
   private readonly outstanding = new Map<number, Map<number, InFlight>>();
   private readonly busyExtents = new Set<number>();
   private readonly freeBuffers: DataBuffer[] = [];
@@ -318,7 +317,6 @@ export class Workload {
       if (!command) break;
       inFlight.set(command.cid, command);
       this.windows.get(q.id)?.submitted.push({ kind: command.kind, qid: q.id, cid: command.cid, lba: command.lba, blocks: command.blocks, pages: command.pages });
-      this.submissions++;
       placed++;
       // Sometimes a doorbell per command, sometimes one for a batch, as blk-mq does.
       if (this.options.random() < 0.5) {

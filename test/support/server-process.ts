@@ -15,7 +15,6 @@ export const SOURCE_COMMAND: readonly string[] = [process.execPath, '--import', 
 export interface Served {
   child: ChildProcess;
   /** Everything the server wrote to stdout / stderr so far. */
-  stdout(): string;
   log(): string;
   alive(): boolean;
   openFds(): number;
@@ -68,7 +67,6 @@ export async function spawnServe(args: readonly string[], ready: string, options
   });
   return {
     child,
-    stdout: () => stdout,
     log: () => stderr,
     alive: () => exitCode === undefined && child.exitCode === null && child.signalCode === null,
     openFds: () => readdirSync(`/proc/${child.pid}/fd`).length,
