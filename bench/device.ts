@@ -28,7 +28,7 @@ import { AdminOpcode, NvmOpcode, Sqe, SQE_SIZE, CQE_SIZE, FeatureId } from '../s
 import { HostQueue, NvmeHost, PAGE } from '../test/support/nvme-host.js';
 import { startServerProcess, type ServerProcess } from '../test/support/server-process.js';
 import { cpuModel, cpuSeconds } from './host-stats.js';
-import { markdownTable } from './report.js';
+import { fmt, markdownTable } from './report.js';
 import { monotonicUs, summariseProfile, type MonotonicWindow, type ProfileSummary } from './cpu-profile.js';
 
 const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
@@ -460,10 +460,6 @@ async function stopServer(r: Running): Promise<void> {
 }
 
 // ---------------------------------------------------------------- report
-
-function fmt(x: number, digits = 0): string {
-  return Number.isFinite(x) ? x.toFixed(digits) : 'n/a';
-}
 
 /** "a" for one value, "a–b" for the range of several. */
 function range(xs: number[], digits = 0): string {
