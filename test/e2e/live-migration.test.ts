@@ -8,6 +8,7 @@ import { createHash } from 'node:crypto';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { spawnSync } from 'node:child_process';
+import { createServer, connect, type Socket } from 'node:net';
 import { join } from 'node:path';
 import { ensureHarness } from './guest.js';
 import { Vm } from './vm.js';
@@ -169,13 +170,13 @@ describe('a migration that fails before the destination runs never loses the VM'
     const script = workload(stopMarker);
     const vm = await Vm.start({ name: 'vm-abort', script, vfioUserSockets: [a.socket], memMiB: 384 });
     let target: Vm | undefined;
-    const attempt = async (what: string, onLine: (line: string, target: Vm, orchestrator: import('node:child_process').ChildProcess) => void) => {
+    const attempt = async (what: string, onLine: (line: string, target: Vm, orchestrator: import('node:child_process').ChildProcess) => void, sourceQmp = vm.qmpPath) => {
       await vm.waitForLine(/^round\.\d+=/, 240_000, vm.lines.length);
       await new Promise((r) => setTimeout(r, 1500));
       const target = await Vm.start({ name: `target-${what}`, script, vfioUserSockets: [b.socket], memMiB: 384, incoming: true });
       const port = await freePort();
       const run = await runCli(
-        ['migrate', '--source-qmp', `unix:${vm.qmpPath}`, '--source-control', a.control, '--target-qmp', `unix:${target.qmpPath}`, '--target-control', b.control, '--uri', `tcp:127.0.0.1:${port}`],
+        ['migrate', '--source-qmp', `unix:${sourceQmp}`, '--source-control', a.control, '--target-qmp', `unix:${target.qmpPath}`, '--target-control', b.control, '--uri', `tcp:127.0.0.1:${port}`],
         { timeoutMs: 240_000, onStderrLine: (line, child) => onLine(line, target, child) },
       );
       await target.kill();
@@ -190,11 +191,14 @@ describe('a migration that fails before the destination runs never loses the VM'
       expect(killed.code).toBe(1);
       expect(killed.stderr).toMatch(/putting the source back into service/);
       // 2. The orchestrator itself dies at pre-switchover: the source is left paused with its
-      //    controller suspended, until `migrate recover`.
-      const dead = await attempt('orchestrator killed', (line, _target, orchestrator) => {
-        // Dead after the suspend, with the VM paused at pre-switchover: the hardest state to leave.
-        if (/controller \d+: suspended in/.test(line)) orchestrator.kill('SIGKILL');
-      });
+      //    controller suspended, until `migrate recover`. Dead exactly when it asks the source QEMU
+      //    to continue, after the suspend and the state out: the hardest state to leave. (Killing
+      //    it on its progress line raced with that migrate-continue.)
+      let orchestrator: import('node:child_process').ChildProcess | undefined;
+      const tripwire = await qmpTripwire(join(dir, 'qmp-tripwire.sock'), vm.qmpPath, 'migrate-continue', () => orchestrator?.kill('SIGKILL'));
+      const dead = await attempt('orchestrator killed', (_line, _target, child) => (orchestrator = child), tripwire.path);
+      await tripwire.close();
+      expect(tripwire.tripped()).toBe(true);
       expect(dead.code).toBeNull();
       const stuck = JSON.parse(await cli(['list', '--control', a.control, '--json'])) as { controllers: { cntlid: number; runState: string }[] };
       expect(stuck.controllers.find((c) => c.cntlid === 1)!.runState).toBe('suspended');
@@ -326,3 +330,48 @@ describe('across two hosts (network namespaces): control and QMP over TCP with a
     }
   });
 });
+
+/**
+ * A QMP socket at `path` in front of QEMU's at `qmpPath`, forwarding both ways until its client
+ * sends `command`: that command never reaches QEMU, `onCommand` runs, and the client is left
+ * waiting for a reply (so a client being killed cannot react to a closed socket first).
+ */
+async function qmpTripwire(path: string, qmpPath: string, command: string, onCommand: () => void): Promise<{ path: string; tripped(): boolean; close(): Promise<void> }> {
+  let tripped = false;
+  const sockets = new Set<Socket>();
+  const server = createServer((client) => {
+    const upstream = connect(qmpPath);
+    sockets.add(client).add(upstream);
+    upstream.on('data', (d: Buffer) => {
+      if (!tripped) client.write(d);
+    });
+    let tail = '';
+    client.on('data', (d: Buffer) => {
+      if (tripped) return;
+      const text = tail + d.toString('latin1');
+      if (text.includes(`"${command}"`)) {
+        tripped = true;
+        onCommand();
+        return;
+      }
+      upstream.write(d);
+      tail = text.slice(-command.length - 2);
+    });
+    const end = (): void => {
+      client.destroy();
+      upstream.destroy();
+    };
+    client.on('close', end).on('error', end);
+    upstream.on('close', end).on('error', end);
+  });
+  await new Promise<void>((resolve) => server.listen(path, resolve));
+  return {
+    path,
+    tripped: () => tripped,
+    close: () =>
+      new Promise<void>((resolve) => {
+        for (const s of sockets) s.destroy();
+        server.close(() => resolve());
+      }),
+  };
+}
