@@ -16,6 +16,7 @@ import {
   finalize,
   loadConfigFile,
   parseNamespaceSpec,
+  parsePollUs,
   parsePositive,
   parseSocketMode,
   type ServerConfig,
@@ -62,7 +63,7 @@ serve options:
   --config FILE       JSON file with any of: device, sockets, namespaces
                       (objects like {"file":"disk.img","size":"1G"} or SPEC
                       strings), nqn, serial, model, ioQueues, queueEntries,
-                      mdts, interrupts, writeMultiple, socketMode. Flags
+                      mdts, interrupts, pollUs, writeMultiple, socketMode. Flags
                       given too take precedence.
   --device KIND       nvme (default) or scratch (a minimal PCI function with
                       BAR0 registers and MSI-X, for plumbing tests).
@@ -71,6 +72,11 @@ serve options:
   --mdts N            Max data transfer = 2^N x 4 KiB (default 8: 1 MiB).
   --interrupts MODE   Best interrupt mode offered: msix (MSI-X, MSI and INTx;
                       default), msi (MSI and INTx) or intx (INTx only).
+  --poll-us N         Poll a busy I/O queue's shadow doorbell for N µs after
+                      it last took commands, keeping the guest from ringing
+                      the trapped doorbell meanwhile (needs a driver using
+                      Doorbell Buffer Config, as Linux does). Lower latency
+                      for CPU. Default 0: never poll.
   --nqn NQN, --serial S, --model M
                       Subsystem identity shown by Identify Controller.
   --write-multiple    Offer REGION_WRITE_MULTI to clients that support it.
@@ -124,6 +130,7 @@ export function parseServe(args: string[]): ServeOptions | 'help' {
         'queue-entries': { type: 'string' },
         mdts: { type: 'string' },
         interrupts: { type: 'string' },
+        'poll-us': { type: 'string' },
         nqn: { type: 'string' },
         serial: { type: 'string' },
         model: { type: 'string' },
@@ -157,6 +164,7 @@ export function parseServe(args: string[]): ServeOptions | 'help' {
     if (values['queue-entries'] !== undefined) config.queueEntries = parsePositive(values['queue-entries'], '--queue-entries');
     if (values.mdts !== undefined) config.mdts = parsePositive(values.mdts, '--mdts');
     if (values.interrupts !== undefined) config.interrupts = checkInterrupts(values.interrupts);
+    if (values['poll-us'] !== undefined) config.pollUs = parsePollUs(values['poll-us'], '--poll-us');
     if (values.nqn !== undefined) config.nqn = values.nqn;
     if (values.serial !== undefined) config.serial = values.serial;
     if (values.model !== undefined) config.model = values.model;

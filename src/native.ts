@@ -123,6 +123,8 @@ export interface NativeAddon {
    */
   fdStat(fd: number): { size: number; blockSize: number; shrinkSealed: boolean };
   pageSize(): number;
+  /** sched_yield(): lets another runnable thread have this CPU (polling loops). */
+  yieldCpu(): void;
 
   /**
    * Call `onReadable` whenever `fd` is readable (level-triggered: the callback

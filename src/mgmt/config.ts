@@ -42,6 +42,8 @@ export interface ServerConfig {
   writeMultiple: boolean;
   /** Best interrupt mode the controllers offer (MSI-X by default). */
   interrupts: InterruptOffer;
+  /** How long (µs) a busy SQ's shadow tail is polled after it last took commands; 0 = never. */
+  pollUs: number;
   /**
    * Secondary controllers of a controlling function (primary = CNTLID 0, secondaries 1..N); 0 =
    * peer controllers, one per socket.
@@ -73,6 +75,7 @@ export const defaults = (): ServerConfig => ({
   mdts: 8,
   writeMultiple: false,
   interrupts: 'msix',
+  pollUs: 0,
   secondaries: 0,
   provisioning: emptyProvisioning(),
 });
@@ -144,6 +147,16 @@ export function parsePositive(value: string, what: string, max = 0xffff_ffff): n
   return n;
 }
 
+/** The longest poll window `--poll-us` takes: a second of a core per burst is already absurd. */
+export const MAX_POLL_US = 1_000_000;
+
+export function parsePollUs(value: string, what: string): number {
+  if (!/^\d+$/.test(value) || Number(value) > MAX_POLL_US) {
+    throw new ConfigError(`${what} '${value}' must be a whole number of microseconds from 0 to ${MAX_POLL_US}`);
+  }
+  return Number(value);
+}
+
 /** Reads a JSON config file; paths inside it are relative to the file. */
 export function loadConfigFile(path: string): Partial<ServerConfig> {
   let raw: unknown;
@@ -168,6 +181,7 @@ export function loadConfigFile(path: string): Partial<ServerConfig> {
     'mdts',
     'writeMultiple',
     'interrupts',
+    'pollUs',
     'secondaries',
     'primarySocket',
     'control',
@@ -202,6 +216,7 @@ export function loadConfigFile(path: string): Partial<ServerConfig> {
   }
   if (input.writeMultiple !== undefined) out.writeMultiple = input.writeMultiple === true;
   if (input.interrupts !== undefined) out.interrupts = checkInterrupts(String(input.interrupts));
+  if (input.pollUs !== undefined) out.pollUs = parsePollUs(String(input.pollUs), `config ${path}: pollUs`);
   if (input.secondaries !== undefined) out.secondaries = parsePositive(String(input.secondaries), `config ${path}: secondaries`, 127);
   for (const key of ['primarySocket', 'stateDir', 'controlToken'] as const) {
     if (input[key] === undefined) continue;

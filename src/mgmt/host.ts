@@ -104,6 +104,7 @@ export class ServerHost implements ControlTarget {
           queueEntries: config.queueEntries,
           mdts: config.mdts,
           interrupts: config.interrupts,
+          tailPollUs: config.pollUs,
           logger: log,
           extraCommandSets: options.extraCommandSets ?? ((cf) => liveMigrationFor(cf).commandSets),
         });
@@ -131,6 +132,7 @@ export class ServerHost implements ControlTarget {
               maxQueueEntries: config.queueEntries,
               mdts: config.mdts,
               interrupts: config.interrupts,
+              tailPollUs: config.pollUs,
               logger: log.child(`ctrl${i}`),
             }),
           );

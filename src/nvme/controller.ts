@@ -60,6 +60,11 @@ export interface ControllerOptions {
   interrupts?: InterruptOffer;
   /** Admin commands beyond the base set (a primary's virtualization and migration commands). */
   commandSets?: readonly AdminCommandSet[];
+  /**
+   * Poll a busy SQ's shadow tail for this long (µs) after it last took commands, with EventIdx
+   * keeping the host from ringing meanwhile (tail-polling.ts); 0, the default, never polls.
+   */
+  tailPollUs?: number;
   logger?: Logger;
 }
 
@@ -213,6 +218,7 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
       interruptMode: () => this.interruptMode(),
       kick: (qid) => this.queues.kick(qid),
       fatal: (reason) => this.fatal(reason),
+      tailPollUs: options.tailPollUs ?? 0,
     });
     this.queues = new QueueEngine({
       get state() {

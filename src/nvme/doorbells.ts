@@ -12,6 +12,7 @@ import type { Interrupts } from './interrupts.js';
 import { andThen, isPromise, runRounds, type MaybePromise } from './maybe-async.js';
 import { AsyncEventInfo } from './spec.js';
 import type { CompletionQueueState, ControllerState, SubmissionQueueState } from './state.js';
+import { TailPolling } from './tail-polling.js';
 
 export interface DoorbellHost {
   readonly state: ControllerState;
@@ -28,6 +29,8 @@ export interface DoorbellHost {
   /** New entries may be in `qid`: fetch. */
   kick(qid: number): void;
   fatal(reason: string): void;
+  /** How long a busy SQ's shadow tail is polled after it last took commands (µs; 0: never). */
+  readonly tailPollUs: number;
 }
 
 /** How often watched shadow doorbells are looked at again (watchHead, watchTail). */
@@ -41,8 +44,26 @@ export class Doorbells {
   /** SQs whose shadow tail is read once more at the next check (watchTail). */
   private readonly tailChecks = new Set<number>();
   private shadowTimer: NodeJS.Timeout | null = null;
+  private readonly polling: TailPolling;
 
-  constructor(private readonly host: DoorbellHost) {}
+  constructor(private readonly host: DoorbellHost) {
+    this.polling = new TailPolling(host.tailPollUs, {
+      peekTail: (qid) => this.peekTail(qid),
+      worthPolling: (qid) => this.shallow(qid),
+      suppress: (qid) => {
+        const sq = host.state.submissionQueues[qid];
+        if (sq) void this.publishEventIdx(qid, false, (sq.tail + sq.size - 1) % sq.size);
+      },
+      arm: (qid) => {
+        const sq = host.state.submissionQueues[qid];
+        if (!sq) return false;
+        // Stored by message (write-through during a migration): let a fetch round re-read after it.
+        if (isPromise(this.publishEventIdx(qid, false, sq.tail))) return true;
+        return this.peekTail(qid) === 'moved';
+      },
+      kick: (qid) => host.kick(qid),
+    });
+  }
 
   /** A write to doorbell register `index` (SQ tails even, CQ heads odd). */
   write(index: number, value: number): void {
@@ -108,9 +129,12 @@ export class Doorbells {
     const fail = (err: unknown): void => this.host.fatal(`EventIdx write: ${(err as Error).message}`);
     let stored: boolean | undefined;
     try {
-      // One 32-bit store: the host reads EventIdx as a dword while we write it.
+      // One 32-bit store: the host reads EventIdx as a dword while we write it. Atomics.store is
+      // also a full fence (xchg on x86), the other half of Linux's mb() between its shadow write
+      // and its EventIdx read: the shadow doorbell we read next cannot be older than this store.
       stored = dma.direct(addr, 4, true, (view) => {
-        new DataView(view.buffer, view.byteOffset, 4).setUint32(0, value, true);
+        if (LITTLE_ENDIAN && view.byteOffset % 4 === 0) Atomics.store(new Int32Array(view.buffer, view.byteOffset, 1), 0, value | 0);
+        else new DataView(view.buffer, view.byteOffset, 4).setUint32(0, value, true);
         return true;
       });
     } catch (err) {
@@ -124,11 +148,15 @@ export class Doorbells {
     return this.host.writes.track(dma.write(addr, bytes)).then(undefined, fail);
   }
 
-  /** Publishes our view of the tail, then re-reads the shadow tail; true when it moved. */
+  /**
+   * Publishes our view of the tail (one behind it while the SQ is polled, so the host does not
+   * ring), then re-reads the shadow tail; true when it moved.
+   */
   refreshShadowTail(sq: SubmissionQueueState): MaybePromise<boolean> {
     if (!this.usesShadow(sq.qid)) return false;
     const stillThere = (): boolean => this.host.state.submissionQueues[sq.qid] === sq;
-    return andThen(this.publishEventIdx(sq.qid, false, sq.tail), () =>
+    const eventIdx = this.polling.isPolled(sq.qid) ? (sq.tail + sq.size - 1) % sq.size : sq.tail;
+    return andThen(this.publishEventIdx(sq.qid, false, eventIdx), () =>
       andThen(this.movedShadow(sq.qid, false, sq.tail, stillThere, (tail) => tail < sq.size), (tail) => {
         if (tail === null) return false;
         sq.tail = tail;
@@ -224,6 +252,7 @@ export class Doorbells {
    */
   watchTail(qid: number): void {
     if (!this.usesShadow(qid)) return;
+    if (this.polling.enabled && this.peekTail(qid) !== 'gone' && this.polling.took(qid)) return;
     this.tailChecks.add(qid);
     this.armShadowCheck();
   }
@@ -273,25 +302,61 @@ export class Doorbells {
     if (this.quietHeads.size > 0) this.armShadowCheck();
   }
 
+  /**
+   * SQ `qid`'s shadow tail against the tail we hold, read in place only; 'gone' when that cannot
+   * be done now. An invalid value counts as 'still': the fetch loop reports it once.
+   */
+  private peekTail(qid: number): 'moved' | 'still' | 'gone' {
+    const sq = this.host.state.submissionQueues[qid];
+    if (!sq || !this.host.acceptsDoorbells()) return 'gone';
+    const value = this.shadowInPlace(qid, false);
+    if (value === null || value === undefined) return 'gone';
+    return value !== sq.tail && value < sq.size ? 'moved' : 'still';
+  }
+
+  /**
+   * SQ `qid` is shallow: its CQ holds at most one completion the host has not consumed (by the
+   * shadow head, read in place). A host at queue depth 1 always is; one that keeps many commands
+   * in flight is not, as soon as the controller completes faster than the host reaps.
+   */
+  private shallow(qid: number): boolean {
+    const state = this.host.state;
+    const cq = state.completionQueues[state.submissionQueues[qid]?.cqid ?? -1];
+    const head = cq ? this.shadowInPlace(cq.qid, true) : null;
+    if (!cq || head === null || head === undefined || head >= cq.size) return false;
+    return (cq.tail - head + cq.size) % cq.size <= 1;
+  }
+
   /** A shadow doorbell's value: read in place when mapped, by message otherwise; null when there is none. */
   private readShadow(qid: number, completion: boolean): MaybePromise<number | null> {
+    const inPlace = this.shadowInPlace(qid, completion);
+    if (inPlace !== undefined) return inPlace;
+    const addr = this.host.state.doorbellBuffer!.shadow + slot(qid, completion);
+    return this.host.hostDma()!.read(addr, 4).then(
+      (bytes) => new DataView(bytes.buffer, bytes.byteOffset).getUint32(0, true),
+      (err: unknown) => this.shadowFailed(err),
+    );
+  }
+
+  /**
+   * A shadow doorbell's value read in place; undefined when the buffer is not mapped (a message
+   * must fetch it), null when there is none to read (no buffer, no guest memory, admin queue).
+   */
+  private shadowInPlace(qid: number, completion: boolean): number | null | undefined {
     const buffer = this.host.state.doorbellBuffer;
     const dma = this.host.hostDma();
     if (!buffer || qid === 0 || !dma) return null;
-    const addr = buffer.shadow + slot(qid, completion);
-    const fail = (err: unknown): null => {
-      this.host.fatal(`shadow doorbell read: ${(err as Error).message}`);
-      return null;
-    };
-    let value: number | undefined;
     try {
-      value = dma.direct(addr, 4, false, (view) => new DataView(view.buffer, view.byteOffset, 4).getUint32(0, true));
+      return dma.direct(buffer.shadow + slot(qid, completion), 4, false, (view) => new DataView(view.buffer, view.byteOffset, 4).getUint32(0, true));
     } catch (err) {
       if (!(err instanceof DmaError)) throw err;
-      return fail(err);
+      return this.shadowFailed(err);
     }
-    if (value !== undefined) return value;
-    return dma.read(addr, 4).then((bytes) => new DataView(bytes.buffer, bytes.byteOffset).getUint32(0, true), fail);
+  }
+
+  private shadowFailed(err: unknown): null {
+    this.host.fatal(`shadow doorbell read: ${(err as Error).message}`);
+    return null;
   }
 
   private invalid(info: number, qid: number): void {
@@ -299,6 +364,9 @@ export class Doorbells {
     this.host.events.invalidDoorbell(info, qid);
   }
 }
+
+/** Int32Array stores in the host's byte order; EventIdx is little-endian. */
+const LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
 
 /** Byte offset of a queue's doorbell inside a doorbell buffer (stride 4, as CAP.DSTRD = 0). */
 const slot = (qid: number, completion: boolean): number => (2 * qid + (completion ? 1 : 0)) * 4;

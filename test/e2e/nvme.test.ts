@@ -240,6 +240,22 @@ for c in nvme0 nvme1; do echo irq.$c=$(grep -E "$c"'q[1-9]' /proc/interrupts | a
   }, 360_000);
 });
 
+describe('shadow-tail polling (serve --poll-us)', () => {
+  it('Linux follows the suppressed EventIdx: I/O at QD1 (polled) and QD16 (not) verifies, with no timeout', async () => {
+    const server = await startServerProcess(join(dir, 'poll.sock'), ['--namespace', 'ram,size=64M', '--poll-us', '200']);
+    const script = `${GUEST_HELPERS}
+d=$(wait_dev 0 1) || exit 10
+${fio('qd1', '$d', '4k', 1, 1, 2)}
+${fio('qd16', '$d', '4k', 16, 2, 4)}
+${fio('qd1again', '$d', '4k', 1, 1, 2)}
+`;
+    const run = await runAgainst(server, { script, vfioUserSockets: [server.socketPath], timeoutMs: 240_000 });
+    expectClean(run, server);
+    const f = fields(run.scriptOutput);
+    for (const name of ['qd1', 'qd16', 'qd1again']) expect([name, f.get(`${name}.rc`), f.get(`${name}.errors`)]).toEqual([name, '0', '0']);
+  }, 300_000);
+});
+
 describe('fallbacks QEMU users can hit', () => {
   const verifyScript = (name: string) => `${GUEST_HELPERS}
 d=$(wait_dev 0 1) || exit 10

@@ -30,6 +30,8 @@ describe('nvme-vfio-user CLI', () => {
     [['serve', '--socket', '/tmp/a', '--socket-path', '/tmp/a'], /same socket is given twice/],
     [['serve', '--io-queues', '0'], /--io-queues '0'/],
     [['serve', '--interrupts', 'nmi'], /unknown interrupt mode 'nmi'/],
+    [['serve', '--poll-us', '2ms'], /--poll-us '2ms' must be a whole number of microseconds/],
+    [['serve', '--poll-us', '1000001'], /--poll-us '1000001'/],
     [['serve', '--namespace', 'ram'], /needs size=/],
     [['serve', '--config', '/nonexistent.json'], /ENOENT/],
     [['serve', '--socket'], /argument missing|--socket/],
@@ -87,7 +89,7 @@ describe('nvme-vfio-user CLI', () => {
   it('--help documents every serve option', () => {
     const result = cli('serve', '--help');
     expect(result.status).toBe(0);
-    for (const option of ['--socket', '--socket-mode', '--namespace', '--config', '--device', '--io-queues', '--queue-entries', '--mdts', '--interrupts', '--nqn', '--write-multiple', '--log-level']) expect(result.stdout).toContain(option);
+    for (const option of ['--socket', '--socket-mode', '--namespace', '--config', '--device', '--io-queues', '--queue-entries', '--mdts', '--interrupts', '--poll-us', '--nqn', '--write-multiple', '--log-level']) expect(result.stdout).toContain(option);
   });
 
   it('refuses a socket path held by a live server, and SIGINT removes the socket', async () => {

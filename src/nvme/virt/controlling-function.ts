@@ -22,6 +22,8 @@ export interface ControllingFunctionOptions {
   queueEntries?: number;
   mdts?: number;
   interrupts?: InterruptOffer;
+  /** See ControllerOptions.tailPollUs. */
+  tailPollUs?: number;
   logger: Logger;
   /** More command sets for the primary, built once the function exists (live migration). */
   extraCommandSets?: (cf: ControllingFunction) => AdminCommandSet[];
@@ -48,6 +50,7 @@ export class ControllingFunction {
       ...(options.queueEntries !== undefined ? { maxQueueEntries: options.queueEntries } : {}),
       ...(options.mdts !== undefined ? { mdts: options.mdts } : {}),
       ...(options.interrupts !== undefined ? { interrupts: options.interrupts } : {}),
+      ...(options.tailPollUs !== undefined ? { tailPollUs: options.tailPollUs } : {}),
     };
     this.primary = new NvmeController({ ...common, cntlid: PRIMARY_CNTLID, logger: options.logger.child('primary') });
     // Each secondary can hold up to a full controller's worth of queues and vectors; the pool

@@ -22,8 +22,8 @@ const slot = (qid: number, completion: boolean): number => (2 * qid + (completio
 const flush = (): Uint8Array => buildCommand({ opcode: NvmOpcode.FLUSH, nsid: 1 });
 
 /** Brings a controller up with Doorbell Buffer Config active and I/O queue pair 1. */
-async function shadowHost(options: { size?: number; cqSize?: number } = {}): Promise<TestHost> {
-  const h = new TestHost().start();
+async function shadowHost(options: { size?: number; cqSize?: number; tailPollUs?: number } = {}): Promise<TestHost> {
+  const h = new TestHost(options.tailPollUs !== undefined ? { controller: { tailPollUs: options.tailPollUs } } : {}).start();
   // Garbage in the EventIdx page: the controller must overwrite the slots it owns.
   h.memory.bytes.fill(0xff, EVENT_IDX, EVENT_IDX + 4096);
   const cqe = await h.admin({ opcode: AdminOpcode.DOORBELL_BUFFER_CONFIG, prp1: SHADOW, prp2: EVENT_IDX });
@@ -306,5 +306,124 @@ describe('shadow doorbells', () => {
     // log page 01h) and an Error Information log entry for SQID 1.
     expect(h.peek(0)).toBeNull();
     expect(h.controller.state.errorLog.count).toBe(0);
+  });
+});
+
+/** Linux's nvme_dbbuf_need_event: the new tail passed EventIdx since the old one (u16 arithmetic). */
+const needsEvent = (eventIdx: number, value: number, old: number): boolean => ((value - eventIdx - 1) & 0xffff) < ((value - old) & 0xffff);
+
+/**
+ * Submits as Linux's nvme_dbbuf_update_and_check_event does: shadow tail first, then EventIdx
+ * read, and the trapped doorbell only when EventIdx asks. Returns whether it rang.
+ */
+function submitLikeLinux(h: TestHost, count: number): { cids: number[]; rang: boolean } {
+  const old = h.memory.get32(SHADOW + slot(QID, false));
+  const cids = Array.from({ length: count }, () => h.place(QID, flush()));
+  const tail = h.queues.get(QID)!.sqTail;
+  h.memory.set32(SHADOW + slot(QID, false), tail);
+  const rang = needsEvent(h.memory.get32(EVENT_IDX + slot(QID, false)), tail, old);
+  if (rang) mmioSq(h, tail);
+  return { cids, rang };
+}
+
+describe('tail polling (serve --poll-us)', () => {
+  it('while an SQ is busy its EventIdx stays one behind the tail: commands come in with no doorbell rung', async () => {
+    // A window far longer than this test: the SQ stays polled throughout.
+    const h = await shadowHost({ size: 16, tailPollUs: 10_000_000 });
+    const first = submitLikeLinux(h, 1);
+    expect(first.rang).toBe(true); // an idle queue: EventIdx was armed
+    await expectCompletions(h, first.cids);
+    await until(() => h.memory.get32(EVENT_IDX + slot(QID, false)) === 0, 'EventIdx one behind tail 1');
+    // Queue depth 1, the case polling is for (a deeper host is not polled, below).
+    let rings = 0;
+    for (let round = 0; round < 20; round++) {
+      const batch = submitLikeLinux(h, 1);
+      if (batch.rang) rings++;
+      await expectCompletions(h, batch.cids);
+    }
+    expect(rings).toBe(0);
+    await expectNoMoreCompletions(h);
+    const sq = h.controller.state.submissionQueues[QID]!;
+    expect(h.memory.get32(EVENT_IDX + slot(QID, false))).toBe((sq.tail + sq.size - 1) % sq.size);
+  });
+
+  it('after a window with no commands, EventIdx is armed again and polling stops', async () => {
+    const h = await shadowHost({ size: 16, tailPollUs: 50_000 });
+    const first = submitLikeLinux(h, 1);
+    await expectCompletions(h, first.cids);
+    await until(() => h.memory.get32(EVENT_IDX + slot(QID, false)) === 0, 'polled: EventIdx one behind tail 1');
+    await until(() => h.memory.get32(EVENT_IDX + slot(QID, false)) === 1, 'window over: EventIdx armed at tail 1');
+    // Polling has stopped: a command written only to the shadow, without the ring EventIdx asks
+    // for, is not taken (the 1 ms re-check of the trapped mode is not running either).
+    const q = h.queues.get(QID)!;
+    const cid = h.place(QID, flush());
+    h.memory.set32(SHADOW + slot(QID, false), q.sqTail);
+    await expectNoMoreCompletions(h);
+    await new Promise((resolve) => setTimeout(resolve, 20));
+    await expectNoMoreCompletions(h);
+    // The ring it asked for brings the command in, and the SQ is polled again.
+    mmioSq(h, q.sqTail);
+    await expectCompletions(h, [cid]);
+    await until(() => h.memory.get32(EVENT_IDX + slot(QID, false)) === 1, 'polled again: EventIdx one behind tail 2');
+    expect(submitLikeLinux(h, 1).rang).toBe(false);
+  });
+
+  it('a host following EventIdx loses no command across many polled and idle spells, ring wraps included', async () => {
+    const h = await shadowHost({ size: 8, tailPollUs: 300 });
+    let rings = 0;
+    let submitted = 0;
+    for (let round = 0; round < 60; round++) {
+      const batch = submitLikeLinux(h, 1 + (round % 4));
+      submitted += batch.cids.length;
+      if (batch.rang) rings++;
+      await expectCompletions(h, batch.cids);
+      // Every fifth round the host falls silent for longer than the window.
+      if (round % 5 === 4) await new Promise((resolve) => setTimeout(resolve, 3));
+    }
+    await expectNoMoreCompletions(h);
+    expect(submitted).toBe(150);
+    // At least one ring per idle spell, never one per submission.
+    expect(rings).toBeGreaterThanOrEqual(12);
+    expect(rings).toBeLessThan(60);
+    const sq = h.controller.state.submissionQueues[QID]!;
+    expect({ head: sq.head, tail: sq.tail }).toEqual({ head: 150 % 8, tail: 150 % 8 });
+  });
+
+  it('a deep queue is not polled: with completions the host has not reaped, EventIdx stays armed', async () => {
+    const h = await shadowHost({ size: 16, tailPollUs: 10_000_000 });
+    const first = submitLikeLinux(h, 4);
+    expect(first.rang).toBe(true);
+    const cq = h.controller.state.completionQueues[QID]!;
+    await until(() => cq.tail === 4, 'four posted completions');
+    await settle();
+    // Four unreaped completions: the SQ rings as in the trapped mode.
+    expect(h.memory.get32(EVENT_IDX + slot(QID, false))).toBe(4);
+    const second = submitLikeLinux(h, 1);
+    expect(second.rang).toBe(true);
+    await expectCompletions(h, [...first.cids, ...second.cids]);
+    // Reaped down to at most one: the next submission makes it shallow, and polled.
+    const third = submitLikeLinux(h, 1);
+    expect(third.rang).toBe(true);
+    await expectCompletions(h, third.cids);
+    await until(() => h.memory.get32(EVENT_IDX + slot(QID, false)) === 5, 'polled: EventIdx one behind tail 6');
+    expect(submitLikeLinux(h, 1).rang).toBe(false);
+  });
+
+  it('a suspension ends polling; resume arms EventIdx so the next submission rings', async () => {
+    const h = await shadowHost({ size: 16, tailPollUs: 10_000_000 });
+    const first = submitLikeLinux(h, 1);
+    await expectCompletions(h, first.cids);
+    await until(() => h.memory.get32(EVENT_IDX + slot(QID, false)) === 0, 'polled: EventIdx behind');
+    await h.controller.suspend();
+    // Written while suspended, shadow only (EventIdx still says "no need to ring"): not taken.
+    const during = submitLikeLinux(h, 1);
+    expect(during.rang).toBe(false);
+    await expectNoMoreCompletions(h);
+    h.controller.resume();
+    await expectCompletions(h, during.cids);
+    await until(() => h.memory.get32(EVENT_IDX + slot(QID, false)) === 1, 'polled again after resume');
+    const after = submitLikeLinux(h, 1);
+    await expectCompletions(h, after.cids);
+    await expectNoMoreCompletions(h);
   });
 });
