@@ -7,10 +7,23 @@ import * as path from 'node:path';
 import { qemuBinary } from '../test/e2e/guest.js';
 import { freshImage, qemuDeviceProperties } from './host-stats.js';
 
-export type DeviceKind = 'ours' | 'qemu-nvme' | 'qemu-nvme-ioeventfd' | 'virtio-blk' | 'virtio-blk-iothread' | 'qemu-nvme-null';
+export type DeviceKind = 'ours' | 'ours-poll' | 'qemu-nvme' | 'qemu-nvme-ioeventfd' | 'virtio-blk' | 'virtio-blk-iothread' | 'qemu-nvme-null';
 
 /** The default order: ours first, then the baseline every ratio is taken against. */
-export const ALL_DEVICES: readonly DeviceKind[] = ['ours', 'qemu-nvme', 'qemu-nvme-ioeventfd', 'virtio-blk', 'virtio-blk-iothread', 'qemu-nvme-null'];
+export const ALL_DEVICES: readonly DeviceKind[] = ['ours', 'ours-poll', 'qemu-nvme', 'qemu-nvme-ioeventfd', 'virtio-blk', 'virtio-blk-iothread', 'qemu-nvme-null'];
+
+/** The poll window `ours-poll` serves with: longer than a TCG guest takes between two QD1 submissions. */
+export const BENCH_POLL_US = 200;
+
+/** Our server serves these (a separate `serve` process); QEMU emulates the rest. */
+export const isOurs = (kind: DeviceKind): boolean => kind === 'ours' || kind === 'ours-poll';
+
+/** `serve` arguments beyond the socket for one of our devices. */
+export function ourServeArgs(kind: DeviceKind, image: string): string[] {
+  // warn: per-command info logging would be measured as device overhead.
+  const args = ['--namespace', `file=${image},size=1G`, '--log-level', 'warn'];
+  return kind === 'ours-poll' ? [...args, '--poll-us', String(BENCH_POLL_US)] : args;
+}
 
 /** Every ratio in the reports is device / this one, measured in the same run. */
 export const BASELINE: DeviceKind = 'qemu-nvme';
@@ -30,6 +43,12 @@ export const DEVICES: Record<DeviceKind, DeviceSpec> = {
     label: 'ours (vfio-user)',
     guest: 'nvme',
     attach: '`nvme-vfio-user serve --namespace file=/dev/shm/…,size=1G --log-level warn` (the real CLI), `-device vfio-user-pci`',
+    needs: [],
+  },
+  'ours-poll': {
+    label: 'ours, --poll-us 200',
+    guest: 'nvme',
+    attach: 'the same with `--poll-us 200`: busy SQs\' shadow tails polled, EventIdx keeping the guest from ringing',
     needs: [],
   },
   'qemu-nvme': {
@@ -81,6 +100,7 @@ export function qemuDeviceArgs(kind: DeviceKind, o: QemuDeviceOptions): string[]
   const qp = o.maxIoQpairs !== undefined ? `,max_ioqpairs=${o.maxIoQpairs}` : '';
   switch (kind) {
     case 'ours':
+    case 'ours-poll':
       return [];
     case 'qemu-nvme':
       return [...drive, '-device', `nvme,drive=${id},serial=bench${id},ioeventfd=off${qp}`];

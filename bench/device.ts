@@ -7,13 +7,14 @@
 // The matrix: 4 KiB randread and randwrite, QD 1/32/128 per queue, 1 and 4 queues, on a RAM and on
 // a file (/dev/shm) namespace. With --baseline DIR every point also runs against the server of
 // another checkout (e.g. `git archive main`), interleaved A B B A, so before/after share the
-// machine's conditions. With --cpu-prof the server of one extra QD32 run is under `node
+// machine's conditions. --poll-us passes `serve --poll-us` (shadow-tail polling); two values compare
+// them the same way, interleaved, on this checkout. With --cpu-prof the server of one extra QD32 run is under `node
 // --cpu-prof`; its profile is summarised in device-profile.md (top self time) and kept as folded
 // stacks (a flame graph's input).
 //
 // Usage: npx tsx bench/device.ts [--runtime 3] [--warmup 0.5] [--reps 1] [--qd 1,32,128]
 //          [--queues 1,4] [--ns ram,file] [--rw randread,randwrite] [--region 256]
-//          [--doorbells shadow|mmio] [--coalescing CDW11] [--baseline DIR] [--cpu-prof]
+//          [--doorbells shadow|mmio] [--coalescing CDW11] [--poll-us N[,M]] [--baseline DIR] [--cpu-prof]
 //          [--profile-qd 32] [--out bench/results/device]
 // See bench/README.md.
 
@@ -51,6 +52,8 @@ interface Options {
   doorbells: 'shadow' | 'mmio';
   /** Interrupt Coalescing to set (Set Features 08h CDW11), or null to leave the default (off). */
   coalescing: number | null;
+  /** `serve --poll-us` values; two of them are compared like a baseline. */
+  pollUs: number[];
   baseline: string | null;
   cpuProf: boolean;
   /** QD of the profiled run (RAM, randread, 1 queue). */
@@ -85,6 +88,7 @@ function parseOptions(argv: string[]): Options {
       region: { type: 'string', default: '256' },
       doorbells: { type: 'string', default: 'shadow' },
       coalescing: { type: 'string' },
+      'poll-us': { type: 'string', default: '0' },
       baseline: { type: 'string' },
       'cpu-prof': { type: 'boolean', default: false },
       'profile-qd': { type: 'string', default: '32' },
@@ -111,6 +115,9 @@ function parseOptions(argv: string[]): Options {
   const queueCounts = values.queues.split(',').map((v) => positive('queues', v));
   if (queueCounts.some((q) => q > 8 || !Number.isInteger(q))) throw new Error('--queues values must be integers of at most 8');
   const doorbells = list('doorbells', values.doorbells, ['shadow', 'mmio'] as const)[0]!;
+  const pollUs = values['poll-us'].split(',').map(Number);
+  if (pollUs.length > 2 || pollUs.some((v) => !Number.isInteger(v) || v < 0)) throw new Error('--poll-us takes one or two whole numbers of µs');
+  if (pollUs.length === 2 && values.baseline) throw new Error('--poll-us with two values compares on this checkout: no --baseline with it');
   return {
     runtimeSec: positive('runtime', values.runtime),
     warmupSec: Number(values.warmup),
@@ -122,6 +129,7 @@ function parseOptions(argv: string[]): Options {
     regionMiB: positive('region', values.region),
     doorbells,
     coalescing: values.coalescing === undefined ? null : Number(values.coalescing),
+    pollUs,
     baseline: values.baseline ? path.resolve(values.baseline) : null,
     cpuProf: values['cpu-prof'],
     profileDepth: positive('profile-qd', values['profile-qd']),
@@ -417,6 +425,7 @@ interface ServerUnderTest {
   label: string;
   /** The checkout whose src/bin/nvme-vfio-user.ts runs. */
   root: string;
+  pollUs: number;
 }
 
 /**
@@ -447,7 +456,8 @@ async function startServer(sut: ServerUnderTest, ns: NamespaceKind, o: Options, 
   const spec = imagePath ? `file=${imagePath},size=${NAMESPACE_BYTES},lbads=${BLOCK_BYTES}` : `ram,size=${NAMESPACE_BYTES},lbads=${BLOCK_BYTES}`;
   const maxQueues = Math.max(...o.queueCounts);
   const command = [process.execPath, ...nodeFlags, path.join(sut.root, 'dist', 'src', 'bin', 'nvme-vfio-user.js')];
-  const server = await startServerProcess(socket, ['--namespace', spec, '--io-queues', String(Math.max(4, maxQueues)), '--log-level', 'warn'], { command, cwd: REPO });
+  const polling = sut.pollUs > 0 ? ['--poll-us', String(sut.pollUs)] : [];
+  const server = await startServerProcess(socket, ['--namespace', spec, '--io-queues', String(Math.max(4, maxQueues)), ...polling, '--log-level', 'warn'], { command, cwd: REPO });
   const rig = await attachRig(server, o, maxQueues);
   await precondition(rig, o.regionMiB << 20);
   return { server, rig, imagePath };
@@ -516,7 +526,7 @@ function report(results: PointResult[], points: Point[], servers: ServerUnderTes
       `4 KiB I/O at random 4 KiB-aligned offsets inside the first ${o.regionMiB} MiB (written once before), ${o.runtimeSec} s per point after ${o.warmupSec} s of warm-up, ${o.reps} repetition(s)${servers.length > 1 ? ', servers interleaved A B B A' : ''}. ` +
       'QD is per queue. Latency is from placing the command to the driver seeing its completion after the interrupt. A range is min–max over repetitions.',
     '',
-    `Servers: ${servers.map((s) => `${s.label} = ${path.relative(REPO, s.root) || '.'}${meta[`rev:${s.label}`] ? ` (${meta[`rev:${s.label}`]})` : ''}`).join('; ')}.`,
+    `Servers: ${servers.map((s) => `${s.label} = ${path.relative(REPO, s.root) || '.'}${meta[`rev:${s.label}`] ? ` (${meta[`rev:${s.label}`]})` : ''}${s.pollUs > 0 ? ` with --poll-us ${s.pollUs}` : ''}`).join('; ')}.`,
     '',
     resultTable(results, points, servers),
     '',
@@ -555,8 +565,12 @@ async function profileRun(o: Options, workDir: string, me: ServerUnderTest): Pro
 async function main(): Promise<void> {
   const o = parseOptions(process.argv.slice(2));
   const workDir = fs.mkdtempSync(path.join(os.tmpdir(), 'nvu-device-bench-'));
-  const me: ServerUnderTest = { label: o.baseline ? 'new' : 'ours', root: REPO };
-  const servers: ServerUnderTest[] = o.baseline ? [{ label: 'base', root: o.baseline }, me] : [me];
+  const me: ServerUnderTest = { label: o.baseline ? 'new' : 'ours', root: REPO, pollUs: o.pollUs[0]! };
+  const servers: ServerUnderTest[] = o.baseline
+    ? [{ label: 'base', root: o.baseline, pollUs: o.pollUs[0]! }, me]
+    : o.pollUs.length === 2
+      ? o.pollUs.map((pollUs) => ({ label: `poll${pollUs}`, root: REPO, pollUs }))
+      : [me];
   const points: Point[] = [];
   for (const ns of o.namespaces) for (const pattern of o.patterns) for (const queues of o.queueCounts) for (const depth of o.depths) points.push({ ns, pattern, queues, depth });
   const meta: Record<string, string> = { date: new Date().toISOString(), cpu: cpuModel(), loadBefore: fmt(os.loadavg()[0]!, 2), loadAfter: '' };

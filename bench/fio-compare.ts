@@ -1,5 +1,6 @@
 // fio in a real guest against several block devices, in one run on one machine:
 //   ours                 our NVMe controller (`serve`, one file namespace on /dev/shm) over vfio-user-pci
+//   ours-poll            the same with `--poll-us 200` (shadow-tail polling)
 //   qemu-nvme            QEMU's own `-device nvme` (ioeventfd=off, its default) on a raw image on /dev/shm:
 //                        the baseline every ratio is taken against
 //   qemu-nvme-ioeventfd  the same with ioeventfd=on
@@ -28,7 +29,7 @@ import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { ensureHarness, runGuest, type GuestRun } from '../test/e2e/guest.js';
 import { startServerProcess, type ServerProcess } from '../test/support/server-process.js';
-import { ALL_DEVICES, BASELINE, checkQemuSupports, DEVICES, probeAio, qemuDeviceArgs, usesImage, type DeviceKind } from './bench-devices.js';
+import { ALL_DEVICES, BASELINE, checkQemuSupports, DEVICES, isOurs, ourServeArgs, probeAio, qemuDeviceArgs, usesImage, type DeviceKind } from './bench-devices.js';
 import { extractFioResults, fioCommon, fioJobArgs, guestHwQueues, guestPrelude, WORKLOADS } from './guest-fio.js';
 import { cpuModel, cpuSeconds, findQemuPid, freshImage, loadavg, qemuVersion, watchForeignQemu } from './host-stats.js';
 import { migrationSection, readMigrationJson, summarizeMigration } from './migration-summary.js';
@@ -169,10 +170,9 @@ async function runDevice(device: DeviceKind, rep: number, ctx: BenchContext): Pr
   fs.rmSync(image, { force: true });
   let server: ServerProcess | undefined;
   const vfioUserSockets: string[] = [];
-  if (device === 'ours') {
-    const sock = path.join(ctx.workDir, `ours-${rep}.sock`);
-    // warn: per-command info logging would be measured as device overhead.
-    server = await startServerProcess(sock, ['--namespace', `file=${image},size=1G`, '--log-level', 'warn']);
+  if (isOurs(device)) {
+    const sock = path.join(ctx.workDir, `${device}-${rep}.sock`);
+    server = await startServerProcess(sock, ourServeArgs(device, image));
     vfioUserSockets.push(sock);
   } else if (usesImage(device)) {
     freshImage(image);

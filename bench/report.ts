@@ -1,7 +1,7 @@
 // The device comparison's results: what one guest boot measured, the means and ratios against QEMU
 // nvme (the summary that also goes to latest.json), and the Markdown tables.
 
-import { BASELINE, DEVICES, type DeviceKind } from './bench-devices.js';
+import { BASELINE, DEVICES, isOurs, type DeviceKind } from './bench-devices.js';
 import { WORKLOADS, type FioResult } from './guest-fio.js';
 
 /** One fio job of one boot, with the CPU time spent between its START and END markers. */
@@ -146,7 +146,7 @@ export function workloadTables(runs: DeviceRun[], devices: DeviceKind[]): string
         perRun(d, w.id, GET.clatUs, 0),
         perRun(d, w.id, GET.p99Us, 0),
         r(GET.iops), r(GET.clatUs), r(GET.p99Us),
-        d === 'ours' ? perRun(d, w.id, GET.serverCpuUs, 1) : '—',
+        isOurs(d) ? perRun(d, w.id, GET.serverCpuUs, 1) : '—',
         perRun(d, w.id, GET.qemuCpuUs, 1),
         fmt(mean(valuesOf(runs, d, w.id, GET.hostCpuUs)), 1),
         r(GET.hostCpuUs),
