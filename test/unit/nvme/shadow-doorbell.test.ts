@@ -326,33 +326,48 @@ function submitLikeLinux(h: TestHost, count: number): { cids: number[]; rang: bo
   return { cids, rang };
 }
 
+/** Shallow fetches in a row before an SQ is polled (tail-polling.ts SHALLOW_STREAK). */
+const SHALLOW_STREAK = 8;
+
+/** A QD1 host: one command at a time, reaped before the next; returns how many of them rang. */
+async function qd1(h: TestHost, commands: number): Promise<number> {
+  let rings = 0;
+  for (let i = 0; i < commands; i++) {
+    const one = submitLikeLinux(h, 1);
+    if (one.rang) rings++;
+    await expectCompletions(h, one.cids);
+  }
+  return rings;
+}
+
+const sqEventIdx = (h: TestHost): number => h.memory.get32(EVENT_IDX + slot(QID, false));
+
+/** EventIdx one behind the SQ's tail: the controller is polling it. */
+async function untilPolled(h: TestHost, what: string): Promise<void> {
+  const sq = h.controller.state.submissionQueues[QID]!;
+  await until(() => sqEventIdx(h) === (sq.tail + sq.size - 1) % sq.size, what);
+}
+
 describe('tail polling (serve --poll-us)', () => {
-  it('while an SQ is busy its EventIdx stays one behind the tail: commands come in with no doorbell rung', async () => {
+  it('a QD1 host is polled after a streak of shallow fetches: EventIdx stays one behind the tail and nothing rings', async () => {
     // A window far longer than this test: the SQ stays polled throughout.
     const h = await shadowHost({ size: 16, tailPollUs: 10_000_000 });
-    const first = submitLikeLinux(h, 1);
-    expect(first.rang).toBe(true); // an idle queue: EventIdx was armed
-    await expectCompletions(h, first.cids);
-    await until(() => h.memory.get32(EVENT_IDX + slot(QID, false)) === 0, 'EventIdx one behind tail 1');
-    // Queue depth 1, the case polling is for (a deeper host is not polled, below).
-    let rings = 0;
-    for (let round = 0; round < 20; round++) {
-      const batch = submitLikeLinux(h, 1);
-      if (batch.rang) rings++;
-      await expectCompletions(h, batch.cids);
-    }
-    expect(rings).toBe(0);
+    // Every command rings until the streak is complete (EventIdx armed, as without polling).
+    expect(await qd1(h, SHALLOW_STREAK - 1)).toBe(SHALLOW_STREAK - 1);
+    expect(sqEventIdx(h)).toBe(SHALLOW_STREAK - 1);
+    expect(await qd1(h, 1)).toBe(1);
+    await untilPolled(h, 'polled after the streak');
+    expect(await qd1(h, 40)).toBe(0);
     await expectNoMoreCompletions(h);
-    const sq = h.controller.state.submissionQueues[QID]!;
-    expect(h.memory.get32(EVENT_IDX + slot(QID, false))).toBe((sq.tail + sq.size - 1) % sq.size);
+    await untilPolled(h, 'still polled');
   });
 
-  it('after a window with no commands, EventIdx is armed again and polling stops', async () => {
+  it('after a window with no commands, EventIdx is armed again and polling stops; the next command is polled at once', async () => {
     const h = await shadowHost({ size: 16, tailPollUs: 50_000 });
-    const first = submitLikeLinux(h, 1);
-    await expectCompletions(h, first.cids);
-    await until(() => h.memory.get32(EVENT_IDX + slot(QID, false)) === 0, 'polled: EventIdx one behind tail 1');
-    await until(() => h.memory.get32(EVENT_IDX + slot(QID, false)) === 1, 'window over: EventIdx armed at tail 1');
+    await qd1(h, SHALLOW_STREAK);
+    await untilPolled(h, 'polled');
+    const sq = h.controller.state.submissionQueues[QID]!;
+    await until(() => sqEventIdx(h) === sq.tail, 'window over: EventIdx armed at the tail');
     // Polling has stopped: a command written only to the shadow, without the ring EventIdx asks
     // for, is not taken (the 1 ms re-check of the trapped mode is not running either).
     const q = h.queues.get(QID)!;
@@ -361,59 +376,61 @@ describe('tail polling (serve --poll-us)', () => {
     await expectNoMoreCompletions(h);
     await new Promise((resolve) => setTimeout(resolve, 20));
     await expectNoMoreCompletions(h);
-    // The ring it asked for brings the command in, and the SQ is polled again.
+    // The ring it asked for brings the command in, and an idle spell does not end the streak:
+    // the SQ is polled again right away.
     mmioSq(h, q.sqTail);
     await expectCompletions(h, [cid]);
-    await until(() => h.memory.get32(EVENT_IDX + slot(QID, false)) === 1, 'polled again: EventIdx one behind tail 2');
+    await untilPolled(h, 'polled again');
     expect(submitLikeLinux(h, 1).rang).toBe(false);
   });
 
-  it('a host following EventIdx loses no command across many polled and idle spells, ring wraps included', async () => {
+  it('a deep queue is not polled: completions the host has not reaped arm EventIdx and restart the streak', async () => {
+    const h = await shadowHost({ size: 16, tailPollUs: 10_000_000 });
+    await qd1(h, SHALLOW_STREAK);
+    await untilPolled(h, 'polled');
+    // Four commands at once, unreaped: deep.
+    const deep = submitLikeLinux(h, 4);
+    expect(deep.rang).toBe(false);
+    const cq = h.controller.state.completionQueues[QID]!;
+    const sq = h.controller.state.submissionQueues[QID]!;
+    await until(() => cq.tail === (SHALLOW_STREAK + 4) % 16, 'four more posted completions');
+    await settle();
+    expect(sqEventIdx(h)).toBe(sq.tail);
+    expect(submitLikeLinux(h, 1).rang).toBe(true);
+    await expectCompletions(h, deep.cids);
+    await until(() => cq.tail === (SHALLOW_STREAK + 5) % 16, 'the fifth');
+    await reapShadow(h);
+    // Back at QD1: it rings until a new streak is complete, then is polled again.
+    expect(await qd1(h, SHALLOW_STREAK)).toBe(SHALLOW_STREAK);
+    await untilPolled(h, 'polled after a new streak');
+    expect(await qd1(h, 5)).toBe(0);
+  });
+
+  it('a host following EventIdx loses no command across polled, idle and deep spells, ring wraps included', async () => {
     const h = await shadowHost({ size: 8, tailPollUs: 300 });
     let rings = 0;
     let submitted = 0;
-    for (let round = 0; round < 60; round++) {
-      const batch = submitLikeLinux(h, 1 + (round % 4));
+    for (let round = 0; round < 120; round++) {
+      // Mostly QD1; every 30th round a batch of 3 (deep); every 5th an idle spell past the window.
+      const batch = submitLikeLinux(h, round % 30 === 29 ? 3 : 1);
       submitted += batch.cids.length;
       if (batch.rang) rings++;
       await expectCompletions(h, batch.cids);
-      // Every fifth round the host falls silent for longer than the window.
       if (round % 5 === 4) await new Promise((resolve) => setTimeout(resolve, 3));
     }
     await expectNoMoreCompletions(h);
-    expect(submitted).toBe(150);
-    // At least one ring per idle spell, never one per submission.
-    expect(rings).toBeGreaterThanOrEqual(12);
-    expect(rings).toBeLessThan(60);
+    expect(submitted).toBe(128);
+    // A ring per idle spell and per new streak, never one per submission.
+    expect(rings).toBeGreaterThanOrEqual(24);
+    expect(rings).toBeLessThan(100);
     const sq = h.controller.state.submissionQueues[QID]!;
-    expect({ head: sq.head, tail: sq.tail }).toEqual({ head: 150 % 8, tail: 150 % 8 });
-  });
-
-  it('a deep queue is not polled: with completions the host has not reaped, EventIdx stays armed', async () => {
-    const h = await shadowHost({ size: 16, tailPollUs: 10_000_000 });
-    const first = submitLikeLinux(h, 4);
-    expect(first.rang).toBe(true);
-    const cq = h.controller.state.completionQueues[QID]!;
-    await until(() => cq.tail === 4, 'four posted completions');
-    await settle();
-    // Four unreaped completions: the SQ rings as in the trapped mode.
-    expect(h.memory.get32(EVENT_IDX + slot(QID, false))).toBe(4);
-    const second = submitLikeLinux(h, 1);
-    expect(second.rang).toBe(true);
-    await expectCompletions(h, [...first.cids, ...second.cids]);
-    // Reaped down to at most one: the next submission makes it shallow, and polled.
-    const third = submitLikeLinux(h, 1);
-    expect(third.rang).toBe(true);
-    await expectCompletions(h, third.cids);
-    await until(() => h.memory.get32(EVENT_IDX + slot(QID, false)) === 5, 'polled: EventIdx one behind tail 6');
-    expect(submitLikeLinux(h, 1).rang).toBe(false);
+    expect({ head: sq.head, tail: sq.tail }).toEqual({ head: 128 % 8, tail: 128 % 8 });
   });
 
   it('a suspension ends polling; resume arms EventIdx so the next submission rings', async () => {
     const h = await shadowHost({ size: 16, tailPollUs: 10_000_000 });
-    const first = submitLikeLinux(h, 1);
-    await expectCompletions(h, first.cids);
-    await until(() => h.memory.get32(EVENT_IDX + slot(QID, false)) === 0, 'polled: EventIdx behind');
+    await qd1(h, SHALLOW_STREAK);
+    await untilPolled(h, 'polled');
     await h.controller.suspend();
     // Written while suspended, shadow only (EventIdx still says "no need to ring"): not taken.
     const during = submitLikeLinux(h, 1);
@@ -421,9 +438,8 @@ describe('tail polling (serve --poll-us)', () => {
     await expectNoMoreCompletions(h);
     h.controller.resume();
     await expectCompletions(h, during.cids);
-    await until(() => h.memory.get32(EVENT_IDX + slot(QID, false)) === 1, 'polled again after resume');
-    const after = submitLikeLinux(h, 1);
-    await expectCompletions(h, after.cids);
+    await untilPolled(h, 'polled again after resume');
+    expect(await qd1(h, 3)).toBe(0);
     await expectNoMoreCompletions(h);
   });
 });
