@@ -48,7 +48,7 @@ export const DEVICES: Record<DeviceKind, DeviceSpec> = {
   'ours-poll': {
     label: 'ours, --poll-us 200',
     guest: 'nvme',
-    attach: 'the same with `--poll-us 200`: busy SQs\' shadow tails polled, EventIdx keeping the guest from ringing',
+    attach: 'the same with `--poll-us 200`: busy, shallow SQs\' shadow tails polled, EventIdx keeping the guest from ringing',
     needs: [],
   },
   'qemu-nvme': {

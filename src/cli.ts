@@ -72,11 +72,11 @@ serve options:
   --mdts N            Max data transfer = 2^N x 4 KiB (default 8: 1 MiB).
   --interrupts MODE   Best interrupt mode offered: msix (MSI-X, MSI and INTx;
                       default), msi (MSI and INTx) or intx (INTx only).
-  --poll-us N         Poll a busy I/O queue's shadow doorbell for N µs after
-                      it last took commands, keeping the guest from ringing
-                      the trapped doorbell meanwhile (needs a driver using
-                      Doorbell Buffer Config, as Linux does). Lower latency
-                      for CPU. Default 0: never poll.
+  --poll-us N         Poll a busy, shallow I/O queue's shadow doorbell for N
+                      µs after it last took commands, keeping the guest from
+                      ringing the trapped doorbell meanwhile (needs a driver
+                      using Doorbell Buffer Config, as Linux does). Lower QD1
+                      latency for CPU. Default 0: never poll.
   --nqn NQN, --serial S, --model M
                       Subsystem identity shown by Identify Controller.
   --write-multiple    Offer REGION_WRITE_MULTI to clients that support it.
