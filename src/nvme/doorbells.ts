@@ -52,7 +52,7 @@ export class Doorbells {
       worthPolling: (qid) => this.shallow(qid),
       suppress: (qid) => {
         const sq = host.state.submissionQueues[qid];
-        if (sq) void this.publishEventIdx(qid, false, (sq.tail + sq.size - 1) % sq.size);
+        if (sq) void this.publishEventIdx(qid, false, oneBehindTail(sq));
       },
       arm: (qid) => {
         const sq = host.state.submissionQueues[qid];
@@ -155,7 +155,7 @@ export class Doorbells {
   refreshShadowTail(sq: SubmissionQueueState): MaybePromise<boolean> {
     if (!this.usesShadow(sq.qid)) return false;
     const stillThere = (): boolean => this.host.state.submissionQueues[sq.qid] === sq;
-    const eventIdx = this.polling.isPolled(sq.qid) ? (sq.tail + sq.size - 1) % sq.size : sq.tail;
+    const eventIdx = this.polling.isPolled(sq.qid) ? oneBehindTail(sq) : sq.tail;
     return andThen(this.publishEventIdx(sq.qid, false, eventIdx), () =>
       andThen(this.movedShadow(sq.qid, false, sq.tail, stillThere, (tail) => tail < sq.size), (tail) => {
         if (tail === null) return false;
@@ -370,6 +370,9 @@ const LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
 
 /** Byte offset of a queue's doorbell inside a doorbell buffer (stride 4, as CAP.DSTRD = 0). */
 const slot = (qid: number, completion: boolean): number => (2 * qid + (completion ? 1 : 0)) * 4;
+
+/** The EventIdx of a polled SQ: a host's next tail update never passes it, so it never rings. */
+const oneBehindTail = (sq: SubmissionQueueState): number => (sq.tail + sq.size - 1) % sq.size;
 
 /** A CQ head may only move forward over entries the controller posted. */
 function validCqHead(cq: CompletionQueueState, head: number): boolean {
