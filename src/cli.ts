@@ -182,6 +182,10 @@ export function parseServe(args: string[]): ServeOptions | 'help' {
 }
 
 async function serve(options: ServeOptions): Promise<void> {
+  // The server outlives whoever reads its output: a closed stdout or stderr (`serve | head`, a log
+  // collector that died) fails those writes, and must not end the process and every VM's
+  // controllers with it. Nothing is left to report such an error to.
+  for (const stream of [process.stdout, process.stderr]) stream.on('error', () => {});
   const log = createLogger(options.logLevel);
   let runtime: ServerHost;
   try {

@@ -1,5 +1,5 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -90,6 +90,26 @@ describe('nvme-vfio-user CLI', () => {
     const result = cli('serve', '--help');
     expect(result.status).toBe(0);
     for (const option of ['--socket', '--socket-mode', '--namespace', '--config', '--device', '--io-queues', '--queue-entries', '--mdts', '--interrupts', '--poll-us', '--nqn', '--write-multiple', '--log-level']) expect(result.stdout).toContain(option);
+  });
+
+  it('keeps serving when whoever read its stdout and stderr goes away (EPIPE)', async () => {
+    const control = join(dir, 'epipe-control.sock');
+    const child = spawn(SOURCE_COMMAND[0]!, [...SOURCE_COMMAND.slice(1), 'serve', '--secondaries', '1', '--control', control], { cwd: repoRoot, stdio: ['ignore', 'pipe', 'pipe'] });
+    try {
+      // As `serve | head -0` would: the reading ends are gone before the server prints anything.
+      child.stdout!.destroy();
+      child.stderr!.destroy();
+      const deadline = Date.now() + 20_000;
+      while (!existsSync(control) && child.exitCode === null && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+      // Its "control on" line and its log lines have met EPIPE by now.
+      await new Promise((r) => setTimeout(r, 500));
+      expect(child.exitCode).toBe(null);
+      const listed = cli('vsubsys', 'list', '--control', control);
+      expect(listed.status).toBe(0);
+    } finally {
+      child.kill('SIGTERM');
+      if (child.exitCode === null) await new Promise((r) => child.once('exit', r));
+    }
   });
 
   it('refuses a socket path held by a live server, and SIGINT removes the socket', async () => {
