@@ -146,7 +146,7 @@ export const doorbellSlot = (qid: number, completion: boolean): number => (2 * q
  * Linux's nvme_dbbuf_need_event: the new value passed the controller's EventIdx since the old one,
  * so the controller asked to hear about it (16-bit arithmetic, as the queue indexes wrap).
  */
-const needsEvent = (eventIdx: number, value: number, old: number): boolean => ((value - eventIdx - 1) & 0xffff) < ((value - old) & 0xffff);
+export const needsEvent = (eventIdx: number, value: number, old: number): boolean => ((value - eventIdx - 1) & 0xffff) < ((value - old) & 0xffff);
 
 export interface AttachOptions {
   ramBase?: number;

@@ -11,6 +11,7 @@ import { AdminOpcode, NvmOpcode, Reg, Status } from '../../../src/nvme/spec.js';
 import { Namespace } from '../../../src/nvme/namespace.js';
 import { RamBackend } from '../../../src/nvme/backend.js';
 import { DATA, TestHost, tick, until, type Cqe } from './helpers.js';
+import { needsEvent } from '../../support/nvme-host.js';
 
 const SHADOW = DATA + 0x10000;
 const EVENT_IDX = DATA + 0x11000;
@@ -308,9 +309,6 @@ describe('shadow doorbells', () => {
     expect(h.controller.state.errorLog.count).toBe(0);
   });
 });
-
-/** Linux's nvme_dbbuf_need_event: the new tail passed EventIdx since the old one (u16 arithmetic). */
-const needsEvent = (eventIdx: number, value: number, old: number): boolean => ((value - eventIdx - 1) & 0xffff) < ((value - old) & 0xffff);
 
 /**
  * Submits as Linux's nvme_dbbuf_update_and_check_event does: shadow tail first, then EventIdx
