@@ -75,10 +75,10 @@ export class TailPolling {
     }
     const streak = (this.shallowStreak.get(qid) ?? 0) + 1;
     this.shallowStreak.set(qid, streak);
-    if (streak < SHALLOW_STREAK && !this.hot.has(qid)) return false;
-    const fresh = !this.hot.has(qid);
+    const polled = this.hot.has(qid);
+    if (!polled && streak < SHALLOW_STREAK) return false;
     this.hot.set(qid, performance.now());
-    if (fresh) this.queues.suppress(qid);
+    if (!polled) this.queues.suppress(qid);
     this.schedule();
     return true;
   }
@@ -102,10 +102,12 @@ export class TailPolling {
       if (seen === 'gone') {
         // Suspended, detached or deleted: no memory to touch. The streak stands for a resume.
         this.hot.delete(qid);
-      } else if (!this.queues.worthPolling(qid)) {
-        this.release(qid);
       } else if (seen === 'moved') {
+        // The fetch ends in took(), which judges the depth.
         this.queues.kick(qid);
+      } else if (!this.queues.worthPolling(qid)) {
+        // Gone deep without new commands (completions that came later).
+        this.release(qid);
       } else if (now - lastTook >= this.windowMs) {
         // Idle, not deep: the streak stands, and the next command that comes in is polled for again.
         this.stopPolling(qid);
