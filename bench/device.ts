@@ -8,13 +8,16 @@
 // a file (/dev/shm) namespace. With --baseline DIR every point also runs against the server of
 // another checkout (e.g. `git archive main`), interleaved A B B A, so before/after share the
 // machine's conditions. --poll-us passes `serve --poll-us` (shadow-tail polling); two values compare
-// them the same way, interleaved, on this checkout. With --cpu-prof the server of one extra QD32 run is under `node
+// them the same way, interleaved, on this checkout. --completions poll makes the driver find its
+// completions by polling its CQs, created with interrupts off (Linux's poll queues, SPDK's perf), so
+// latency no longer includes the driver's own wake-up on an interrupt eventfd. With --cpu-prof the server of one extra QD32 run is under `node
 // --cpu-prof`; its profile is summarised in device-profile.md (top self time) and kept as folded
 // stacks (a flame graph's input).
 //
 // Usage: npx tsx bench/device.ts [--runtime 3] [--warmup 0.5] [--reps 1] [--qd 1,32,128]
 //          [--queues 1,4] [--ns ram,file] [--rw randread,randwrite] [--region 256]
-//          [--doorbells shadow|mmio] [--coalescing CDW11] [--poll-us N[,M]] [--baseline DIR] [--cpu-prof]
+//          [--doorbells shadow|mmio] [--coalescing CDW11] [--poll-us N[,M]] [--completions irq|poll]
+//          [--baseline DIR] [--cpu-prof]
 //          [--profile-qd 32] [--out bench/results/device]
 // See bench/README.md.
 
@@ -54,6 +57,8 @@ interface Options {
   coalescing: number | null;
   /** `serve --poll-us` values; two of them are compared like a baseline. */
   pollUs: number[];
+  /** How the driver learns of completions: MSI-X interrupts, or polling CQs created without them. */
+  completions: 'irq' | 'poll';
   baseline: string | null;
   cpuProf: boolean;
   /** QD of the profiled run (RAM, randread, 1 queue). */
@@ -89,6 +94,7 @@ function parseOptions(argv: string[]): Options {
       doorbells: { type: 'string', default: 'shadow' },
       coalescing: { type: 'string' },
       'poll-us': { type: 'string', default: '0' },
+      completions: { type: 'string', default: 'irq' },
       baseline: { type: 'string' },
       'cpu-prof': { type: 'boolean', default: false },
       'profile-qd': { type: 'string', default: '32' },
@@ -130,6 +136,7 @@ function parseOptions(argv: string[]): Options {
     doorbells,
     coalescing: values.coalescing === undefined ? null : Number(values.coalescing),
     pollUs,
+    completions: list('completions', values.completions, ['irq', 'poll'] as const)[0]!,
     baseline: values.baseline ? path.resolve(values.baseline) : null,
     cpuProf: values['cpu-prof'],
     profileDepth: positive('profile-qd', values['profile-qd']),
@@ -179,9 +186,9 @@ class Samples {
 
 /**
  * One I/O queue pair kept at a fixed depth: command slot i always carries CID i and its own data
- * page, and is resubmitted as soon as its completion is seen. Completions are taken only when the
- * queue's MSI-X vector fires, all of them at once, then the CQ head and the SQ tail are rung once
- * each, as Linux's interrupt handler and a batching submitter do.
+ * page, and is resubmitted as soon as its completion is seen. Completions are taken when the queue's
+ * MSI-X vector fires (or the poller looks), all of them at once, then the CQ head and the SQ tail are
+ * rung once each, as Linux's interrupt handler and a batching submitter do.
  */
 class DepthKeeper {
   private readonly sq: DataView;
@@ -234,8 +241,8 @@ class DepthKeeper {
     return new Promise((resolve) => (this.drained = resolve));
   }
 
-  /** The queue's vector fired: take every posted completion. */
-  interrupted(): void {
+  /** The queue's vector fired, or the poller looks: take every posted completion. */
+  reap(): void {
     const q = this.queue;
     const now = performance.now();
     let taken = 0;
@@ -309,10 +316,11 @@ async function attachRig(server: ServerProcess, o: Options, queueCount: number):
     if (c.status !== 0) throw new Error(`Set Features Interrupt Coalescing failed: status 0x${c.status.toString(16)}`);
   }
   const queues: HostQueue[] = [];
-  for (let qid = 1; qid <= queueCount; qid++) queues.push(await host.createIoQueuePair(qid, QUEUE_ENTRIES));
+  const interrupts = o.completions === 'irq';
+  for (let qid = 1; qid <= queueCount; qid++) queues.push(await host.createIoQueuePair(qid, QUEUE_ENTRIES, QUEUE_ENTRIES, { interrupts }));
   const buffers = queues.map(() => Array.from({ length: maxDepth }, () => host.alloc(IO_BYTES)));
   const rig: Rig = { host, queues, buffers, keepers: new Map() };
-  host.watchInterrupts((vector) => rig.keepers.get(vector)?.interrupted());
+  host.watchInterrupts((vector) => rig.keepers.get(vector)?.reap());
   return rig;
 }
 
@@ -366,12 +374,30 @@ interface PointResult extends Point {
 
 const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
 
+/**
+ * --completions poll: looks at every queue's CQ on each event-loop turn (setImmediate, so timers
+ * still run), as a polling driver does. Returns the function that stops it.
+ */
+function pollCompletions(keepers: readonly DepthKeeper[]): () => void {
+  let polling = true;
+  const turn = (): void => {
+    if (!polling) return;
+    for (const keeper of keepers) keeper.reap();
+    setImmediate(turn);
+  };
+  setImmediate(turn);
+  return () => {
+    polling = false;
+  };
+}
+
 async function runPoint(server: ServerProcess, rig: Rig, point: Point, o: Options, serverLabel: string, rep: number): Promise<PointResult> {
   const regionBytes = o.regionMiB << 20;
   const queues = rig.queues.slice(0, point.queues);
   const keepers = queues.map((q, i) => new DepthKeeper(rig.host, q, point.depth, rig.buffers[i]!, point.pattern, regionBytes, 0x9e3779b9 ^ (rep * 131 + i * 7 + point.depth)));
   rig.keepers.clear();
   queues.forEach((q, i) => rig.keepers.set(q.id % rig.host.vectors, keepers[i]!));
+  const stopPolling = o.completions === 'poll' ? pollCompletions(keepers) : () => {};
   for (const k of keepers) k.start();
   await sleep(o.warmupSec * 1000);
   const cpu0 = cpuSeconds(server.child.pid!);
@@ -390,7 +416,11 @@ async function runPoint(server: ServerProcess, rig: Rig, point: Point, o: Option
   const interrupts = totalInterrupts(rig.host) - interrupts0;
   const mmio = rig.host.doorbellCounts.mmio - mmio0;
   const cqMmio = keepers.reduce((n, k) => n + k.cqMmio, 0);
-  await Promise.race([Promise.all(keepers.map((k) => k.stop())), sleep(10_000).then(() => Promise.reject(new Error(`${describePoint(point)}: commands did not drain`)))]);
+  try {
+    await Promise.race([Promise.all(keepers.map((k) => k.stop())), sleep(10_000).then(() => Promise.reject(new Error(`${describePoint(point)}: commands did not drain`)))]);
+  } finally {
+    stopPolling();
+  }
   const seconds = (t1 - t0) / 1000;
   const completed = keepers.reduce((n, k) => n + k.completed, 0);
   const all = new Samples();
@@ -524,7 +554,7 @@ function report(results: PointResult[], points: Point[], servers: ServerUnderTes
     '',
     `Our TypeScript host driver against \`serve\` over its socket (memfd guest RAM, MSI-X eventfds, ${o.doorbells === 'shadow' ? 'shadow doorbells as Linux uses them' : 'trapped MMIO doorbells only'}${o.coalescing !== null ? `, Interrupt Coalescing 0x${o.coalescing.toString(16)}` : ''}). ` +
       `4 KiB I/O at random 4 KiB-aligned offsets inside the first ${o.regionMiB} MiB (written once before), ${o.runtimeSec} s per point after ${o.warmupSec} s of warm-up, ${o.reps} repetition(s)${servers.length > 1 ? ', servers interleaved A B B A' : ''}. ` +
-      'QD is per queue. Latency is from placing the command to the driver seeing its completion after the interrupt. A range is min–max over repetitions.',
+      `QD is per queue. Latency is from placing the command to the driver seeing its completion ${o.completions === 'irq' ? 'after the interrupt' : 'by polling its CQ (I/O CQs created with interrupts off, as Linux\'s poll queues)'}. A range is min–max over repetitions.`,
     '',
     `Servers: ${servers.map((s) => `${s.label} = ${path.relative(REPO, s.root) || '.'}${meta[`rev:${s.label}`] ? ` (${meta[`rev:${s.label}`]})` : ''}${s.pollUs > 0 ? ` with --poll-us ${s.pollUs}` : ''}`).join('; ')}.`,
     '',

@@ -363,11 +363,15 @@ export class NvmeHost {
   }
 
   /** Creates I/O CQ+SQ pair `qid` (interrupt vector = qid % vectors); the CQ may be smaller than the SQ. */
-  async createIoQueuePair(qid: number, size = 64, cqSize = size): Promise<HostQueue> {
+  /**
+   * Creates I/O CQ and SQ `qid`. With `interrupts: false` the CQ is created with IEN clear and its
+   * completions are only seen by polling it, as Linux's poll queues (nvme.poll_queues) do.
+   */
+  async createIoQueuePair(qid: number, size = 64, cqSize = size, { interrupts = true }: { interrupts?: boolean } = {}): Promise<HostQueue> {
     const cq = this.alloc(cqSize * CQE_SIZE);
     const sq = this.alloc(size * SQE_SIZE);
-    const vector = qid % this.vectors;
-    const c1 = await this.admin.run(AdminOpcode.CREATE_IO_CQ, { prp1: cq, cdw10: ((cqSize - 1) << 16) | qid, cdw11: (vector << 16) | 0x3 });
+    const vector = interrupts ? qid % this.vectors : 0;
+    const c1 = await this.admin.run(AdminOpcode.CREATE_IO_CQ, { prp1: cq, cdw10: ((cqSize - 1) << 16) | qid, cdw11: (vector << 16) | (interrupts ? 0x3 : 0x1) });
     if (c1.status !== 0) throw new Error(`create CQ ${qid}: status 0x${c1.status.toString(16)}`);
     const c2 = await this.admin.run(AdminOpcode.CREATE_IO_SQ, { prp1: sq, cdw10: ((size - 1) << 16) | qid, cdw11: (qid << 16) | 0x1 });
     if (c2.status !== 0) throw new Error(`create SQ ${qid}: status 0x${c2.status.toString(16)}`);
