@@ -33,6 +33,7 @@ import { HostQueue, NvmeHost, PAGE } from '../test/support/nvme-host.js';
 import { startServerProcess, type ServerProcess } from '../test/support/server-process.js';
 import { cpuModel, cpuSeconds } from './host-stats.js';
 import { fmt, markdownTable } from './report.js';
+import { buildServer, builtServerCommand } from './server-build.js';
 import { monotonicUs, summariseProfile, type MonotonicWindow, type ProfileSummary } from './cpu-profile.js';
 
 const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
@@ -458,18 +459,6 @@ interface ServerUnderTest {
   pollUs: number;
 }
 
-/**
- * Compiles a checkout the way the package ships it (tsc into dist/): the server runs as users run
- * it, without the tsx loader's per-closure name helpers and one-line modules.
- */
-function buildServer(root: string): void {
-  const tsc = path.join(REPO, 'node_modules', 'typescript', 'bin', 'tsc');
-  for (const args of [[tsc, '-p', path.join(root, 'tsconfig.json')], [path.join(root, 'scripts', 'copy-proto.mjs')]]) {
-    const r = spawnSync(process.execPath, args, { cwd: root, encoding: 'utf8' });
-    if (r.status !== 0) throw new Error(`building the server in ${root} failed: ${r.stdout}${r.stderr}`);
-  }
-}
-
 interface Running {
   server: ServerProcess;
   rig: Rig;
@@ -485,7 +474,7 @@ async function startServer(sut: ServerUnderTest, ns: NamespaceKind, o: Options, 
   if (imagePath) fs.rmSync(imagePath, { force: true });
   const spec = imagePath ? `file=${imagePath},size=${NAMESPACE_BYTES},lbads=${BLOCK_BYTES}` : `ram,size=${NAMESPACE_BYTES},lbads=${BLOCK_BYTES}`;
   const maxQueues = Math.max(...o.queueCounts);
-  const command = [process.execPath, ...nodeFlags, path.join(sut.root, 'dist', 'src', 'bin', 'nvme-vfio-user.js')];
+  const command = builtServerCommand(sut.root, nodeFlags);
   const polling = sut.pollUs > 0 ? ['--poll-us', String(sut.pollUs)] : [];
   const server = await startServerProcess(socket, ['--namespace', spec, '--io-queues', String(Math.max(4, maxQueues)), ...polling, '--log-level', 'warn'], { command, cwd: REPO });
   const rig = await attachRig(server, o, maxQueues);

@@ -35,6 +35,7 @@ import { cpuModel, cpuSeconds, findQemuPid, freshImage, loadavg, qemuVersion, wa
 import { migrationSection, readMigrationJson, summarizeMigration } from './migration-summary.js';
 import { runsTable, summarize, summaryTables, workloadTables, type DeviceRun, type JobResult } from './report.js';
 import { runScaling, scalingReport, type ScalePoint, type ScalingOptions } from './scaling.js';
+import { buildServer, builtServerCommand } from './server-build.js';
 
 const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 
@@ -172,7 +173,7 @@ async function runDevice(device: DeviceKind, rep: number, ctx: BenchContext): Pr
   const vfioUserSockets: string[] = [];
   if (isOurs(device)) {
     const sock = path.join(ctx.workDir, `${device}-${rep}.sock`);
-    server = await startServerProcess(sock, ourServeArgs(device, image));
+    server = await startServerProcess(sock, ourServeArgs(device, image), { command: builtServerCommand() });
     vfioUserSockets.push(sock);
   } else if (usesImage(device)) {
     freshImage(image);
@@ -295,6 +296,7 @@ function deviceSection(runs: DeviceRun[], o: Options): string {
 async function main(): Promise<void> {
   const opts = parseOptions(process.argv.slice(2));
   ensureHarness();
+  buildServer();
   checkQemuSupports(opts.scalingOnly ? [BASELINE] : opts.devices);
   const workDir = fs.mkdtempSync(path.join(os.tmpdir(), 'nvu-bench-'));
   const startedAt = new Date();
