@@ -541,7 +541,7 @@ function report(results: PointResult[], points: Point[], servers: ServerUnderTes
     '',
     `${meta.date} · ${meta.cpu} · ${os.cpus().length} CPUs · node ${process.version} · load average ${meta.loadBefore} before, ${meta.loadAfter} after`,
     '',
-    `Our TypeScript host driver against \`serve\` over its socket (memfd guest RAM, MSI-X eventfds, ${o.doorbells === 'shadow' ? 'shadow doorbells as Linux uses them' : 'trapped MMIO doorbells only'}${o.coalescing !== null ? `, Interrupt Coalescing 0x${o.coalescing.toString(16)}` : ''}). ` +
+    `Our TypeScript host driver against \`serve\` over its socket (memfd guest RAM, ${o.completions === 'irq' ? 'MSI-X eventfds' : 'I/O CQs polled, created without interrupts'}, ${o.doorbells === 'shadow' ? 'shadow doorbells as Linux uses them' : 'trapped MMIO doorbells only'}${o.coalescing !== null ? `, Interrupt Coalescing 0x${o.coalescing.toString(16)}` : ''}). ` +
       `4 KiB I/O at random 4 KiB-aligned offsets inside the first ${o.regionMiB} MiB (written once before), ${o.runtimeSec} s per point after ${o.warmupSec} s of warm-up, ${o.reps} repetition(s)${servers.length > 1 ? ', servers interleaved A B B A' : ''}. ` +
       `QD is per queue. Latency is from placing the command to the driver seeing its completion ${o.completions === 'irq' ? 'after the interrupt' : 'by polling its CQ (I/O CQs created with interrupts off, as Linux\'s poll queues)'}. A range is min–max over repetitions.`,
     '',
