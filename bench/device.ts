@@ -10,9 +10,9 @@
 // machine's conditions. --poll-us passes `serve --poll-us` (shadow-tail polling); two values compare
 // them the same way, interleaved, on this checkout. --completions poll makes the driver find its
 // completions by polling its CQs, created with interrupts off (Linux's poll queues, SPDK's perf), so
-// latency no longer includes the driver's own wake-up on an interrupt eventfd. With --cpu-prof the server of one extra QD32 run is under `node
-// --cpu-prof`; its profile is summarised in device-profile.md (top self time) and kept as folded
-// stacks (a flame graph's input).
+// latency no longer includes the driver's own wake-up on an interrupt eventfd. With --cpu-prof the
+// server of one extra QD32 run is under `node --cpu-prof`; its profile is summarised in
+// device-profile.md (top self time) and kept as folded stacks (a flame graph's input).
 //
 // Usage: npx tsx bench/device.ts [--runtime 3] [--warmup 0.5] [--reps 1] [--qd 1,32,128]
 //          [--queues 1,4] [--ns ram,file] [--rw randread,randwrite] [--region 256]

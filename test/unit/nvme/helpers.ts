@@ -291,11 +291,14 @@ export class TestHost {
     return this.submit(0, buildCommand(fields));
   }
 
-  /** Creates CQ and SQ `qid` with `size` entries; queue memory at a fixed spot per qid. */
-  async createIoQueuePair(qid: number, size = 64, vector = qid): Promise<void> {
+  /**
+   * Creates CQ and SQ `qid` with `size` entries; queue memory at a fixed spot per qid. With
+   * `interrupts: false` the CQ has IEN clear: the host polls it.
+   */
+  async createIoQueuePair(qid: number, size = 64, vector = qid, { interrupts = true }: { interrupts?: boolean } = {}): Promise<void> {
     const cqBase = 0x100000 + qid * 0x20000;
     const sqBase = cqBase + 0x10000;
-    const cq = await this.admin({ opcode: AdminOpcode.CREATE_IO_CQ, prp1: cqBase, cdw10: ((size - 1) << 16) | qid, cdw11: (vector << 16) | 0x3 });
+    const cq = await this.admin({ opcode: AdminOpcode.CREATE_IO_CQ, prp1: cqBase, cdw10: ((size - 1) << 16) | qid, cdw11: interrupts ? (vector << 16) | 0x3 : 0x1 });
     if (cq.status !== 0) throw new Error(`create CQ ${qid}: status 0x${cq.status.toString(16)}`);
     const sq = await this.admin({ opcode: AdminOpcode.CREATE_IO_SQ, prp1: sqBase, cdw10: ((size - 1) << 16) | qid, cdw11: (qid << 16) | 0x1 });
     if (sq.status !== 0) throw new Error(`create SQ ${qid}: status 0x${sq.status.toString(16)}`);

@@ -23,7 +23,7 @@ const slot = (qid: number, completion: boolean): number => (2 * qid + (completio
 const flush = (): Uint8Array => buildCommand({ opcode: NvmOpcode.FLUSH, nsid: 1 });
 
 /** Brings a controller up with Doorbell Buffer Config active and I/O queue pair 1. */
-async function shadowHost(options: { size?: number; cqSize?: number; tailPollUs?: number } = {}): Promise<TestHost> {
+async function shadowHost(options: { size?: number; cqSize?: number; tailPollUs?: number; interrupts?: boolean } = {}): Promise<TestHost> {
   const h = new TestHost(options.tailPollUs !== undefined ? { controller: { tailPollUs: options.tailPollUs } } : {}).start();
   // Garbage in the EventIdx page: the controller must overwrite the slots it owns.
   h.memory.bytes.fill(0xff, EVENT_IDX, EVENT_IDX + 4096);
@@ -31,7 +31,7 @@ async function shadowHost(options: { size?: number; cqSize?: number; tailPollUs?
   expect(cqe.status).toBe(0);
   const size = options.size ?? 16;
   if (options.cqSize === undefined) {
-    await h.createIoQueuePair(QID, size);
+    await h.createIoQueuePair(QID, size, QID, { interrupts: options.interrupts ?? true });
   } else {
     // Separate sizes: a small CQ behind a deeper SQ, so the CQ can fill up.
     const cqBase = 0x100000 + QID * 0x20000;
@@ -358,6 +358,17 @@ describe('tail polling (serve --poll-us)', () => {
     expect(await qd1(h, 40)).toBe(0);
     await expectNoMoreCompletions(h);
     await untilPolled(h, 'still polled');
+  });
+
+  it('a host polling a CQ without interrupts (Linux poll queues, SPDK) is polled too, and gets no interrupt', async () => {
+    const h = await shadowHost({ size: 16, tailPollUs: 10_000_000, interrupts: false });
+    const adminInterrupts = h.msixCount();
+    expect(adminInterrupts).toBeGreaterThan(0);
+    expect(await qd1(h, SHALLOW_STREAK)).toBe(SHALLOW_STREAK);
+    await untilPolled(h, 'polled after the streak');
+    expect(await qd1(h, 40)).toBe(0);
+    await expectNoMoreCompletions(h);
+    expect(h.msixCount()).toBe(adminInterrupts);
   });
 
   it('after a window with no commands, EventIdx is armed again and polling stops; the next command is polled at once', async () => {
