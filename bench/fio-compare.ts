@@ -18,7 +18,7 @@
 // --scaling adds the scaling tables of scaling.ts (controllers of one server, I/O queues).
 //
 // Usage: npx tsx bench/fio-compare.ts [--runtime 10] [--reps 2] [--size 256] [--devices a,b,…]
-//          [--out bench/results/latest.md] [--scaling [--scaling-only] [--scaling-runtime S]
+//          [--jobs randread-4k-qd32,…] [--out bench/results/latest.md] [--scaling [--scaling-only] [--scaling-runtime S]
 //          [--scaling-controllers 1,2,3,4] [--scaling-queues 1,2,4,8] [--queue-vcpus]]
 // Raw results go to the .json beside --out. See bench/README.md.
 
@@ -30,7 +30,7 @@ import { parseArgs } from 'node:util';
 import { ensureHarness, runGuest, type GuestRun } from '../test/e2e/guest.js';
 import { startServerProcess, type ServerProcess } from '../test/support/server-process.js';
 import { ALL_DEVICES, BASELINE, checkQemuSupports, DEVICES, isOurs, ourServeArgs, probeAio, qemuDeviceArgs, usesImage, type DeviceKind } from './bench-devices.js';
-import { extractFioResults, fioCommon, fioJobArgs, guestHwQueues, guestPrelude, WORKLOADS } from './guest-fio.js';
+import { extractFioResults, fioCommon, fioJobArgs, guestHwQueues, guestPrelude, WORKLOADS, type Workload } from './guest-fio.js';
 import { cpuModel, cpuSeconds, findQemuPid, freshImage, loadavg, qemuVersion, watchForeignQemu } from './host-stats.js';
 import { migrationSection, readMigrationJson, summarizeMigration } from './migration-summary.js';
 import { runsTable, summarize, summaryTables, workloadTables, type DeviceRun, type JobResult } from './report.js';
@@ -48,6 +48,8 @@ interface Options {
   sizeMiB: number;
   memMiB: number;
   devices: DeviceKind[];
+  /** The fio jobs to run (guest-fio.ts WORKLOADS, all by default), in that order. */
+  workloads: Workload[];
   out: string;
   scaling: boolean;
   scalingOnly: boolean;
@@ -67,6 +69,7 @@ function parseOptions(argv: string[]): Options {
       size: { type: 'string', default: '256' },
       mem: { type: 'string', default: '1024' },
       devices: { type: 'string', default: ALL_DEVICES.join(',') },
+      jobs: { type: 'string', default: WORKLOADS.map((w) => w.id).join(',') },
       out: { type: 'string', default: path.join(REPO, 'bench', 'results', 'latest.md') },
       scaling: { type: 'boolean', default: false },
       'scaling-only': { type: 'boolean', default: false },
@@ -86,6 +89,11 @@ function parseOptions(argv: string[]): Options {
   for (const d of devices) {
     if (!ALL_DEVICES.includes(d)) throw new Error(`--devices: unknown '${d}' (expected ${ALL_DEVICES.join(', ')})`);
   }
+  const workloads = values.jobs.split(',').map((id) => {
+    const w = WORKLOADS.find((x) => x.id === id.trim());
+    if (!w) throw new Error(`--jobs: unknown '${id}' (expected ${WORKLOADS.map((x) => x.id).join(', ')})`);
+    return w;
+  });
   const sizeMiB = positive('size', values.size);
   // The scaling table's GO block sits 1 MiB past the region, inside the 1 GiB namespace.
   if (sizeMiB > 1000) throw new Error('--size must be at most 1000 (MiB of the 1 GiB namespace)');
@@ -96,6 +104,7 @@ function parseOptions(argv: string[]): Options {
     sizeMiB,
     memMiB: positive('mem', values.mem),
     devices,
+    workloads,
     out: path.resolve(values.out),
     scaling: values.scaling || values['scaling-only'],
     scalingOnly: values['scaling-only'],
@@ -118,7 +127,7 @@ function parseOptions(argv: string[]): Options {
 function guestScript(device: DeviceKind, o: Options): string {
   return `${guestPrelude(DEVICES[device].guest, o.sizeMiB)}
 run precondition --rw=write --bs=1M --iodepth=8 --numjobs=1
-${WORKLOADS.map((w) => `run ${w.id} ${fioJobArgs(w, o.runtimeSec)}`).join('\n')}
+${o.workloads.map((w) => `run ${w.id} ${fioJobArgs(w, o.runtimeSec)}`).join('\n')}
 exit 0
 `;
 }
@@ -181,7 +190,7 @@ async function runDevice(device: DeviceKind, rep: number, ctx: BenchContext): Pr
 
   const cpu = cpuRecorder(server?.child.pid);
   // Boot (~15 s under TCG) + precondition + each job's runtime and fio's own start-up, doubled.
-  const timeoutMs = (60 + WORKLOADS.length * (opts.runtimeSec + 10)) * 2 * 1000;
+  const timeoutMs = (60 + opts.workloads.length * (opts.runtimeSec + 10)) * 2 * 1000;
   console.error(`[bench] ${label} run ${rep}: booting the guest`);
   // Another engineer's guests on the same 2 CPUs explain outliers: note them per run.
   const watch = watchForeignQemu();
@@ -207,12 +216,12 @@ async function runDevice(device: DeviceKind, rep: number, ctx: BenchContext): Pr
 
   const fio = extractFioResults(run.scriptOutput);
   const jobs: Record<string, JobResult> = {};
-  for (const w of WORKLOADS) {
+  for (const w of opts.workloads) {
     const r = fio.get(w.id);
     if (r) jobs[w.id] = { ...r, ...cpu.byJob.get(w.id) };
   }
   const pre = fio.get('precondition');
-  const missing = WORKLOADS.filter((w) => !jobs[w.id]).map((w) => w.id);
+  const missing = opts.workloads.filter((w) => !jobs[w.id]).map((w) => w.id);
   const result: DeviceRun = {
     device, rep, accel: run.accel, bootMs: run.bootMs, durationMs: run.durationMs, hwQueues: guestHwQueues(run.scriptOutput),
     jobs, foreignQemu, loadEnd: os.loadavg()[0]!,
@@ -226,7 +235,7 @@ async function runDevice(device: DeviceKind, rep: number, ctx: BenchContext): Pr
   console.error(
     `[bench] ${label} run ${rep}: accel=${run.accel} boot=${run.bootMs} ms total=${run.durationMs} ms` +
       (pre ? ` precondition=${pre.mibps.toFixed(0)} MiB/s` : '') +
-      WORKLOADS.map((w) => {
+      opts.workloads.map((w) => {
         const j = jobs[w.id];
         return j ? ` | ${w.id} ${j.iops.toFixed(0)} IOPS ${j.clatUs.toFixed(0)} µs p99 ${j.p99Us.toFixed(0)} µs` : ` | ${w.id} n/a`;
       }).join(''),
@@ -262,7 +271,7 @@ function header(o: Options, meta: Meta): string[] {
 
 function deviceSection(runs: DeviceRun[], o: Options): string {
   const failed = runs.filter((r) => r.error);
-  const summary = summarize(runs, o.devices);
+  const summary = summarize(runs, o.devices, o.workloads);
   return [
     `${o.reps} boot(s) per device, devices interleaved (${o.devices.map((d) => DEVICES[d].label).join(', ')}, then again). Devices:`,
     '',
@@ -275,13 +284,13 @@ function deviceSection(runs: DeviceRun[], o: Options): string {
     'Means over the runs. Host CPU per I/O is user+sys CPU time (from /proc/<pid>/stat) between markers the guest prints around each fio job, so it includes fio\'s start-up in the guest (about a second); for ours it is our server plus the QEMU that runs the guest.' +
       (o.devices.includes('qemu-nvme-null') ? ' QEMU nvme null-co moves no data at all: it is the ceiling of the emulation, not a disk.' : ''),
     '',
-    summaryTables(summary, o.devices),
+    summaryTables(summary, o.devices, o.workloads),
     '',
     '## Per workload',
     '',
     'IOPS, mean and p99 completion latency (fio `clat`) per run ("run 1 / run 2"); ratios are of the means against QEMU nvme. CPU µs per I/O = CPU-ms per 1000 I/Os.',
     '',
-    workloadTables(runs, o.devices),
+    workloadTables(runs, o.devices, o.workloads),
     '',
     '## Runs',
     '',
@@ -359,9 +368,9 @@ async function main(): Promise<void> {
       meta: { ...meta, startedAt: startedAt.toISOString(), finishedAt: meta.finishedAt.toISOString(), qemu: qemuVersion(), cpus: os.cpus().length, cpuModel: cpuModel(), kernel: os.release() },
       options: opts,
       devices: Object.fromEntries(opts.devices.map((d) => [d, { label: DEVICES[d].label, attach: DEVICES[d].attach }])),
-      workloads: WORKLOADS,
+      workloads: opts.workloads,
       baseline: BASELINE,
-      summary: opts.scalingOnly ? undefined : summarize(runs, opts.devices),
+      summary: opts.scalingOnly ? undefined : summarize(runs, opts.devices, opts.workloads),
       runs,
       scaling: opts.scaling ? scaling : undefined,
       // Rewritten by bench/migration.ts when it finishes; until then the figures of its last run.

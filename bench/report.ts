@@ -2,7 +2,7 @@
 // nvme (the summary that also goes to latest.json), and the Markdown tables.
 
 import { BASELINE, DEVICES, isOurs, type DeviceKind } from './bench-devices.js';
-import { WORKLOADS, type FioResult } from './guest-fio.js';
+import { type FioResult, type Workload } from './guest-fio.js';
 
 /** One fio job of one boot, with the CPU time spent between its START and END markers. */
 export interface JobResult extends FioResult {
@@ -84,9 +84,9 @@ export interface DeviceSummary {
 }
 
 /** summary[workload][device]: the figures the tables show, for latest.json. */
-export function summarize(runs: DeviceRun[], devices: DeviceKind[]): Record<string, Partial<Record<DeviceKind, DeviceSummary>>> {
+export function summarize(runs: DeviceRun[], devices: DeviceKind[], workloads: readonly Workload[]): Record<string, Partial<Record<DeviceKind, DeviceSummary>>> {
   const out: Record<string, Partial<Record<DeviceKind, DeviceSummary>>> = {};
-  for (const w of WORKLOADS) {
+  for (const w of workloads) {
     out[w.id] = {};
     for (const d of devices) {
       const m: Partial<Record<Key, number>> = {};
@@ -108,18 +108,18 @@ export function summarize(runs: DeviceRun[], devices: DeviceKind[]): Record<stri
 }
 
 /** Summary tables: one figure per device and workload, with its ratio to QEMU nvme. */
-export function summaryTables(summary: ReturnType<typeof summarize>, devices: DeviceKind[]): string {
+export function summaryTables(summary: ReturnType<typeof summarize>, devices: DeviceKind[], workloads: readonly Workload[]): string {
   const haveBase = devices.includes(BASELINE);
   const table = (title: string, key: Key, ratioKey: keyof DeviceSummary['vsQemuNvme'], digits: number): string => {
     const rows = devices.map((d) => [
       DEVICES[d].label,
-      ...WORKLOADS.map((w) => {
+      ...workloads.map((w) => {
         const s = summary[w.id]?.[d];
         const v = fmt(s?.mean[key], digits);
         return haveBase && d !== BASELINE ? `${v} (${fmt(s?.vsQemuNvme[ratioKey], 2)}×)` : v;
       }),
     ]);
-    return `**${title}**\n\n${markdownTable(['device', ...WORKLOADS.map((w) => w.label)], rows)}`;
+    return `**${title}**\n\n${markdownTable(['device', ...workloads.map((w) => w.label)], rows)}`;
   };
   return [
     table('IOPS (× QEMU nvme; >1 = faster)', 'iops', 'iops', 0),
@@ -130,12 +130,12 @@ export function summaryTables(summary: ReturnType<typeof summarize>, devices: De
 }
 
 /** Per workload: each run's values ("run 1 / run 2") and the ratios of the means to QEMU nvme. */
-export function workloadTables(runs: DeviceRun[], devices: DeviceKind[]): string {
+export function workloadTables(runs: DeviceRun[], devices: DeviceKind[], workloads: readonly Workload[]): string {
   const haveBase = devices.includes(BASELINE);
   const perRun = (d: DeviceKind, job: string, get: Getter, digits: number): string =>
     valuesOf(runs, d, job, get).map((v) => fmt(v, digits)).join(' / ');
   const parts: string[] = [];
-  for (const w of WORKLOADS) {
+  for (const w of workloads) {
     const base = (get: Getter): number | undefined => (haveBase ? mean(valuesOf(runs, BASELINE, w.id, get)) : undefined);
     const rows = devices.map((d) => {
       const r = (get: Getter): string => fmt(ratio(mean(valuesOf(runs, d, w.id, get)), base(get)), 2);
