@@ -35,7 +35,7 @@ import { cpuModel, cpuSeconds, findQemuPid, freshImage, loadavg, qemuVersion, wa
 import { migrationSection, readMigrationJson, summarizeMigration } from './migration-summary.js';
 import { runsTable, summarize, summaryTables, workloadTables, type DeviceRun, type JobResult } from './report.js';
 import { runScaling, scalingReport, type ScalePoint, type ScalingOptions } from './scaling.js';
-import { buildServer, builtServerCommand } from './server-build.js';
+import { useBuiltServer } from './server-build.js';
 
 const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 
@@ -182,7 +182,7 @@ async function runDevice(device: DeviceKind, rep: number, ctx: BenchContext): Pr
   const vfioUserSockets: string[] = [];
   if (isOurs(device)) {
     const sock = path.join(ctx.workDir, `${device}-${rep}.sock`);
-    server = await startServerProcess(sock, ourServeArgs(device, image), { command: builtServerCommand() });
+    server = await startServerProcess(sock, ourServeArgs(device, image));
     vfioUserSockets.push(sock);
   } else if (usesImage(device)) {
     freshImage(image);
@@ -305,7 +305,7 @@ function deviceSection(runs: DeviceRun[], o: Options): string {
 async function main(): Promise<void> {
   const opts = parseOptions(process.argv.slice(2));
   ensureHarness();
-  buildServer();
+  useBuiltServer();
   checkQemuSupports(opts.scalingOnly ? [BASELINE] : opts.devices);
   const workDir = fs.mkdtempSync(path.join(os.tmpdir(), 'nvu-bench-'));
   const startedAt = new Date();

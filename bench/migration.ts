@@ -10,6 +10,7 @@
 //    of the same guest running verified writes, once on our device moved by `nvme-vfio-user
 //    migrate`, once on QEMU's virtio-blk over the same kind of shared image moved by QEMU alone,
 //    interleaved, in one run. --device-only skips it and rewrites only the device section.
+// The servers and `migrate` run as installed (compiled into dist/ first: bench/server-build.ts).
 // Results: stdout and bench/results/migration.md (and .json).
 
 import * as fs from 'node:fs';
@@ -29,6 +30,7 @@ import { runCli } from '../test/support/cli.js';
 import { RESOURCES, startPair, type Guest, type MigrationServer } from '../test/support/migration-pair.js';
 import { seededRandom } from '../test/support/nvme-workload.js';
 import { DEPTHS, refreshCombinedReport, type DeviceDepth, type DeviceFigures, type DeviceHop, type DevicePath, type MigrationJson } from './migration-summary.js';
+import { useBuiltServer } from './server-build.js';
 
 const REPO = path.join(path.dirname(fileURLToPath(import.meta.url)), '..');
 const { values } = parseArgs({
@@ -327,6 +329,7 @@ async function virtioOnce(dir: string, rep: number): Promise<VmMigration> {
 const out = values.out!;
 // The VM part needs the QEMU harness: fail before the device part if it is missing.
 if (!values['device-only']) ensureHarness();
+useBuiltServer();
 const deviceRun: DeviceFigures = { when: new Date().toISOString(), reps: DEVICE_REPS, backing: requireDiskTmpdir(), paths: [] };
 for (const via of DEVICE_PATHS) for (const fua of [false, true]) deviceRun.paths.push({ via, fua, depths: await deviceFigures(via, fua, DEVICE_REPS) });
 fs.mkdirSync(path.dirname(out), { recursive: true });

@@ -22,7 +22,6 @@ import { BASELINE, DEVICES, qemuDeviceArgs, type DeviceKind } from './bench-devi
 import { extractFioResults, guestHwQueues, guestMultipathHead, guestPrelude, MARK, type FioResult } from './guest-fio.js';
 import { cpuSeconds, fillImage, freshImage, watchForeignQemu } from './host-stats.js';
 import { fmt, markdownTable, ratio } from './report.js';
-import { builtServerCommand } from './server-build.js';
 
 export interface ScalingOptions {
   runtimeSec: number;
@@ -117,7 +116,7 @@ async function runPoint(o: ScalingOptions, p: { table: ScalePoint['table']; n: n
     if (p.device === 'ours') {
       const args = [...sockets.flatMap((s) => ['--socket', s]), '--namespace', `file=${images[0]},size=1G`, '--log-level', 'warn',
         ...(p.ioQueues !== undefined ? ['--io-queues', String(p.ioQueues)] : [])];
-      server = await spawnServe(args, `listening on ${sockets.at(-1)}\n`, { command: builtServerCommand() });
+      server = await spawnServe(args, `listening on ${sockets.at(-1)}\n`);
     }
     const script = guestScript(o, p.numjobs);
     const qemuAtGo: Array<number | undefined> = [];

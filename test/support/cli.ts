@@ -1,7 +1,7 @@
 // Runs the management verbs of the real `nvme-vfio-user` command against a server's control socket.
 
 import { spawn, type ChildProcess } from 'node:child_process';
-import { repoRoot, SOURCE_COMMAND } from './server-process.js';
+import { defaultServerCommand, repoRoot } from './server-process.js';
 
 export interface CliResult {
   code: number | null;
@@ -10,13 +10,14 @@ export interface CliResult {
   stderr: string;
 }
 
-/** `nvme-vfio-user ARGS...` from this checkout's sources; resolves when it exits. */
+/** `nvme-vfio-user ARGS...` from this checkout (defaultServerCommand()); resolves when it exits. */
 export function runCli(
   args: string[],
   options: { stdin?: Uint8Array; timeoutMs?: number; onStderrLine?: (line: string, child: ChildProcess) => void } = {},
 ): Promise<CliResult> {
   return new Promise((resolve, reject) => {
-    const child = spawn(SOURCE_COMMAND[0]!, [...SOURCE_COMMAND.slice(1), ...args], { cwd: repoRoot, stdio: ['pipe', 'pipe', 'pipe'] });
+    const [program, ...leading] = defaultServerCommand();
+    const child = spawn(program!, [...leading, ...args], { cwd: repoRoot, stdio: ['pipe', 'pipe', 'pipe'] });
     let stdout = '';
     let stderr = '';
     child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));

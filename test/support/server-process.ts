@@ -11,6 +11,16 @@ export const repoRoot = join(dirname(fileURLToPath(import.meta.url)), '..', '..'
 /** The command from this checkout's sources, the way the installed bin runs it. */
 export const SOURCE_COMMAND: readonly string[] = [process.execPath, '--import', 'tsx', join(repoRoot, 'src', 'bin', 'nvme-vfio-user.ts')];
 
+/** What spawnServe and runCli start unless told otherwise: the sources, or (benchmarks) the build. */
+let defaultCommand: readonly string[] = SOURCE_COMMAND;
+
+/** Makes every later `serve` and CLI run of this process use `command` (bench/server-build.ts). */
+export function setDefaultCommand(command: readonly string[]): void {
+  defaultCommand = command;
+}
+
+export const defaultServerCommand = (): readonly string[] => defaultCommand;
+
 /** A running `serve`. */
 export interface Served {
   child: ChildProcess;
@@ -29,7 +39,7 @@ export interface ServerProcess extends Served {
 
 export interface ServerProcessOptions {
   timeoutMs?: number;
-  /** The command and its leading arguments (default: this checkout's sources through tsx). */
+  /** The command and its leading arguments (default: defaultServerCommand()). */
   command?: readonly string[];
   cwd?: string;
   env?: NodeJS.ProcessEnv;
@@ -40,7 +50,7 @@ export interface ServerProcessOptions {
 /** Runs `serve ARGS` and resolves once its stdout contains `ready`; rejects if it exits first. */
 export async function spawnServe(args: readonly string[], ready: string, options: ServerProcessOptions = {}): Promise<Served> {
   const timeoutMs = options.timeoutMs ?? 15_000;
-  const command = [...(options.command ?? SOURCE_COMMAND), 'serve', ...args];
+  const command = [...(options.command ?? defaultCommand), 'serve', ...args];
   const [program, ...rest] = options.netns ? ['ip', 'netns', 'exec', options.netns, ...command] : command;
   const child = spawn(program!, rest, { cwd: options.cwd ?? repoRoot, env: options.env ?? process.env, stdio: ['ignore', 'pipe', 'pipe'] });
   let stderr = '';
