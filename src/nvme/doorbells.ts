@@ -127,16 +127,12 @@ export class Doorbells {
     if (!buffer || qid === 0 || !dma) return;
     const addr = buffer.eventIdx + slot(qid, completion);
     const fail = (err: unknown): void => this.host.fatal(`EventIdx write: ${(err as Error).message}`);
-    let stored: boolean | undefined;
+    let stored: boolean;
     try {
-      // One 32-bit store: the host reads EventIdx as a dword while we write it. Atomics.store is
-      // also a full fence (xchg on x86), the other half of Linux's mb() between its shadow write
-      // and its EventIdx read: the shadow doorbell we read next cannot be older than this store.
-      stored = dma.direct(addr, 4, true, (view) => {
-        if (LITTLE_ENDIAN && view.byteOffset % 4 === 0) Atomics.store(new Int32Array(view.buffer, view.byteOffset, 1), 0, value | 0);
-        else new DataView(view.buffer, view.byteOffset, 4).setUint32(0, value, true);
-        return true;
-      });
+      // One 32-bit store: the host reads EventIdx as a dword while we write it. The store is also
+      // a full fence (Atomics.store: xchg on x86), the other half of Linux's mb() between its
+      // shadow write and its EventIdx read: the shadow doorbell we read next cannot be older.
+      stored = dma.storeWord(addr, value);
     } catch (err) {
       if (!(err instanceof DmaError)) throw err;
       fail(err);
@@ -347,7 +343,7 @@ export class Doorbells {
     const dma = this.host.hostDma();
     if (!buffer || qid === 0 || !dma) return null;
     try {
-      return dma.direct(buffer.shadow + slot(qid, completion), 4, false, (view) => new DataView(view.buffer, view.byteOffset, 4).getUint32(0, true));
+      return dma.loadWord(buffer.shadow + slot(qid, completion));
     } catch (err) {
       if (!(err instanceof DmaError)) throw err;
       return this.shadowFailed(err);
@@ -364,9 +360,6 @@ export class Doorbells {
     this.host.events.invalidDoorbell(info, qid);
   }
 }
-
-/** Int32Array stores in the host's byte order; EventIdx is little-endian. */
-const LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
 
 /** Byte offset of a queue's doorbell inside a doorbell buffer (stride 4, as CAP.DSTRD = 0). */
 const slot = (qid: number, completion: boolean): number => (2 * qid + (completion ? 1 : 0)) * 4;

@@ -68,6 +68,17 @@ export interface DmaSpace {
    * lookup that tells a caller its copy was real.
    */
   direct<T>(addr: number, length: number, forWrite: boolean, access: (bytes: Uint8Array) => T): T | undefined;
+  /**
+   * The little-endian dword at `addr` read in place, as direct() would (undefined where it would
+   * not run, DmaError on truncation), without allocating: for values polled every event-loop turn.
+   */
+  loadWord(addr: number): number | undefined;
+  /**
+   * Stores a little-endian dword at `addr` in place as one 32-bit store, as direct() would (false
+   * where it would not run, DmaError on truncation). An aligned store is Atomics.store, a full
+   * fence: what the device reads next cannot be older than it.
+   */
+  storeWord(addr: number, value: number): boolean;
   /** Like view(), but the memory stays mapped until release(): for I/O that outlives this turn. */
   pin(addr: number, length: number, forWrite: boolean): PinnedView | null;
   read(addr: number, length: number): Promise<Uint8Array>;

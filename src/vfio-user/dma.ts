@@ -19,6 +19,8 @@ export interface DmaMapping {
   writable: boolean;
   /** Bytes of the mapping, or null when it has no fd and goes through messages. */
   bytes: Uint8Array | null;
+  /** The same memory as dwords (little-endian hosts, 4-aligned mappings): loadWord/storeWord. */
+  words: Int32Array | null;
   /** The whole mmapped buffer (page-rounded), kept to unmap it. */
   backing: ArrayBuffer | null;
   /** Pinned views in use: the munmap of a mapping the client removed waits for them. */
@@ -30,6 +32,12 @@ export interface DmaMapping {
 }
 
 const TRUNCATED = 'into guest memory its owner truncated';
+
+/** Int32Array reads and stores in the host's byte order; guest structures are little-endian. */
+const LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
+
+/** The dword at `offset` of a mapping whose words cannot be used (unaligned, big-endian host). */
+const wordView = (mapping: DmaMapping, offset: number): DataView => new DataView(mapping.bytes!.buffer, mapping.bytes!.byteOffset + offset, 4);
 
 /** Carries DMA for ranges without an fd: the session's DMA_READ/DMA_WRITE requests. */
 export interface RemoteDma {
@@ -79,6 +87,7 @@ export class DmaTable implements DmaSpace {
     }
     let bytes: Uint8Array | null = null;
     let backing: ArrayBuffer | null = null;
+    let words: Int32Array | null = null;
     let guardSlot = -1;
     if (options.fd !== undefined) {
       const stat = this.memory.fdStat(options.fd);
@@ -94,6 +103,7 @@ export class DmaTable implements DmaSpace {
       const length = Math.min(roundUp(slack + size, Number(block)), Number(BigInt(stat.size) - alignedOffset));
       backing = this.memory.mmap(options.fd, alignedOffset, length, options.writable);
       bytes = new Uint8Array(backing, slack, size);
+      if (LITTLE_ENDIAN && slack % 4 === 0) words = new Int32Array(backing, slack, size >>> 2);
       guardSlot = this.memory.guardSlot(backing);
     }
     this.mappings.splice(at, 0, {
@@ -102,6 +112,7 @@ export class DmaTable implements DmaSpace {
       readable: options.readable,
       writable: options.writable,
       bytes,
+      words,
       backing,
       pins: 0,
       removed: false,
@@ -211,6 +222,26 @@ export class DmaTable implements DmaSpace {
     const result = access(this.bytesFor(mapping, addr, length, forWrite));
     if (this.poisoned(mapping)) throw new DmaError(addr, length, TRUNCATED);
     return result;
+  }
+
+  loadWord(addr: number): number | undefined {
+    const mapping = this.directMapping(addr, 4, false);
+    if (!mapping) return undefined;
+    const offset = addr - mapping.iova;
+    const value = mapping.words && offset % 4 === 0 ? mapping.words[offset >>> 2]! >>> 0 : wordView(mapping, offset).getUint32(0, true);
+    if (this.poisoned(mapping)) throw new DmaError(addr, 4, TRUNCATED);
+    return value;
+  }
+
+  storeWord(addr: number, value: number): boolean {
+    const mapping = this.directMapping(addr, 4, true);
+    if (!mapping) return false;
+    this.notifyWrite(addr, 4);
+    const offset = addr - mapping.iova;
+    if (mapping.words && offset % 4 === 0) Atomics.store(mapping.words, offset >>> 2, value | 0);
+    else wordView(mapping, offset).setUint32(0, value, true);
+    if (this.poisoned(mapping)) throw new DmaError(addr, 4, TRUNCATED);
+    return true;
   }
 
   async read(addr: number, length: number): Promise<Uint8Array> {

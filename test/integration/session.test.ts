@@ -254,6 +254,8 @@ describe('DMA', () => {
       for (const at of [0x100000, 0x200000]) {
         expect(device.dma.view(at, 4, false)).toBeNull();
         expect(device.dma.pin(at, 4, true)).toBeNull();
+        expect(device.dma.loadWord(at)).toBeUndefined();
+        expect(device.dma.storeWord(at, 1)).toBe(false);
         await expect(device.dma.read(at, 4)).rejects.toThrow(/truncated/);
         await expect(device.dma.write(at, new Uint8Array(4))).rejects.toThrow(/truncated/);
       }

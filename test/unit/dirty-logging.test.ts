@@ -65,6 +65,21 @@ describe('write observers', () => {
     expect(seen).toEqual([[MAPPED.iova + 0x10, 8]]);
   });
 
+  it('see a dword stored in place, little-endian, aligned or not; a dword loaded is not a write', () => {
+    const { table, guest } = setup();
+    const { seen } = observe(table);
+    for (const offset of [0x40, 0x81]) {
+      expect(table.storeWord(MAPPED.iova + offset, 0x8765_4321)).toBe(true);
+      expect(Array.from(guest.subarray(offset, offset + 4))).toEqual([0x21, 0x43, 0x65, 0x87]);
+      expect(table.loadWord(MAPPED.iova + offset)).toBe(0x8765_4321);
+    }
+    expect(seen).toEqual([[MAPPED.iova + 0x40, 4], [MAPPED.iova + 0x81, 4]]);
+    // Memory without an fd has no place to load or store in: the caller sends a message.
+    expect(table.loadWord(VIA_MESSAGES.iova)).toBeUndefined();
+    expect(table.storeWord(VIA_MESSAGES.iova, 1)).toBe(false);
+    expect(table.loadWord(MAPPED.iova + MAPPED.size - 2)).toBeUndefined();
+  });
+
   it('see a pinned write again at release, when its I/O has landed', () => {
     const { table } = setup();
     const { seen } = observe(table);
@@ -111,6 +126,10 @@ describe('write-through to the client', () => {
     expect(table.view(MAPPED.iova, 8, true)).toBeNull();
     expect(table.pin(MAPPED.iova, 8, true)).toBeNull();
     expect(table.view(MAPPED.iova, 8, false)).not.toBeNull();
+    expect(table.storeWord(MAPPED.iova, 1)).toBe(false);
+    guest[8] = 0x5a;
+    expect(table.loadWord(MAPPED.iova + 8)).toBe(0x5a);
+    guest[8] = 0;
     await table.write(MAPPED.iova + 2 * PAGE, new Uint8Array([1, 2, 3]));
     expect(client.writes).toEqual([{ addr: MAPPED.iova + 2 * PAGE, length: 3 }]);
     expect(guest[2 * PAGE]).toBe(0); // the client writes its memory, not us

@@ -46,6 +46,17 @@ export class GuestMemory implements DmaSpace {
     return view ? access(view) : undefined;
   }
 
+  loadWord(addr: number): number | undefined {
+    const view = this.view(addr, 4, false);
+    return view ? new DataView(view.buffer, view.byteOffset, 4).getUint32(0, true) : undefined;
+  }
+
+  storeWord(addr: number, value: number): boolean {
+    const view = this.view(addr, 4, true);
+    if (view) new DataView(view.buffer, view.byteOffset, 4).setUint32(0, value, true);
+    return view !== null;
+  }
+
   pin(addr: number, length: number, forWrite: boolean): PinnedView | null {
     const bytes = this.view(addr, length, forWrite);
     return bytes ? { bytes, intact: () => true, release: () => undefined } : null;
