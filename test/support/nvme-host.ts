@@ -362,10 +362,10 @@ export class NvmeHost {
     }
   }
 
-  /** Creates I/O CQ+SQ pair `qid` (interrupt vector = qid % vectors); the CQ may be smaller than the SQ. */
   /**
-   * Creates I/O CQ and SQ `qid`. With `interrupts: false` the CQ is created with IEN clear and its
-   * completions are only seen by polling it, as Linux's poll queues (nvme.poll_queues) do.
+   * Creates I/O CQ+SQ pair `qid` (interrupt vector = qid % vectors); the CQ may be smaller than the
+   * SQ. With `interrupts: false` the CQ has IEN clear and its completions are only seen by polling
+   * it, as Linux's poll queues (nvme.poll_queues) do.
    */
   async createIoQueuePair(qid: number, size = 64, cqSize = size, { interrupts = true }: { interrupts?: boolean } = {}): Promise<HostQueue> {
     const cq = this.alloc(cqSize * CQE_SIZE);
