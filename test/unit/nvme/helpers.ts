@@ -47,14 +47,16 @@ export class GuestMemory implements DmaSpace {
   }
 
   loadWord(addr: number): number | undefined {
-    const view = this.view(addr, 4, false);
-    return view ? new DataView(view.buffer, view.byteOffset, 4).getUint32(0, true) : undefined;
+    return this.direct(addr, 4, false, (view) => new DataView(view.buffer, view.byteOffset, 4).getUint32(0, true));
   }
 
   storeWord(addr: number, value: number): boolean {
-    const view = this.view(addr, 4, true);
-    if (view) new DataView(view.buffer, view.byteOffset, 4).setUint32(0, value, true);
-    return view !== null;
+    return (
+      this.direct(addr, 4, true, (view) => {
+        new DataView(view.buffer, view.byteOffset, 4).setUint32(0, value, true);
+        return true;
+      }) ?? false
+    );
   }
 
   pin(addr: number, length: number, forWrite: boolean): PinnedView | null {
