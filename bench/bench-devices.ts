@@ -7,22 +7,30 @@ import * as path from 'node:path';
 import { qemuBinary } from '../test/e2e/guest.js';
 import { freshImage, qemuDeviceProperties } from './host-stats.js';
 
-export type DeviceKind = 'ours' | 'ours-poll' | 'qemu-nvme' | 'qemu-nvme-ioeventfd' | 'virtio-blk' | 'virtio-blk-iothread' | 'qemu-nvme-null';
+export type DeviceKind = 'ours' | 'ours-poll' | 'ours-batch' | 'qemu-nvme' | 'qemu-nvme-ioeventfd' | 'virtio-blk' | 'virtio-blk-iothread' | 'qemu-nvme-null';
 
 /** The default order: ours first, then the baseline every ratio is taken against. */
-export const ALL_DEVICES: readonly DeviceKind[] = ['ours', 'ours-poll', 'qemu-nvme', 'qemu-nvme-ioeventfd', 'virtio-blk', 'virtio-blk-iothread', 'qemu-nvme-null'];
+export const ALL_DEVICES: readonly DeviceKind[] = ['ours', 'ours-poll', 'ours-batch', 'qemu-nvme', 'qemu-nvme-ioeventfd', 'virtio-blk', 'virtio-blk-iothread', 'qemu-nvme-null'];
 
 /** The poll window `ours-poll` serves with: longer than a TCG guest takes between two QD1 submissions. */
 export const BENCH_POLL_US = 200;
 
-/** Our server serves these (a separate `serve` process); QEMU emulates the rest. */
-export const isOurs = (kind: DeviceKind): boolean => kind === 'ours' || kind === 'ours-poll';
+/** The batch period `ours-batch` serves with: the shortest a Node timer gives. */
+export const BENCH_BATCH_MS = 1;
+
+/** Our devices (a separate `serve` process; QEMU emulates the rest) and the flags each adds. */
+const OUR_FLAGS: Partial<Record<DeviceKind, readonly string[]>> = {
+  ours: [],
+  'ours-poll': ['--poll-us', String(BENCH_POLL_US)],
+  'ours-batch': ['--batch-ms', String(BENCH_BATCH_MS)],
+};
+
+export const isOurs = (kind: DeviceKind): boolean => OUR_FLAGS[kind] !== undefined;
 
 /** `serve` arguments beyond the socket for one of our devices. */
 export function ourServeArgs(kind: DeviceKind, image: string): string[] {
   // warn: per-command info logging would be measured as device overhead.
-  const args = ['--namespace', `file=${image},size=1G`, '--log-level', 'warn'];
-  return kind === 'ours-poll' ? [...args, '--poll-us', String(BENCH_POLL_US)] : args;
+  return ['--namespace', `file=${image},size=1G`, '--log-level', 'warn', ...(OUR_FLAGS[kind] ?? [])];
 }
 
 /** Every ratio in the reports is device / this one, measured in the same run. */
@@ -49,6 +57,12 @@ export const DEVICES: Record<DeviceKind, DeviceSpec> = {
     label: 'ours, --poll-us 200',
     guest: 'nvme',
     attach: 'the same with `--poll-us 200`: busy, shallow SQs\' shadow tails polled, EventIdx keeping the guest from ringing',
+    needs: [],
+  },
+  'ours-batch': {
+    label: 'ours, --batch-ms 1',
+    guest: 'nvme',
+    attach: 'the same with `--batch-ms 1`: a deep SQ\'s commands collected every millisecond, EventIdx keeping the guest from ringing meanwhile',
     needs: [],
   },
   'qemu-nvme': {
@@ -101,6 +115,7 @@ export function qemuDeviceArgs(kind: DeviceKind, o: QemuDeviceOptions): string[]
   switch (kind) {
     case 'ours':
     case 'ours-poll':
+    case 'ours-batch':
       return [];
     case 'qemu-nvme':
       return [...drive, '-device', `nvme,drive=${id},serial=bench${id},ioeventfd=off${qp}`];

@@ -44,6 +44,8 @@ export interface ServerConfig {
   interrupts: InterruptOffer;
   /** How long (µs) a busy SQ's shadow tail is polled after it last took commands; 0 = never. */
   pollUs: number;
+  /** How often (ms) a deep SQ's commands are collected, its doorbells held back meanwhile; 0 = never. */
+  batchMs: number;
   /**
    * Secondary controllers of a controlling function (primary = CNTLID 0, secondaries 1..N); 0 =
    * peer controllers, one per socket.
@@ -76,6 +78,7 @@ export const defaults = (): ServerConfig => ({
   writeMultiple: false,
   interrupts: 'msix',
   pollUs: 0,
+  batchMs: 0,
   secondaries: 0,
   provisioning: emptyProvisioning(),
 });
@@ -150,9 +153,16 @@ export function parsePositive(value: string, what: string, max = 0xffff_ffff): n
 /** The longest poll window `--poll-us` takes: a second of a core per burst is already absurd. */
 export const MAX_POLL_US = 1_000_000;
 
-export function parsePollUs(value: string, what: string): number {
-  if (!/^\d+$/.test(value) || Number(value) > MAX_POLL_US) {
-    throw new ConfigError(`${what} '${value}' must be a whole number of microseconds from 0 to ${MAX_POLL_US}`);
+export const parsePollUs = (value: string, what: string): number => parseWholeUpTo(value, what, 'microseconds', MAX_POLL_US);
+
+/** The longest batch period `--batch-ms` takes: beyond it a batched queue is merely stalled. */
+export const MAX_BATCH_MS = 100;
+
+export const parseBatchMs = (value: string, what: string): number => parseWholeUpTo(value, what, 'milliseconds', MAX_BATCH_MS);
+
+function parseWholeUpTo(value: string, what: string, unit: string, max: number): number {
+  if (!/^\d+$/.test(value) || Number(value) > max) {
+    throw new ConfigError(`${what} '${value}' must be a whole number of ${unit} from 0 to ${max}`);
   }
   return Number(value);
 }
@@ -182,6 +192,7 @@ export function loadConfigFile(path: string): Partial<ServerConfig> {
     'writeMultiple',
     'interrupts',
     'pollUs',
+    'batchMs',
     'secondaries',
     'primarySocket',
     'control',
@@ -217,6 +228,7 @@ export function loadConfigFile(path: string): Partial<ServerConfig> {
   if (input.writeMultiple !== undefined) out.writeMultiple = input.writeMultiple === true;
   if (input.interrupts !== undefined) out.interrupts = checkInterrupts(String(input.interrupts));
   if (input.pollUs !== undefined) out.pollUs = parsePollUs(String(input.pollUs), `config ${path}: pollUs`);
+  if (input.batchMs !== undefined) out.batchMs = parseBatchMs(String(input.batchMs), `config ${path}: batchMs`);
   if (input.secondaries !== undefined) out.secondaries = parsePositive(String(input.secondaries), `config ${path}: secondaries`, 127);
   for (const key of ['primarySocket', 'stateDir', 'controlToken'] as const) {
     if (input[key] === undefined) continue;

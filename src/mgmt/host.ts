@@ -105,6 +105,7 @@ export class ServerHost implements ControlTarget {
           mdts: config.mdts,
           interrupts: config.interrupts,
           tailPollUs: config.pollUs,
+          deepQueueBatchMs: config.batchMs,
           logger: log,
           extraCommandSets: options.extraCommandSets ?? ((cf) => liveMigrationFor(cf).commandSets),
         });
@@ -133,6 +134,7 @@ export class ServerHost implements ControlTarget {
               mdts: config.mdts,
               interrupts: config.interrupts,
               tailPollUs: config.pollUs,
+              deepQueueBatchMs: config.batchMs,
               logger: log.child(`ctrl${i}`),
             }),
           );

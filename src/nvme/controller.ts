@@ -65,6 +65,11 @@ export interface ControllerOptions {
    * keeping the host from ringing meanwhile (tail-polling.ts); 0, the default, never polls.
    */
   tailPollUs?: number;
+  /**
+   * Collect a deep SQ's commands every this many ms, with EventIdx keeping the host from ringing
+   * meanwhile (tail-polling.ts); 0, the default, never batches.
+   */
+  deepQueueBatchMs?: number;
   logger?: Logger;
 }
 
@@ -219,6 +224,7 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
       kick: (qid) => this.queues.kick(qid),
       fatal: (reason) => this.fatal(reason),
       tailPollUs: options.tailPollUs ?? 0,
+      deepQueueBatchMs: options.deepQueueBatchMs ?? 0,
     });
     this.queues = new QueueEngine({
       get state() {

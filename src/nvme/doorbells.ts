@@ -31,6 +31,8 @@ export interface DoorbellHost {
   fatal(reason: string): void;
   /** How long a busy SQ's shadow tail is polled after it last took commands (µs; 0: never). */
   readonly tailPollUs: number;
+  /** How often a deep SQ's commands are collected with its doorbells held back (ms; 0: never). */
+  readonly deepQueueBatchMs: number;
 }
 
 /** How often watched shadow doorbells are looked at again (watchHead, watchTail). */
@@ -47,7 +49,7 @@ export class Doorbells {
   private readonly polling: TailPolling;
 
   constructor(private readonly host: DoorbellHost) {
-    this.polling = new TailPolling(host.tailPollUs, {
+    this.polling = new TailPolling(host.tailPollUs, host.deepQueueBatchMs, {
       peekTail: (qid) => this.peekTail(qid),
       worthPolling: (qid) => this.shallow(qid),
       suppress: (qid) => {

@@ -254,6 +254,20 @@ ${fio('qd1again', '$d', '4k', 1, 1, 2)}
     const f = fields(run.scriptOutput);
     for (const name of ['qd1', 'qd16', 'qd1again']) expect([name, f.get(`${name}.rc`), f.get(`${name}.errors`)]).toEqual([name, '0', '0']);
   }, 300_000);
+
+  it('serve --batch-ms 1: Linux follows EventIdx held back on deep queues; I/O at QD16, QD1 and QD32 verifies, with no timeout', async () => {
+    const server = await startServerProcess(join(dir, 'batch.sock'), ['--namespace', 'ram,size=64M', '--batch-ms', '1']);
+    const script = `${GUEST_HELPERS}
+d=$(wait_dev 0 1) || exit 10
+${fio('deep', '$d', '4k', 16, 2, 4)}
+${fio('qd1', '$d', '4k', 1, 1, 2)}
+${fio('deeper', '$d', '4k', 32, 1, 4)}
+`;
+    const run = await runAgainst(server, { script, vfioUserSockets: [server.socketPath], timeoutMs: 240_000 });
+    expectClean(run, server);
+    const f = fields(run.scriptOutput);
+    for (const name of ['deep', 'qd1', 'deeper']) expect([name, f.get(`${name}.rc`), f.get(`${name}.errors`)]).toEqual([name, '0', '0']);
+  }, 300_000);
 });
 
 describe('fallbacks QEMU users can hit', () => {

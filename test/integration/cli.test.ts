@@ -32,6 +32,8 @@ describe('nvme-vfio-user CLI', () => {
     [['serve', '--interrupts', 'nmi'], /unknown interrupt mode 'nmi'/],
     [['serve', '--poll-us', '2ms'], /--poll-us '2ms' must be a whole number of microseconds/],
     [['serve', '--poll-us', '1000001'], /--poll-us '1000001'/],
+    [['serve', '--batch-ms', '0.5'], /--batch-ms '0.5' must be a whole number of milliseconds/],
+    [['serve', '--batch-ms', '101'], /--batch-ms '101'/],
     [['serve', '--namespace', 'ram'], /needs size=/],
     [['serve', '--config', '/nonexistent.json'], /ENOENT/],
     [['serve', '--socket'], /argument missing|--socket/],
@@ -89,7 +91,7 @@ describe('nvme-vfio-user CLI', () => {
   it('--help documents every serve option', () => {
     const result = cli('serve', '--help');
     expect(result.status).toBe(0);
-    for (const option of ['--socket', '--socket-mode', '--namespace', '--config', '--device', '--io-queues', '--queue-entries', '--mdts', '--interrupts', '--poll-us', '--nqn', '--write-multiple', '--log-level']) expect(result.stdout).toContain(option);
+    for (const option of ['--socket', '--socket-mode', '--namespace', '--config', '--device', '--io-queues', '--queue-entries', '--mdts', '--interrupts', '--poll-us', '--batch-ms', '--nqn', '--write-multiple', '--log-level']) expect(result.stdout).toContain(option);
   });
 
   it('keeps serving when whoever read its stdout and stderr goes away (EPIPE)', async () => {

@@ -64,12 +64,13 @@ describe('JSON config files', () => {
       mdts: 5,
       interrupts: 'msi',
       pollUs: 150,
+      batchMs: 2,
     }));
     const c = loadConfigFile(path);
     expect(c.sockets).toEqual([join(dir, 'c0.sock'), '/abs/c1.sock']);
     expect(c.namespaces).toEqual([{ file: join(dir, 'disk.img'), size: 1 << 30, lbads: 4096 }, { size: 8 << 20, lbads: 512 }]);
     expect(c.nqn).toBe('nqn.2026-11.test:x');
-    expect([c.ioQueues, c.mdts, c.interrupts, c.pollUs]).toEqual([4, 5, 'msi', 150]);
+    expect([c.ioQueues, c.mdts, c.interrupts, c.pollUs, c.batchMs]).toEqual([4, 5, 'msi', 150, 2]);
   });
 
   it('names the problem in a bad file', () => {
@@ -85,6 +86,7 @@ describe('JSON config files', () => {
     expect(() => loadConfigFile(bad('{"ioQueues":0}'))).toThrow(/ioQueues/);
     expect(() => loadConfigFile(bad('{"interrupts":"nmi"}'))).toThrow(/unknown interrupt mode/);
     expect(() => loadConfigFile(bad('{"pollUs":-5}'))).toThrow(/pollUs '-5' must be a whole number of microseconds from 0 to 1000000/);
+    expect(() => loadConfigFile(bad('{"batchMs":0.5}'))).toThrow(/batchMs '0.5' must be a whole number of milliseconds from 0 to 100/);
     expect(() => loadConfigFile(bad('{"namespaces":[{"file":"a","lbads":7}]}'))).toThrow(/512 or 4096/);
     expect(() => loadConfigFile(join(dir, 'missing.json'))).toThrow(/ENOENT/);
   });

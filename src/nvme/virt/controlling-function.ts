@@ -24,6 +24,8 @@ export interface ControllingFunctionOptions {
   interrupts?: InterruptOffer;
   /** See ControllerOptions.tailPollUs. */
   tailPollUs?: number;
+  /** See ControllerOptions.deepQueueBatchMs. */
+  deepQueueBatchMs?: number;
   logger: Logger;
   /** More command sets for the primary, built once the function exists (live migration). */
   extraCommandSets?: (cf: ControllingFunction) => AdminCommandSet[];
@@ -51,6 +53,7 @@ export class ControllingFunction {
       ...(options.mdts !== undefined ? { mdts: options.mdts } : {}),
       ...(options.interrupts !== undefined ? { interrupts: options.interrupts } : {}),
       ...(options.tailPollUs !== undefined ? { tailPollUs: options.tailPollUs } : {}),
+      ...(options.deepQueueBatchMs !== undefined ? { deepQueueBatchMs: options.deepQueueBatchMs } : {}),
     };
     this.primary = new NvmeController({ ...common, cntlid: PRIMARY_CNTLID, logger: options.logger.child('primary') });
     // Each secondary can hold up to a full controller's worth of queues and vectors; the pool

@@ -21,10 +21,13 @@ const QID = 1;
 const slot = (qid: number, completion: boolean): number => (2 * qid + (completion ? 1 : 0)) * 4;
 
 const flush = (): Uint8Array => buildCommand({ opcode: NvmOpcode.FLUSH, nsid: 1 });
+/** A one-block read of a RAM namespace: it completes in the fetch that takes it, as page-cache reads do. */
+const read = (): Uint8Array => buildCommand({ opcode: NvmOpcode.READ, nsid: 1, prp1: DATA, cdw12: 0 });
 
 /** Brings a controller up with Doorbell Buffer Config active and I/O queue pair 1. */
-async function shadowHost(options: { size?: number; cqSize?: number; tailPollUs?: number; interrupts?: boolean } = {}): Promise<TestHost> {
-  const h = new TestHost(options.tailPollUs !== undefined ? { controller: { tailPollUs: options.tailPollUs } } : {}).start();
+async function shadowHost(options: { size?: number; cqSize?: number; tailPollUs?: number; deepQueueBatchMs?: number; interrupts?: boolean } = {}): Promise<TestHost> {
+  const { tailPollUs, deepQueueBatchMs } = options;
+  const h = new TestHost({ controller: { ...(tailPollUs !== undefined ? { tailPollUs } : {}), ...(deepQueueBatchMs !== undefined ? { deepQueueBatchMs } : {}) } }).start();
   // Garbage in the EventIdx page: the controller must overwrite the slots it owns.
   h.memory.bytes.fill(0xff, EVENT_IDX, EVENT_IDX + 4096);
   const cqe = await h.admin({ opcode: AdminOpcode.DOORBELL_BUFFER_CONFIG, prp1: SHADOW, prp2: EVENT_IDX });
@@ -314,9 +317,9 @@ describe('shadow doorbells', () => {
  * Submits as Linux's nvme_dbbuf_update_and_check_event does: shadow tail first, then EventIdx
  * read, and the trapped doorbell only when EventIdx asks. Returns whether it rang.
  */
-function submitLikeLinux(h: TestHost, count: number): { cids: number[]; rang: boolean } {
+function submitLikeLinux(h: TestHost, count: number, command = flush): { cids: number[]; rang: boolean } {
   const old = h.memory.get32(SHADOW + slot(QID, false));
-  const cids = Array.from({ length: count }, () => h.place(QID, flush()));
+  const cids = Array.from({ length: count }, () => h.place(QID, command()));
   const tail = h.queues.get(QID)!.sqTail;
   h.memory.set32(SHADOW + slot(QID, false), tail);
   const rang = needsEvent(h.memory.get32(EVENT_IDX + slot(QID, false)), tail, old);
@@ -328,10 +331,10 @@ function submitLikeLinux(h: TestHost, count: number): { cids: number[]; rang: bo
 const SHALLOW_STREAK = 8;
 
 /** A QD1 host: one command at a time, reaped before the next; returns how many of them rang. */
-async function qd1(h: TestHost, commands: number): Promise<number> {
+async function qd1(h: TestHost, commands: number, command = flush): Promise<number> {
   let rings = 0;
   for (let i = 0; i < commands; i++) {
-    const one = submitLikeLinux(h, 1);
+    const one = submitLikeLinux(h, 1, command);
     if (one.rang) rings++;
     await expectCompletions(h, one.cids);
   }
@@ -450,5 +453,72 @@ describe('tail polling (serve --poll-us)', () => {
     await untilPolled(h, 'polled again after resume');
     expect(await qd1(h, 3)).toBe(0);
     await expectNoMoreCompletions(h);
+  });
+});
+
+describe('deep-queue batching (serve --batch-ms)', () => {
+  it('a deep queue is batched: EventIdx stays one behind, commands that did not ring come in one batch with one interrupt', async () => {
+    const h = await shadowHost({ size: 32, deepQueueBatchMs: 5 });
+    const first = submitLikeLinux(h, 4, read);
+    expect(first.rang).toBe(true);
+    // Four completions posted and not reaped yet: deep, so its doorbells are held back.
+    await untilPolled(h, 'batched after a deep fetch');
+    await expectCompletions(h, first.cids);
+    const interrupts = h.msixCount();
+    const batch = submitLikeLinux(h, 3, read);
+    expect(batch.rang).toBe(false);
+    await expectCompletions(h, batch.cids);
+    expect(h.msixCount() - interrupts).toBe(1);
+    await untilPolled(h, 'still batched');
+    // A period with nothing new arms EventIdx: the next submission rings, nothing waits for a timer.
+    const sq = h.controller.state.submissionQueues[QID]!;
+    await until(() => sqEventIdx(h) === sq.tail, 'idle: EventIdx armed at the tail');
+    const after = submitLikeLinux(h, 1, read);
+    expect(after.rang).toBe(true);
+    await expectCompletions(h, after.cids);
+  });
+
+  it('a shallow (QD1) queue is not batched: every submission rings and none waits for the period', async () => {
+    const h = await shadowHost({ size: 16, deepQueueBatchMs: 50 });
+    const started = performance.now();
+    expect(await qd1(h, 12, read)).toBe(12);
+    // Twelve round trips well inside one 50 ms period: nothing waited for a batch.
+    expect(performance.now() - started).toBeLessThan(50);
+    expect(sqEventIdx(h)).toBe(h.controller.state.submissionQueues[QID]!.tail);
+  });
+
+  it('a host following EventIdx loses no command across batched, polled and idle spells, ring wraps included', async () => {
+    const h = await shadowHost({ size: 8, tailPollUs: 300, deepQueueBatchMs: 2 });
+    let rings = 0;
+    let submitted = 0;
+    for (let round = 0; round < 120; round++) {
+      // Mostly QD1; every 4th round a batch of 3 (deep); every 7th an idle spell past both periods.
+      const batch = submitLikeLinux(h, round % 4 === 3 ? 3 : 1, read);
+      submitted += batch.cids.length;
+      if (batch.rang) rings++;
+      await expectCompletions(h, batch.cids);
+      if (round % 7 === 6) await new Promise((resolve) => setTimeout(resolve, 6));
+    }
+    await expectNoMoreCompletions(h);
+    expect(submitted).toBe(180);
+    expect(rings).toBeLessThan(180);
+    const sq = h.controller.state.submissionQueues[QID]!;
+    expect({ head: sq.head, tail: sq.tail }).toEqual({ head: 180 % 8, tail: 180 % 8 });
+  });
+
+  it('a suspension ends batching; resume arms EventIdx and takes what came meanwhile', async () => {
+    const h = await shadowHost({ size: 32, deepQueueBatchMs: 10_000 });
+    const deep = submitLikeLinux(h, 4, read);
+    await untilPolled(h, 'batched');
+    await expectCompletions(h, deep.cids);
+    await h.controller.suspend();
+    const during = submitLikeLinux(h, 2, read);
+    expect(during.rang).toBe(false);
+    await expectNoMoreCompletions(h);
+    // Resumed long before the 10 s period: what came while suspended is taken at once.
+    h.controller.resume();
+    await expectCompletions(h, during.cids);
+    const sq = h.controller.state.submissionQueues[QID]!;
+    await until(() => sqEventIdx(h) === sq.tail || sqEventIdx(h) === (sq.tail + sq.size - 1) % sq.size, 'EventIdx published after resume');
   });
 });
