@@ -47,6 +47,8 @@ export class Doorbells {
   private readonly tailChecks = new Set<number>();
   private shadowTimer: NodeJS.Timeout | null = null;
   private readonly polling: TailPolling;
+  /** SQ ids whose batching was logged: once per id, not at every deep spell. */
+  private readonly batchingLogged = new Set<number>();
 
   constructor(private readonly host: DoorbellHost) {
     this.polling = new TailPolling(host.tailPollUs, host.deepQueueBatchMs, {
@@ -55,6 +57,11 @@ export class Doorbells {
       suppress: (qid) => {
         const sq = host.state.submissionQueues[qid];
         if (sq) void this.publishEventIdx(qid, false, oneBehindTail(sq));
+      },
+      batching: (qid) => {
+        if (this.batchingLogged.has(qid)) return;
+        this.batchingLogged.add(qid);
+        host.log.info(`SQ ${qid} is deep: its commands are collected every ${host.deepQueueBatchMs} ms, its doorbells held back (--batch-ms)`);
       },
       arm: (qid) => {
         const sq = host.state.submissionQueues[qid];

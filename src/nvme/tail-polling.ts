@@ -33,6 +33,8 @@ export interface PolledQueues {
   worthPolling(qid: number): boolean;
   /** Writes EventIdx one behind SQ `qid`'s tail: the host need not ring while we look. */
   suppress(qid: number): void;
+  /** SQ `qid` went deep and is batched now (it was neither batched nor polled). */
+  batching(qid: number): void;
   /** Writes EventIdx = SQ `qid`'s tail, then reads the shadow tail again; true when it had moved. */
   arm(qid: number): boolean;
   /** New entries are in SQ `qid`: fetch. */
@@ -94,7 +96,10 @@ export class TailPolling {
       // A polled queue that went deep keeps its EventIdx suppressed: it moves to the batch.
       const suppressed = this.hot.delete(qid) || this.batched.has(qid);
       this.batched.add(qid);
-      if (!suppressed) this.queues.suppress(qid);
+      if (!suppressed) {
+        this.queues.suppress(qid);
+        this.queues.batching(qid);
+      }
       this.scheduleBatch();
       return true;
     }
