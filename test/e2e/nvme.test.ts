@@ -240,33 +240,26 @@ for c in nvme0 nvme1; do echo irq.$c=$(grep -E "$c"'q[1-9]' /proc/interrupts | a
   }, 360_000);
 });
 
-describe('shadow-tail polling (serve --poll-us)', () => {
-  it('Linux follows the suppressed EventIdx: I/O at QD1 (polled) and QD16 (not) verifies, with no timeout', async () => {
-    const server = await startServerProcess(join(dir, 'poll.sock'), ['--namespace', 'ram,size=64M', '--poll-us', '200']);
+describe('shadow-tail polling (serve --poll-us) and deep-queue batching (serve --batch-ms)', () => {
+  /** Runs fio verify jobs (name, QD, jobs, MiB each) in a guest against `serve ARGS` and checks every one passed. */
+  async function verifiesWith(socket: string, args: string[], jobs: Array<[name: string, depth: number, count: number, mib: number]>): Promise<void> {
+    const server = await startServerProcess(join(dir, socket), ['--namespace', 'ram,size=64M', ...args]);
     const script = `${GUEST_HELPERS}
 d=$(wait_dev 0 1) || exit 10
-${fio('qd1', '$d', '4k', 1, 1, 2)}
-${fio('qd16', '$d', '4k', 16, 2, 4)}
-${fio('qd1again', '$d', '4k', 1, 1, 2)}
+${jobs.map(([name, depth, count, mib]) => fio(name, '$d', '4k', depth, count, mib)).join('\n')}
 `;
     const run = await runAgainst(server, { script, vfioUserSockets: [server.socketPath], timeoutMs: 240_000 });
     expectClean(run, server);
     const f = fields(run.scriptOutput);
-    for (const name of ['qd1', 'qd16', 'qd1again']) expect([name, f.get(`${name}.rc`), f.get(`${name}.errors`)]).toEqual([name, '0', '0']);
+    for (const [name] of jobs) expect([name, f.get(`${name}.rc`), f.get(`${name}.errors`)]).toEqual([name, '0', '0']);
+  }
+
+  it('Linux follows the suppressed EventIdx: I/O at QD1 (polled) and QD16 (not) verifies, with no timeout', async () => {
+    await verifiesWith('poll.sock', ['--poll-us', '200'], [['qd1', 1, 1, 2], ['qd16', 16, 2, 4], ['qd1again', 1, 1, 2]]);
   }, 300_000);
 
   it('serve --batch-ms 1: Linux follows EventIdx held back on deep queues; I/O at QD16, QD1 and QD32 verifies, with no timeout', async () => {
-    const server = await startServerProcess(join(dir, 'batch.sock'), ['--namespace', 'ram,size=64M', '--batch-ms', '1']);
-    const script = `${GUEST_HELPERS}
-d=$(wait_dev 0 1) || exit 10
-${fio('deep', '$d', '4k', 16, 2, 4)}
-${fio('qd1', '$d', '4k', 1, 1, 2)}
-${fio('deeper', '$d', '4k', 32, 1, 4)}
-`;
-    const run = await runAgainst(server, { script, vfioUserSockets: [server.socketPath], timeoutMs: 240_000 });
-    expectClean(run, server);
-    const f = fields(run.scriptOutput);
-    for (const name of ['deep', 'qd1', 'deeper']) expect([name, f.get(`${name}.rc`), f.get(`${name}.errors`)]).toEqual([name, '0', '0']);
+    await verifiesWith('batch.sock', ['--batch-ms', '1'], [['deep', 16, 2, 4], ['qd1', 1, 1, 2], ['deeper', 32, 1, 4]]);
   }, 300_000);
 });
 

@@ -341,6 +341,34 @@ async function qd1(h: TestHost, commands: number, command = flush): Promise<numb
   return rings;
 }
 
+const MIXED_ROUNDS = 120;
+
+/** Commands mixedRounds submits when every `deepEvery`-th round is a batch of 3. */
+const mixedRoundsSubmitted = (deepEvery: number): number => MIXED_ROUNDS + 2 * Math.floor(MIXED_ROUNDS / deepEvery);
+
+/**
+ * A host following EventIdx: rounds of one command, every `deepEvery`-th a batch of 3, every
+ * `idleEvery`-th followed by an idle spell; every command must complete, none twice, and the SQ
+ * must end with head = tail where the host put it. Returns how many submissions rang.
+ */
+async function mixedRounds(h: TestHost, o: { deepEvery: number; idleEvery: number; idleMs: number; command: () => Uint8Array }): Promise<number> {
+  let rings = 0;
+  let submitted = 0;
+  for (let round = 0; round < MIXED_ROUNDS; round++) {
+    const batch = submitLikeLinux(h, round % o.deepEvery === o.deepEvery - 1 ? 3 : 1, o.command);
+    submitted += batch.cids.length;
+    if (batch.rang) rings++;
+    await expectCompletions(h, batch.cids);
+    if (round % o.idleEvery === o.idleEvery - 1) await new Promise((resolve) => setTimeout(resolve, o.idleMs));
+  }
+  await expectNoMoreCompletions(h);
+  expect(submitted).toBe(mixedRoundsSubmitted(o.deepEvery));
+  const sq = h.controller.state.submissionQueues[QID]!;
+  const size = h.queues.get(QID)!.size;
+  expect({ head: sq.head, tail: sq.tail }).toEqual({ head: submitted % size, tail: submitted % size });
+  return rings;
+}
+
 const sqEventIdx = (h: TestHost): number => h.memory.get32(EVENT_IDX + slot(QID, false));
 
 /** EventIdx one behind the SQ's tail: the controller is polling it. */
@@ -420,23 +448,11 @@ describe('tail polling (serve --poll-us)', () => {
 
   it('a host following EventIdx loses no command across polled, idle and deep spells, ring wraps included', async () => {
     const h = await shadowHost({ size: 8, tailPollUs: 300 });
-    let rings = 0;
-    let submitted = 0;
-    for (let round = 0; round < 120; round++) {
-      // Mostly QD1; every 30th round a batch of 3 (deep); every 5th an idle spell past the window.
-      const batch = submitLikeLinux(h, round % 30 === 29 ? 3 : 1);
-      submitted += batch.cids.length;
-      if (batch.rang) rings++;
-      await expectCompletions(h, batch.cids);
-      if (round % 5 === 4) await new Promise((resolve) => setTimeout(resolve, 3));
-    }
-    await expectNoMoreCompletions(h);
-    expect(submitted).toBe(128);
+    // Mostly QD1; every 30th round a batch of 3 (deep); every 5th an idle spell past the window.
+    const rings = await mixedRounds(h, { deepEvery: 30, idleEvery: 5, idleMs: 3, command: flush });
     // A ring per idle spell and per new streak, never one per submission.
     expect(rings).toBeGreaterThanOrEqual(24);
     expect(rings).toBeLessThan(100);
-    const sq = h.controller.state.submissionQueues[QID]!;
-    expect({ head: sq.head, tail: sq.tail }).toEqual({ head: 128 % 8, tail: 128 % 8 });
   });
 
   it('a suspension ends polling; resume arms EventIdx so the next submission rings', async () => {
@@ -489,21 +505,9 @@ describe('deep-queue batching (serve --batch-ms)', () => {
 
   it('a host following EventIdx loses no command across batched, polled and idle spells, ring wraps included', async () => {
     const h = await shadowHost({ size: 8, tailPollUs: 300, deepQueueBatchMs: 2 });
-    let rings = 0;
-    let submitted = 0;
-    for (let round = 0; round < 120; round++) {
-      // Mostly QD1; every 4th round a batch of 3 (deep); every 7th an idle spell past both periods.
-      const batch = submitLikeLinux(h, round % 4 === 3 ? 3 : 1, read);
-      submitted += batch.cids.length;
-      if (batch.rang) rings++;
-      await expectCompletions(h, batch.cids);
-      if (round % 7 === 6) await new Promise((resolve) => setTimeout(resolve, 6));
-    }
-    await expectNoMoreCompletions(h);
-    expect(submitted).toBe(180);
-    expect(rings).toBeLessThan(180);
-    const sq = h.controller.state.submissionQueues[QID]!;
-    expect({ head: sq.head, tail: sq.tail }).toEqual({ head: 180 % 8, tail: 180 % 8 });
+    // Mostly QD1; every 4th round a batch of 3 (deep); every 7th an idle spell past both periods.
+    const rings = await mixedRounds(h, { deepEvery: 4, idleEvery: 7, idleMs: 6, command: read });
+    expect(rings).toBeLessThan(mixedRoundsSubmitted(4));
   });
 
   it('a suspension ends batching; resume arms EventIdx and takes what came meanwhile', async () => {
