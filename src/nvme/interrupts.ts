@@ -6,7 +6,8 @@
 
 import type { InterruptMode } from '../pci/function.js';
 import { coalescingSettings, InterruptAggregator } from './coalescing.js';
-import { INTX_REASSERT_GRACE_MS } from './policy.js';
+import { performance } from 'node:perf_hooks';
+import { INTX_REARM_DEADLINE_MS, INTX_REASSERT_GRACE_MS } from './policy.js';
 import type { ControllerState } from './state.js';
 
 export interface InterruptHost {
@@ -21,7 +22,10 @@ export class Interrupts {
   private readonly toRaise = new Set<number>();
   private scheduled = false;
   private scheduledAfterIteration = false;
+  /** The pending look at INTx (intxCheck), if any. */
   private intxRecheck: NodeJS.Timeout | null = null;
+  /** When INTx was last triggered with QEMU not having re-armed it since (performance.now() ms); null: re-armed. */
+  private intxTriggeredAt: number | null = null;
   /** An aggregation time ended: raise now (its timer or immediate already waited for the turn to end). */
   private readonly aggregator = new InterruptAggregator((vector) => {
     this.toRaise.add(vector);
@@ -108,20 +112,42 @@ export class Interrupts {
   }
 
   /**
-   * INTx is level-triggered: when the host re-arms it, assert again if completions still wait.
-   * QEMU re-arms on *any* BAR access (its emulated EOI), another vCPU's SQ doorbell included,
-   * usually just before the handler consumes what is pending. Re-asserting at once would make an
-   * interrupt per stray EOI; a short grace lets the handler's CQ head arrive first, and still
-   * catches an interrupt the stray EOI cleared before the guest took it.
+   * INTx is level-triggered, and QEMU lowers the line only on a BAR access (its emulated EOI),
+   * then re-arms it (this call). A trigger that reaches QEMU after the handler consumed what it
+   * was for leaves the line up with nothing pending: it fires until some BAR access, and when no
+   * I/O follows, until Linux disables it ("nobody cared"). So INTx is never triggered at once:
+   * intxCheck looks INTX_REASSERT_GRACE_MS later, when the handler's CQ head has arrived, and
+   * triggers only for completions still unconsumed, and only on a re-armed line. The same look
+   * follows every re-arm, stray ones (another vCPU's SQ doorbell) included.
    */
   intxRearmed(): void {
-    if (this.host.interruptMode() !== 'intx' || this.intxRecheck) return;
-    this.intxRecheck = setTimeout(() => {
-      this.intxRecheck = null;
-      if (this.host.interruptMode() === 'intx') this.raiseUnconsumed();
-    }, INTX_REASSERT_GRACE_MS);
+    this.intxTriggeredAt = null;
+    if (this.intxRecheck) clearTimeout(this.intxRecheck);
+    this.intxRecheck = null;
+    if (this.host.interruptMode() === 'intx') this.lookAtIntx(INTX_REASSERT_GRACE_MS);
+  }
+
+  private lookAtIntx(afterMs: number): void {
+    if (this.intxRecheck) return;
+    this.intxRecheck = setTimeout(this.intxCheck, afterMs);
     this.intxRecheck.unref();
   }
+
+  private readonly intxCheck = (): void => {
+    this.intxRecheck = null;
+    if (!this.host.touchesHost() || this.host.interruptMode() !== 'intx') return;
+    const state = this.host.state;
+    const due = state.completionQueues.find((cq) => cq && cq.interruptsEnabled && cq.head !== cq.tail && !(state.registers.intms & (1 << (cq.vector & 31))));
+    if (!due) return;
+    const now = performance.now();
+    if (this.intxTriggeredAt !== null && now - this.intxTriggeredAt < INTX_REARM_DEADLINE_MS) {
+      // The line is still up: its re-arm looks again. The deadline covers a re-arm that never comes.
+      this.lookAtIntx(INTX_REARM_DEADLINE_MS - (now - this.intxTriggeredAt));
+      return;
+    }
+    this.intxTriggeredAt = now;
+    this.host.raise(due.vector);
+  };
 
   reset(): void {
     this.toRaise.clear();
@@ -147,6 +173,7 @@ export class Interrupts {
         return;
       }
     }
-    this.host.raise(vector);
+    if (mode === 'intx') this.lookAtIntx(INTX_REASSERT_GRACE_MS);
+    else this.host.raise(vector);
   }
 }

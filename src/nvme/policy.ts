@@ -22,5 +22,7 @@ export const CRITICAL_TEMPERATURE = 353;
 export const IN_FLIGHT_DATA_BYTES = 64 << 20;
 /** Node's timers hold at most 2^31-1 ms; longer Keep Alive timeouts are re-armed in steps. */
 export const MAX_TIMER_MS = 0x7fff_ffff;
-/** How long after QEMU re-arms INTx we look again for unconsumed completions (see irqsChanged). */
+/** How long after a completion, or QEMU's re-arm of INTx, the line is looked at (interrupts.ts intxRearmed). */
 export const INTX_REASSERT_GRACE_MS = 1;
+/** How long a triggered INTx line waits for QEMU's re-arm before a new completion triggers it anyway. */
+export const INTX_REARM_DEADLINE_MS = 100;

@@ -23,9 +23,11 @@ describe('guest boot sequences', () => {
     await h.admin({ opcode: AdminOpcode.CREATE_IO_SQ, prp1: 0x210000, cdw10: (3 << 16) | 1, cdw11: (1 << 16) | 1 });
     h.queues.set(1, { sqBase: 0x210000, cqBase: 0x200000, size: 4, sqTail: 0, cqHead: 0, phase: 1 } as never);
     expect((await h.io(1, { opcode: NvmOpcode.READ, nsid: 1, prp1: DATA, cdw12: 0 })).status).toBe(0);
-    // Only the admin CQ (always interrupt-enabled) asserted INTx; the polled I/O CQ raised nothing.
+    // Only the admin CQ (always interrupt-enabled) may assert INTx; the polled I/O CQ raised nothing.
+    // INTx is triggered only for completions still unconsumed a moment later, and not again before
+    // QEMU re-arms the line (which this host never does): at most once for a host that polls.
     expect(h.irqs.fired.every((f) => f.index === 0 && f.vector === 0)).toBe(true);
-    expect(h.irqs.fired).toHaveLength(4);
+    expect(h.irqs.fired.length).toBeLessThanOrEqual(1);
     // Linux: finds the controller enabled, disables it, waits for RDY=0, sets up from scratch.
     expect(h.read32(Reg.CSTS) & CSTS.RDY).toBe(1);
     h.write32(Reg.CC, 0);

@@ -3,6 +3,7 @@ import { PciIrq, PciRegion } from '../../../src/vfio-user/protocol.js';
 import { Cfg } from '../../../src/pci/registers.js';
 import { AdminOpcode, CC, CSTS, PciIdentity, Reg, Status } from '../../../src/nvme/spec.js';
 import { ADMIN_CQ, ADMIN_SQ, TestHost, code, tick, until } from './helpers.js';
+import { buildCommand } from '../../../src/nvme/command.js';
 
 describe('NVMe controller: PCI function', () => {
   it('identifies as an NVMe class device with our IDs, MSI-X in BAR4', () => {
@@ -143,11 +144,64 @@ describe('NVMe controller: registers', () => {
     expect(h.controller.interruptMode()).toBe('intx');
     h.write32(Reg.INTMS, 1);
     expect(h.read32(Reg.INTMS)).toBe(1);
-    await h.admin({ opcode: AdminOpcode.KEEP_ALIVE });
-    await tick();
+    h.place(0, buildCommand({ opcode: AdminOpcode.KEEP_ALIVE }));
+    h.ringSq(0);
+    await until(() => h.peek(0) !== null, 'the completion');
+    await new Promise((resolve) => setTimeout(resolve, 5));
     expect(h.irqs.count(PciIrq.INTX)).toBe(0);
     h.write32(Reg.INTMC, 1);
     expect(h.read32(Reg.INTMC)).toBe(0);
-    expect(h.irqs.count(PciIrq.INTX)).toBe(1);
+    // INTx is looked at a moment later (interrupts.ts intxRearmed), the completion still unconsumed.
+    await until(() => h.irqs.count(PciIrq.INTX) === 1, 'INTx after INTMC');
+  });
+
+  it('INTx is triggered for unconsumed completions only, and not again before QEMU re-arms it', async () => {
+    const h = new TestHost();
+    h.enableBusMaster(); // no MSI-X: INTx mode
+    h.enable();
+    const intx = (): number => h.irqs.count(PciIrq.INTX);
+    const keepAlive = (): void => {
+      h.place(0, buildCommand({ opcode: AdminOpcode.KEEP_ALIVE }));
+      h.ringSq(0);
+    };
+    const settle = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
+    await settle(5);
+    const before = intx();
+    keepAlive();
+    await h.reap(0, false);
+    await until(() => intx() === before + 1, 'INTx for the first completion');
+    // A second completion while the line is up: the handler may consume it with the first, and a
+    // trigger arriving after that would leave the line up with nothing pending.
+    keepAlive();
+    await h.reap(0, false);
+    await settle(5);
+    expect(intx()).toBe(before + 1);
+    // QEMU's EOI re-arms the line, then the handler's CQ head arrives: both consumed, no trigger.
+    h.controller.irqsChanged(PciIrq.INTX);
+    h.ringCq(0);
+    await settle(5);
+    expect(intx()).toBe(before + 1);
+    // Re-armed: a completion left unconsumed triggers.
+    keepAlive();
+    await h.reap(0, false);
+    await until(() => intx() === before + 2, 'INTx for the third completion');
+  });
+
+  it('INTx: a completion held back waits no longer than the re-arm deadline when no re-arm comes', async () => {
+    const h = new TestHost();
+    h.enableBusMaster();
+    h.enable();
+    await new Promise((resolve) => setTimeout(resolve, 5));
+    const before = h.irqs.count(PciIrq.INTX);
+    h.place(0, buildCommand({ opcode: AdminOpcode.KEEP_ALIVE }));
+    h.ringSq(0);
+    await h.reap(0, false);
+    await until(() => h.irqs.count(PciIrq.INTX) === before + 1, 'INTx for the first completion');
+    h.place(0, buildCommand({ opcode: AdminOpcode.KEEP_ALIVE }));
+    h.ringSq(0);
+    await until(() => h.peek(0) !== null, 'the second completion');
+    await new Promise((resolve) => setTimeout(resolve, 20));
+    expect(h.irqs.count(PciIrq.INTX)).toBe(before + 1);
+    await until(() => h.irqs.count(PciIrq.INTX) === before + 2, 'the deadline raising the unconsumed completion', 1000);
   });
 });
