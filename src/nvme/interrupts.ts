@@ -4,11 +4,11 @@
 // (suspended) controller raises nothing: what is due when it goes silent is raised first, and its
 // resume raises every vector whose queue still holds unconsumed completions.
 
+import { performance } from 'node:perf_hooks';
 import type { InterruptMode } from '../pci/function.js';
 import { coalescingSettings, InterruptAggregator } from './coalescing.js';
-import { performance } from 'node:perf_hooks';
 import { INTX_REARM_DEADLINE_MS, INTX_REASSERT_GRACE_MS } from './policy.js';
-import type { ControllerState } from './state.js';
+import type { CompletionQueueState, ControllerState } from './state.js';
 
 export interface InterruptHost {
   readonly state: ControllerState;
@@ -108,7 +108,7 @@ export class Interrupts {
 
   /** Every vector whose CQ holds completions the host has not consumed (resume, INTx re-arm). */
   raiseUnconsumed(): void {
-    for (const cq of this.host.state.completionQueues) if (cq && cq.interruptsEnabled && cq.head !== cq.tail) this.schedule(cq.vector);
+    for (const cq of this.host.state.completionQueues) if (cq && awaitsInterrupt(cq)) this.schedule(cq.vector);
   }
 
   /**
@@ -122,9 +122,13 @@ export class Interrupts {
    */
   intxRearmed(): void {
     this.intxTriggeredAt = null;
+    this.cancelIntxCheck();
+    if (this.host.interruptMode() === 'intx') this.lookAtIntx(INTX_REASSERT_GRACE_MS);
+  }
+
+  private cancelIntxCheck(): void {
     if (this.intxRecheck) clearTimeout(this.intxRecheck);
     this.intxRecheck = null;
-    if (this.host.interruptMode() === 'intx') this.lookAtIntx(INTX_REASSERT_GRACE_MS);
   }
 
   private lookAtIntx(afterMs: number): void {
@@ -137,7 +141,7 @@ export class Interrupts {
     this.intxRecheck = null;
     if (!this.host.touchesHost() || this.host.interruptMode() !== 'intx') return;
     const state = this.host.state;
-    const due = state.completionQueues.find((cq) => cq && cq.interruptsEnabled && cq.head !== cq.tail && !(state.registers.intms & (1 << (cq.vector & 31))));
+    const due = state.completionQueues.find((cq) => cq && awaitsInterrupt(cq) && !(state.registers.intms & (1 << (cq.vector & 31))));
     if (!due) return;
     const now = performance.now();
     if (this.intxTriggeredAt !== null && now - this.intxTriggeredAt < INTX_REARM_DEADLINE_MS) {
@@ -155,8 +159,7 @@ export class Interrupts {
   }
 
   dispose(): void {
-    if (this.intxRecheck) clearTimeout(this.intxRecheck);
-    this.intxRecheck = null;
+    this.cancelIntxCheck();
     this.aggregator.clear();
   }
 
@@ -177,3 +180,6 @@ export class Interrupts {
     else this.host.raise(vector);
   }
 }
+
+/** A CQ that interrupts and holds completions the host has not consumed. */
+const awaitsInterrupt = (cq: CompletionQueueState): boolean => cq.interruptsEnabled && cq.head !== cq.tail;
