@@ -183,11 +183,16 @@ function loadAddon(): NativeAddon {
 
 let addon: NativeAddon | undefined;
 
+/** The addon itself, loaded now if it was not yet: for the hot paths, which `native`'s indirection would cost on every call. */
+export function loadedNative(): NativeAddon {
+  return (addon ??= loadAddon());
+}
+
 /**
  * Loaded on first use, not on import: commands that never touch it (--help, --version) work
  * without the compiled addon, and a missing addon is an error where serving starts.
  */
 export const native: NativeAddon = new Proxy({} as NativeAddon, {
-  get: (_target, key) => (addon ??= loadAddon())[key as keyof NativeAddon],
+  get: (_target, key) => loadedNative()[key as keyof NativeAddon],
 });
 export default native;

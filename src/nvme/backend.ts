@@ -6,7 +6,7 @@
 // command on it needs no promise and no threadpool hop.
 
 import { open, stat, type FileHandle } from 'node:fs/promises';
-import { native, NOWAIT_UNSUPPORTED, NOWAIT_WOULD_BLOCK } from '../native.js';
+import { loadedNative, native, NOWAIT_UNSUPPORTED, NOWAIT_WOULD_BLOCK } from '../native.js';
 import type { MaybePromise } from './maybe-async.js';
 
 export interface BlockBackend {
@@ -185,6 +185,8 @@ export class FileBackend extends VectoredBackend {
   /** Per direction: how a transfer is tried on this thread before the threadpool. */
   private inlineReads: InlineMode;
   private inlineWrites: InlineMode;
+  /** The addon itself: every inline transfer calls it. */
+  private readonly addon = loadedNative();
 
   private constructor(
     private readonly handle: FileHandle,
@@ -192,7 +194,7 @@ export class FileBackend extends VectoredBackend {
     readonly size: number,
   ) {
     super();
-    const memory = native.memoryBackedFile(handle.fd);
+    const memory = this.addon.memoryBackedFile(handle.fd);
     this.inlineReads = this.inlineWrites = memory ? 'always' : 'no-wait';
   }
 
@@ -238,7 +240,7 @@ export class FileBackend extends VectoredBackend {
       if (total <= INLINE_MAX_BYTES) {
         const fd = this.handle.fd;
         const noWait = mode === 'no-wait';
-        const n = write ? native.pwritevInline(fd, views, offset, noWait) : native.preadvInline(fd, views, offset, noWait);
+        const n = write ? this.addon.pwritevInline(fd, views, offset, noWait) : this.addon.preadvInline(fd, views, offset, noWait);
         if (n === NOWAIT_UNSUPPORTED) {
           if (write) this.inlineWrites = 'never';
           else this.inlineReads = 'never';

@@ -130,6 +130,8 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
 
   /** What the function was built for; a secondary's assigned resources narrow it. */
   private readonly hardware: ControllerLimits;
+  /** MDTS in bytes, checked on every data command. */
+  readonly maxTransferBytes: number;
   private secondaryResources: SecondaryResources | null = null;
   private identityOverride: ControllerIdentity | null = null;
   private naming: NamespaceNaming | null = null;
@@ -170,6 +172,7 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
     const maxQueueEntries = options.maxQueueEntries ?? 1024;
     if (maxQueueEntries < 2 || maxQueueEntries > 0x10000) throw new RangeError(`maxQueueEntries ${maxQueueEntries}`);
     this.hardware = { maxIoQueues, maxQueueEntries, mdts: options.mdts ?? 8, vectors };
+    this.maxTransferBytes = (1 << MIN_PAGE_SHIFT) * 2 ** this.hardware.mdts;
     this.subsystem = options.subsystem;
     this.cntlid = options.cntlid ?? this.subsystem.allocateCntlid();
     this.carriedSets.push(...(options.commandSets ?? []));
@@ -336,9 +339,6 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
     return 1 << (MIN_PAGE_SHIFT + ((this.state.registers.cc >>> CC.MPS_SHIFT) & CC.MPS_MASK));
   }
 
-  get maxTransferBytes(): number {
-    return (1 << MIN_PAGE_SHIFT) * 2 ** this.hardware.mdts;
-  }
 
   get volatileWriteCachePresent(): boolean {
     return this.namespaces.list().some((a) => a.namespace.backend.volatileCache);

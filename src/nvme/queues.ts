@@ -351,7 +351,7 @@ export class QueueEngine implements QueueControl {
   private commandFinished(): void {
     if (--this.running === 0) {
       this.host.state.smart.busyTimeMs += Date.now() - this.busySince;
-      this.idleWaiters.splice(0).forEach((wake) => wake());
+      if (this.idleWaiters.length > 0) this.idleWaiters.splice(0).forEach((wake) => wake());
     }
   }
 }

@@ -58,11 +58,16 @@ export class DmaTable implements DmaSpace {
   private writeObservers: readonly WriteObserver[] = [];
   private writeThrough = false;
 
+  /** The native poison counters, read on every access (held here, not looked up through `memory` each time). */
+  private readonly poisonCounts: Uint32Array;
+
   constructor(
     private readonly memory: NativeMemory,
     private readonly maxMappings: number,
     private remote: RemoteDma | null = null,
-  ) {}
+  ) {
+    this.poisonCounts = memory.poisonCounts;
+  }
 
   setRemote(remote: RemoteDma | null): void {
     this.remote = remote;
@@ -117,7 +122,7 @@ export class DmaTable implements DmaSpace {
       pins: 0,
       removed: false,
       guardSlot,
-      poisonAtMap: guardSlot < 0 ? 0 : this.memory.poisonCounts[guardSlot]!,
+      poisonAtMap: guardSlot < 0 ? 0 : this.poisonCounts[guardSlot]!,
     });
   }
 
@@ -212,7 +217,7 @@ export class DmaTable implements DmaSpace {
   }
 
   private poisoned(mapping: DmaMapping): boolean {
-    return mapping.guardSlot >= 0 && this.memory.poisonCounts[mapping.guardSlot] !== mapping.poisonAtMap;
+    return mapping.guardSlot >= 0 && this.poisonCounts[mapping.guardSlot] !== mapping.poisonAtMap;
   }
 
   /** Runs `access` on the mapped bytes of [addr, addr+length) if one mapping holds them; undefined otherwise. */

@@ -2,7 +2,7 @@
 // mappings and eventfds are dropped, the device keeps its state, and the socket listens again.
 
 import { existsSync, unlinkSync } from 'node:fs';
-import { native, type Connection, type Listener } from '../native.js';
+import { loadedNative, native, type Connection, type Listener } from '../native.js';
 import type { Logger } from '../log.js';
 import { bindUnixSocket, DEFAULT_SOCKET_MODE } from '../socket-path.js';
 import type { VfioDevice } from './device.js';
@@ -74,7 +74,7 @@ export class VfioUserServer {
     const session = new Session({
       device: this.options.device,
       transport: connection,
-      native,
+      native: loadedNative(),
       log,
       writeMultiple: this.options.writeMultiple,
       migration: this.migration,
