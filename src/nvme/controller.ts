@@ -339,7 +339,6 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
     return 1 << (MIN_PAGE_SHIFT + ((this.state.registers.cc >>> CC.MPS_SHIFT) & CC.MPS_MASK));
   }
 
-
   get volatileWriteCachePresent(): boolean {
     return this.namespaces.list().some((a) => a.namespace.backend.volatileCache);
   }
