@@ -159,23 +159,19 @@ export class DmaTable implements DmaSpace {
     mapping.pins++;
     this.pinned++;
     if (forWrite) this.pinnedForWrite++;
-    let released = false;
-    return {
-      bytes: this.bytesFor(mapping, addr, length, forWrite),
-      intact: () => !this.poisoned(mapping),
-      release: () => {
-        if (released) return;
-        released = true;
-        if (forWrite) {
-          // The I/O landed after the pin: a report taken meanwhile cleared these pages too early.
-          this.notifyWrite(addr, length);
-          if (--this.pinnedForWrite === 0) this.writePinWaiters.splice(0).forEach((wake) => wake());
-        }
-        mapping.pins--;
-        if (mapping.removed && mapping.pins === 0) this.memory.munmap(mapping.backing!);
-        if (--this.pinned === 0) this.unpinnedWaiters.splice(0).forEach((wake) => wake());
-      },
-    };
+    return new Pin(this, mapping, addr, length, forWrite, this.bytesFor(mapping, addr, length, forWrite));
+  }
+
+  /** Pin.release(): the pin's counts go, and whoever waited for them to reach zero wakes. */
+  unpin(mapping: DmaMapping, addr: number, length: number, forWrite: boolean): void {
+    if (forWrite) {
+      // The I/O landed after the pin: a report taken meanwhile cleared these pages too early.
+      this.notifyWrite(addr, length);
+      if (--this.pinnedForWrite === 0 && this.writePinWaiters.length > 0) this.writePinWaiters.splice(0).forEach((wake) => wake());
+    }
+    mapping.pins--;
+    if (mapping.removed && mapping.pins === 0) this.memory.munmap(mapping.backing!);
+    if (--this.pinned === 0 && this.unpinnedWaiters.length > 0) this.unpinnedWaiters.splice(0).forEach((wake) => wake());
   }
 
   /** Resolves once no I/O holds pinned guest memory (it may be writing it right now). */
@@ -216,7 +212,7 @@ export class DmaTable implements DmaSpace {
     return mapping;
   }
 
-  private poisoned(mapping: DmaMapping): boolean {
+  poisoned(mapping: DmaMapping): boolean {
     return mapping.guardSlot >= 0 && this.poisonCounts[mapping.guardSlot] !== mapping.poisonAtMap;
   }
 
@@ -347,3 +343,27 @@ function checkRange(iova: bigint, size: bigint): { iova: number; size: number } 
 }
 
 const roundUp = (value: number, to: number): number => Math.ceil(value / to) * to;
+
+/** A view of guest memory held against DMA_UNMAP until released (DmaTable.pin): one object per pin, as it is taken per command. */
+class Pin implements PinnedView {
+  private released = false;
+
+  constructor(
+    private readonly table: DmaTable,
+    private readonly mapping: DmaMapping,
+    private readonly addr: number,
+    private readonly length: number,
+    private readonly forWrite: boolean,
+    readonly bytes: Uint8Array,
+  ) {}
+
+  intact(): boolean {
+    return !this.table.poisoned(this.mapping);
+  }
+
+  release(): void {
+    if (this.released) return;
+    this.released = true;
+    this.table.unpin(this.mapping, this.addr, this.length, this.forWrite);
+  }
+}
