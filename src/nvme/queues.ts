@@ -9,7 +9,7 @@ import type { CompletionPoster } from './completions.js';
 import type { QueueControl } from './context.js';
 import type { Doorbells } from './doorbells.js';
 import { loopIteration } from './loop-turn.js';
-import { andThen, attempt, isPromise, runRounds, type MaybePromise } from './maybe-async.js';
+import { andThen, isPromise, runRounds, type MaybePromise } from './maybe-async.js';
 import { IN_FLIGHT_DATA_BYTES } from './policy.js';
 import { SQE_SIZE } from './spec.js';
 import type { CompletionQueueState, ControllerState, HeldCompletion, SubmissionQueueState } from './state.js';
@@ -284,64 +284,107 @@ export class QueueEngine implements QueueControl {
 
   /**
    * Runs one fetched command and posts its completion. Synchronous from fetch to post when the
-   * handler is (a RAM namespace with mapped guest memory); never throws.
+   * handler is (a RAM namespace with mapped guest memory); never throws. Written out as methods
+   * rather than per-command closures: this runs for every command, and their allocations showed
+   * in bench/command-path.ts at QD32.
    */
   private dispatch(sq: SubmissionQueueState, rt: SqRuntime, sqe: Uint8Array, dma: DmaSpace, generation: number): void {
-    const host = this.host;
-    const isAdmin = sq.qid === 0;
     rt.executing++;
     this.commandStarted();
-    let budget = 0;
-    const finished = (): void => {
-      if (budget > 0) this.dataBudget.release(budget);
-      rt.executing--;
-      this.commandFinished();
-      if (rt.executing === 0 && rt.idle.length > 0) rt.idle.splice(0).forEach((wake) => wake());
-    };
-    // Set once the command turned out to wait: the event-loop iteration it started in.
-    let startedIn: number | null = null;
-    const post = (result: CommandResult | typeof DEFERRED): void => {
-      finished();
-      if (result === DEFERRED || generation !== host.generation()) return;
-      // Completed in a later iteration (a file backend's threadpool result): in an I/O callback.
-      const fromCallback = startedIn !== null && startedIn !== loopIteration();
-      host.poster.post({ cqid: sq.cqid, sqid: sq.qid, cid: cmd.cid, status: result.status, dw0: result.dw0, dw1: result.dw1 }, fromCallback);
-    };
-    const failed = (err: unknown): void => {
-      finished();
-      host.fatal(`dispatch on SQ ${sq.qid}: ${(err as Error).stack ?? String(err)}`);
-    };
     let cmd: Command;
     try {
       cmd = parseCommand(sqe, sq.qid);
     } catch (err) {
-      failed(err);
+      this.dispatchFailed(sq, rt, 0, err);
       return;
     }
-    const run = (granted: number): MaybePromise<CommandResult | typeof DEFERRED> => {
-      budget = granted;
-      const transfer = new GuestDataTransfer({
-        dma,
-        sqe,
-        pageSize: host.pageSize,
-        allowSgl: !isAdmin,
-        guard: () => {
-          if (generation !== host.generation()) throw new StaleCommandError('controller was reset');
-        },
-      });
-      return host.execute(cmd, transfer, isAdmin);
-    };
-    // post() itself throwing would be a bug of ours: the controller goes fatal rather than the process.
-    const postFailed = (err: unknown): void => host.fatal(`posting on SQ ${sq.qid}: ${(err as Error).stack ?? String(err)}`);
+    let budget = 0;
+    let outcome: MaybePromise<CommandResult | typeof DEFERRED>;
     try {
-      const outcome = attempt(() => andThen(isAdmin ? 0 : this.dataBudget.acquire(host.dataBytes(cmd)), run), post, failed);
-      if (isPromise(outcome)) {
-        startedIn = loopIteration();
-        outcome.catch(postFailed);
+      const granted = sq.qid === 0 ? 0 : this.dataBudget.acquire(this.host.dataBytes(cmd));
+      if (isPromise(granted)) {
+        outcome = granted.then((bytes) => {
+          budget = bytes;
+          return this.run(sq, sqe, dma, generation, cmd);
+        });
+      } else {
+        budget = granted;
+        outcome = this.run(sq, sqe, dma, generation, cmd);
       }
     } catch (err) {
-      postFailed(err);
+      try {
+        this.dispatchFailed(sq, rt, budget, err);
+      } catch (failure) {
+        this.postFailed(sq, failure);
+      }
+      return;
     }
+    if (!isPromise(outcome)) {
+      try {
+        this.complete(sq, rt, budget, generation, cmd.cid, outcome, null);
+      } catch (err) {
+        this.postFailed(sq, err);
+      }
+      return;
+    }
+    // Set once the command turned out to wait: the event-loop iteration it started in.
+    const startedIn = loopIteration();
+    outcome
+      .then(
+        (result) => this.complete(sq, rt, budget, generation, cmd.cid, result, startedIn),
+        (err: unknown) => this.dispatchFailed(sq, rt, budget, err),
+      )
+      .catch((err: unknown) => this.postFailed(sq, err));
+  }
+
+  private run(sq: SubmissionQueueState, sqe: Uint8Array, dma: DmaSpace, generation: number, cmd: Command): MaybePromise<CommandResult | typeof DEFERRED> {
+    const host = this.host;
+    const isAdmin = sq.qid === 0;
+    const transfer = new GuestDataTransfer({
+      dma,
+      sqe,
+      pageSize: host.pageSize,
+      allowSgl: !isAdmin,
+      guard: () => {
+        if (generation !== host.generation()) throw new StaleCommandError('controller was reset');
+      },
+    });
+    return host.execute(cmd, transfer, isAdmin);
+  }
+
+  /** The command ran: its slot and budget are free, and its completion goes out unless it was deferred or reset. */
+  private complete(
+    sq: SubmissionQueueState,
+    rt: SqRuntime,
+    budget: number,
+    generation: number,
+    cid: number,
+    result: CommandResult | typeof DEFERRED,
+    startedIn: number | null,
+  ): void {
+    this.finished(rt, budget);
+    if (result === DEFERRED || generation !== this.host.generation()) return;
+    // Completed in a later iteration (a file backend's threadpool result): in an I/O callback.
+    const fromCallback = startedIn !== null && startedIn !== loopIteration();
+    this.host.poster.post({ cqid: sq.cqid, sqid: sq.qid, cid, status: result.status, dw0: result.dw0, dw1: result.dw1 }, fromCallback);
+  }
+
+  /** A handler threw what is not a command's status: a bug of ours, and the controller goes fatal. */
+  private dispatchFailed(sq: SubmissionQueueState, rt: SqRuntime, budget: number, err: unknown): void {
+    this.finished(rt, budget);
+    this.host.fatal(`dispatch on SQ ${sq.qid}: ${(err as Error).stack ?? String(err)}`);
+  }
+
+  private finished(rt: SqRuntime, budget: number): void {
+    if (budget > 0) this.dataBudget.release(budget);
+    rt.executing--;
+    this.commandFinished();
+    if (rt.executing === 0 && rt.idle.length > 0) rt.idle.splice(0).forEach((wake) => wake());
+  }
+
+  /** Posting (or failing) itself throwing would be a bug of ours: the controller goes fatal rather than the process. */
+  private postFailed(sq: SubmissionQueueState, err: unknown): void {
+    this.host.fatal(`posting on SQ ${sq.qid}: ${(err as Error).stack ?? String(err)}`);
   }
 
   private commandStarted(): void {
