@@ -12,7 +12,7 @@
 // A B B A, and prints the new/base ratios.
 
 import { spawnSync } from 'node:child_process';
-import { cpSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { cpSync, existsSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
@@ -52,7 +52,7 @@ function compile(root: string): void {
   const out = compiledDir(root);
   const args = [tsc, '-p', path.join(root, 'tsconfig.tests.json'), '--noEmit', 'false', '--outDir', out, '--rootDir', root, '--sourceMap', 'false'];
   const r = spawnSync(process.execPath, args, { cwd: root, encoding: 'utf8' });
-  if (r.status !== 0) throw new Error(`compiling ${root} failed: ${r.stdout}${r.stderr}`);
+  if (r.status !== 0) throw new Error(`compiling ${root} failed: ${r.error?.message ?? `${r.stdout}${r.stderr}`.trim()}`);
   for (const entry of readdirSync(path.join(root, 'src'), { recursive: true, withFileTypes: true })) {
     if (!entry.isFile() || !entry.name.endsWith('.proto')) continue;
     const source = path.join(entry.parentPath, entry.name);
@@ -175,19 +175,25 @@ async function main(): Promise<void> {
   }
   const whole = (name: string, text: string): number => {
     const n = Number(text);
-    if (!Number.isSafeInteger(n) || n <= 0) throw new Error(`--${name}: '${text}' is not a positive whole number`);
+    if (!Number.isSafeInteger(n) || n <= 0) throw new UsageError(`--${name}: '${text}' is not a positive whole number`);
     return n;
   };
   const commands = whole('commands', values.commands);
   const reps = whole('reps', values.reps);
+  const oneOf = <T extends string>(name: string, text: string, allowed: readonly T[]): T[] =>
+    text.split(',').map((v) => {
+      if (!(allowed as readonly string[]).includes(v)) throw new UsageError(`--${name}: '${v}' is not one of ${allowed.join(', ')}`);
+      return v as T;
+    });
   const points: Point[] = [];
-  for (const ns of values.ns.split(',') as Point['ns'][]) {
-    for (const rw of values.rw.split(',') as Point['rw'][]) {
+  for (const ns of oneOf('ns', values.ns, ['ram', 'file'] as const)) {
+    for (const rw of oneOf('rw', values.rw, ['randread', 'randwrite'] as const)) {
       for (const qd of values.qd.split(',').map((q) => whole('qd', q))) points.push({ ns, rw, qd });
     }
   }
   const ours = path.resolve(here, '..');
   const base = values.baseline ? path.resolve(values.baseline) : null;
+  if (base && !existsSync(path.join(base, 'tsconfig.tests.json'))) throw new UsageError(`--baseline: ${base} is not a checkout of this project (no tsconfig.tests.json)`);
   for (const root of base ? [ours, base] : [ours]) compile(root);
   console.log(`# Command path, in-process (${os.cpus().length} CPUs, load ${os.loadavg()[0]!.toFixed(2)}): µs per command, median (and minimum) of ${reps} runs of ${commands} commands${base ? `, interleaved with ${base}` : ''}\n`);
   console.log(
@@ -215,7 +221,11 @@ async function main(): Promise<void> {
   }
 }
 
+/** A bad argument: one line and exit code 2, as the project's CLI does. */
+class UsageError extends Error {}
+
 main().catch((err: unknown) => {
   console.error(`command-path: ${(err as Error).message}`);
-  process.exit(1);
+  const usage = err instanceof UsageError || String((err as NodeJS.ErrnoException).code).startsWith('ERR_PARSE_ARGS');
+  process.exit(usage ? 2 : 1);
 });
