@@ -6,7 +6,7 @@
 // command on it needs no promise and no threadpool hop.
 
 import { open, stat, type FileHandle } from 'node:fs/promises';
-import { loadedNative, native, NOWAIT_UNSUPPORTED, NOWAIT_WOULD_BLOCK } from '../native.js';
+import { loadedNative, NOWAIT_UNSUPPORTED, NOWAIT_WOULD_BLOCK } from '../native.js';
 import type { MaybePromise } from './maybe-async.js';
 
 export interface BlockBackend {
@@ -185,7 +185,7 @@ export class FileBackend extends VectoredBackend {
   /** Per direction: how a transfer is tried on this thread before the threadpool. */
   private inlineReads: InlineMode;
   private inlineWrites: InlineMode;
-  /** The addon itself: every inline transfer calls it. */
+  /** The addon itself, not the lazy `native` Proxy: every inline transfer calls it. */
   private readonly addon = loadedNative();
 
   private constructor(
@@ -293,7 +293,7 @@ export class FileBackend extends VectoredBackend {
     if (length === 0) return;
     if (this.punchHoles) {
       try {
-        await native.punchHole(this.handle.fd, offset, length);
+        await this.addon.punchHole(this.handle.fd, offset, length);
         return;
       } catch (err) {
         const code = (err as NodeJS.ErrnoException).code;

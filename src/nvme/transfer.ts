@@ -34,15 +34,6 @@ export interface DataTransfer {
   direct(length: number, toHost: boolean, io: (buffers: Uint8Array[]) => MaybePromise<void>): MaybePromise<void>;
 }
 
-function releaseAll(pins: readonly PinnedView[]): void {
-  for (const pin of pins) pin.release();
-}
-
-/** After the I/O: memory truncated under a pin read zeros or wrote nowhere. */
-function checkIntact(pins: readonly PinnedView[]): void {
-  for (const pin of pins) if (!pin.intact()) throw new CommandError(Status.DATA_TRANSFER_ERROR, 'guest memory was truncated during the transfer');
-}
-
 /** A guest-physical range. */
 export interface Segment {
   addr: number;
@@ -201,6 +192,16 @@ export async function walkSgl(dma: DmaSpace, sgl1: Uint8Array, length: number): 
 }
 
 // ---- transfers ----------------------------------------------------------------------------------
+
+/** The pins of one direct transfer, released together (on every path, after checkIntact). */
+function releaseAll(pins: readonly PinnedView[]): void {
+  for (const pin of pins) pin.release();
+}
+
+/** After the I/O: memory truncated under a pin read zeros or wrote nowhere. */
+function checkIntact(pins: readonly PinnedView[]): void {
+  for (const pin of pins) if (!pin.intact()) throw new CommandError(Status.DATA_TRANSFER_ERROR, 'guest memory was truncated during the transfer');
+}
 
 export interface GuestTransferOptions {
   dma: DmaSpace;
