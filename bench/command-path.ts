@@ -17,6 +17,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { parseArgs } from 'node:util';
+import { parseUsage, runBench, UsageError } from './cli.js';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 
@@ -154,7 +155,7 @@ const median = (xs: number[]): number => {
 const summary = (xs: number[]): string => `${median(xs).toFixed(2)} (min ${Math.min(...xs).toFixed(2)})`;
 
 async function main(): Promise<void> {
-  const { values } = parseArgs({
+  const { values } = parseUsage(() => parseArgs({
     options: {
       child: { type: 'string' },
       commands: { type: 'string', default: '200000' },
@@ -164,7 +165,7 @@ async function main(): Promise<void> {
       rw: { type: 'string', default: 'randread,randwrite' },
       baseline: { type: 'string' },
     },
-  });
+  }));
   if (values.child) {
     const { root, point, commands } = JSON.parse(values.child) as { root: string; point: Point; commands: number };
     console.log(JSON.stringify(await runPoint(root, point, commands)));
@@ -218,11 +219,4 @@ async function main(): Promise<void> {
   }
 }
 
-/** A bad argument: one line and exit code 2, as the project's CLI does. */
-class UsageError extends Error {}
-
-main().catch((err: unknown) => {
-  console.error(`command-path: ${(err as Error).message}`);
-  const usage = err instanceof UsageError || String((err as NodeJS.ErrnoException).code).startsWith('ERR_PARSE_ARGS');
-  process.exit(usage ? 2 : 1);
-});
+runBench('command-path', import.meta.url, main);

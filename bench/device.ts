@@ -35,6 +35,7 @@ import { cpuModel, cpuSeconds } from './host-stats.js';
 import { fmt, markdownTable } from './report.js';
 import { buildServer, builtServerCommand } from './server-build.js';
 import { monotonicUs, summariseProfile, type MonotonicWindow, type ProfileSummary } from './cpu-profile.js';
+import { parseUsage, runBench } from './cli.js';
 
 const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 
@@ -100,13 +101,8 @@ function parseOptions(argv: string[]): Options {
       'cpu-prof': { type: 'boolean', default: false },
       'profile-qd': { type: 'string', default: '32' },
       out: { type: 'string', default: path.join(REPO, 'bench', 'results', 'device') },
-      help: { type: 'boolean', short: 'h', default: false },
     },
   });
-  if (values.help) {
-    process.stdout.write(fs.readFileSync(fileURLToPath(import.meta.url), 'utf8').split('\n').filter((l) => l.startsWith('//')).join('\n') + '\n');
-    process.exit(0);
-  }
   const positive = (name: string, v: string): number => {
     const n = Number(v);
     if (!Number.isFinite(n) || n <= 0) throw new Error(`--${name} must be a positive number, got ${v}`);
@@ -582,7 +578,7 @@ async function profileRun(o: Options, workDir: string, me: ServerUnderTest): Pro
 }
 
 async function main(): Promise<void> {
-  const o = parseOptions(process.argv.slice(2));
+  const o = parseUsage(() => parseOptions(process.argv.slice(2)));
   const workDir = fs.mkdtempSync(path.join(os.tmpdir(), 'nvu-device-bench-'));
   const me: ServerUnderTest = { label: o.baseline ? 'new' : 'ours', root: REPO, pollUs: o.pollUs[0]! };
   const servers: ServerUnderTest[] = o.baseline
@@ -642,7 +638,4 @@ function writeProfile(profile: ProfileSummary, base: string): void {
   fs.copyFileSync(profile.rawPath, `${base}.cpuprofile`);
 }
 
-main().catch((error: unknown) => {
-  process.stderr.write(`${(error as Error).stack ?? String(error)}\n`);
-  process.exit(1);
-});
+runBench('device', import.meta.url, main);

@@ -37,6 +37,7 @@ import { migrationSection, readMigrationJson, summarizeMigration } from './migra
 import { runsTable, summarize, summaryTables, workloadTables, type DeviceRun, type JobResult } from './report.js';
 import { runScaling, scalingReport, type ScalePoint, type ScalingOptions } from './scaling.js';
 import { useBuiltServer } from './server-build.js';
+import { parseUsage, runBench } from './cli.js';
 
 const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 
@@ -304,7 +305,7 @@ function deviceSection(runs: DeviceRun[], o: Options): string {
 // ---------------------------------------------------------------- main
 
 async function main(): Promise<void> {
-  const opts = parseOptions(process.argv.slice(2));
+  const opts = parseUsage(() => parseOptions(process.argv.slice(2)));
   ensureHarness();
   useBuiltServer();
   checkQemuSupports(opts.scalingOnly ? [BASELINE] : opts.devices);
@@ -386,7 +387,4 @@ async function main(): Promise<void> {
   }
 }
 
-main().catch((e: unknown) => {
-  console.error(`[bench] ${(e as Error).stack ?? String(e)}`);
-  process.exit(1);
-});
+runBench('fio-compare', import.meta.url, main);

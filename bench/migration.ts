@@ -31,25 +31,39 @@ import { RESOURCES, startPair, type Guest, type MigrationServer } from '../test/
 import { seededRandom } from '../test/support/nvme-workload.js';
 import { DEPTHS, refreshCombinedReport, type DeviceDepth, type DeviceFigures, type DeviceHop, type DevicePath, type MigrationJson } from './migration-summary.js';
 import { useBuiltServer } from './server-build.js';
+import { parseOrExit, UsageError } from './cli.js';
 
 const REPO = path.join(path.dirname(fileURLToPath(import.meta.url)), '..');
-const { values } = parseArgs({
-  options: {
-    reps: { type: 'string', default: '3' },
-    'device-reps': { type: 'string', default: '12' },
-    'device-only': { type: 'boolean', default: false },
-    primary: { type: 'boolean', default: false },
-    'downtime-limit': { type: 'string' },
-    out: { type: 'string', default: path.join(REPO, 'bench', 'results', 'migration.md') },
-  },
+const values = parseOrExit('migration', import.meta.url, () => {
+  const { values: v } = parseArgs({
+    options: {
+      reps: { type: 'string', default: '3' },
+      'device-reps': { type: 'string', default: '12' },
+      'device-only': { type: 'boolean', default: false },
+      primary: { type: 'boolean', default: false },
+      'downtime-limit': { type: 'string' },
+      out: { type: 'string', default: path.join(REPO, 'bench', 'results', 'migration.md') },
+    },
+  });
+  const whole = (name: string, text: string): number => {
+    const n = Number(text);
+    if (!Number.isSafeInteger(n) || n <= 0) throw new UsageError(`--${name}: '${text}' is not a positive whole number`);
+    return n;
+  };
+  return {
+    ...v,
+    reps: whole('reps', v.reps),
+    deviceReps: whole('device-reps', v['device-reps']),
+    downtimeLimit: v['downtime-limit'] !== undefined ? whole('downtime-limit', v['downtime-limit']) : undefined,
+  };
 });
-const REPS = Number(values.reps);
+const REPS = values.reps;
 /** Hops per depth in the device part (after one not counted). */
-const DEVICE_REPS = Number(values['device-reps']);
+const DEVICE_REPS = values.deviceReps;
 /** The device part through the control socket, and with --primary through the exported primary too. */
 const DEVICE_PATHS: DevicePath[] = values.primary ? ['control', 'primary'] : ['control'];
 /** QEMU's downtime-limit for both devices' migrations (ms); QEMU's default (300) unless given. */
-const DOWNTIME_LIMIT = values['downtime-limit'] !== undefined ? Number(values['downtime-limit']) : undefined;
+const DOWNTIME_LIMIT = values.downtimeLimit;
 
 const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 
