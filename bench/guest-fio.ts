@@ -78,8 +78,14 @@ run() {
 export interface FioResult {
   iops: number;
   mibps: number;
-  /** Mean completion latency (submission to completion) in µs. */
+  /**
+   * Mean completion latency in µs: fio's clat, from the end of the submission (io_submit's return)
+   * to the completion. A doorbell that makes the guest exit is paid inside io_submit, so it is not
+   * in clat: compare latUs too.
+   */
   clatUs: number;
+  /** Mean total latency in µs: fio's lat, from the start of the submission to the completion (slat + clat). */
+  latUs: number;
   /** Completion latency percentiles in µs (fio's histogram buckets: within about 1-3 %). */
   p50Us: number;
   p99Us: number;
@@ -93,6 +99,7 @@ interface FioDirStats {
   bw_bytes: number;
   total_ios: number;
   clat_ns: { mean: number; percentile?: Record<string, number> };
+  lat_ns: { mean: number };
 }
 
 /** The `p` percentile of one direction in µs, or NaN when fio did not report it. */
@@ -101,6 +108,11 @@ function percentileUs(d: FioDirStats, p: number): number {
     if (Math.abs(Number(k) - p) < 1e-6) return v / 1000;
   }
   return NaN;
+}
+
+/** A mean over both directions weighted by I/O count, so a mixed job would still get a true mean. */
+function weightedMeanUs(dirs: FioDirStats[], ios: number, meanNs: (d: FioDirStats) => number): number {
+  return ios ? dirs.reduce((s, d) => s + meanNs(d) * d.total_ios, 0) / ios / 1000 : NaN;
 }
 
 /** One direction of a job is summed with the other (a job here only does one of them). */
@@ -116,8 +128,8 @@ export function parseFioJson(text: string): FioResult {
   return {
     iops: dirs.reduce((s, d) => s + d.iops, 0),
     mibps: dirs.reduce((s, d) => s + d.bw_bytes, 0) / 2 ** 20,
-    // Weighted by I/O count so a mixed job would still get a true mean.
-    clatUs: ios ? dirs.reduce((s, d) => s + d.clat_ns.mean * d.total_ios, 0) / ios / 1000 : NaN,
+    clatUs: weightedMeanUs(dirs, ios, (d) => d.clat_ns.mean),
+    latUs: weightedMeanUs(dirs, ios, (d) => d.lat_ns.mean),
     p50Us: main ? percentileUs(main, 50) : NaN,
     p99Us: main ? percentileUs(main, 99) : NaN,
     p999Us: main ? percentileUs(main, 99.9) : NaN,

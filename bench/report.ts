@@ -69,18 +69,22 @@ const GET = {
   iops: (r: JobResult) => r.iops,
   mibps: (r: JobResult) => r.mibps,
   clatUs: (r: JobResult) => r.clatUs,
+  // Results from before latUs was recorded have none.
+  latUs: (r: JobResult) => (Number.isFinite(r.latUs) ? r.latUs : undefined),
   p99Us: (r: JobResult) => r.p99Us,
   serverCpuUs: (r: JobResult) => cpuPerIo(r).server,
   qemuCpuUs: (r: JobResult) => cpuPerIo(r).qemu,
   hostCpuUs: (r: JobResult) => cpuPerIo(r).total,
 } satisfies Record<string, Getter>;
 type Key = keyof typeof GET;
+const RATIO_KEYS = ['iops', 'clatUs', 'latUs', 'p99Us', 'hostCpuUs'] as const;
+type RatioKey = (typeof RATIO_KEYS)[number];
 
 export interface DeviceSummary {
   /** Means over the runs. */
   mean: Partial<Record<Key, number>>;
   /** This device's mean / QEMU nvme's mean, same run (absent without a QEMU nvme run). */
-  vsQemuNvme: Partial<Record<'iops' | 'clatUs' | 'p99Us' | 'hostCpuUs', number>>;
+  vsQemuNvme: Partial<Record<RatioKey, number>>;
 }
 
 /** summary[workload][device]: the figures the tables show, for latest.json. */
@@ -96,7 +100,7 @@ export function summarize(runs: DeviceRun[], devices: DeviceKind[], workloads: r
       }
       const vs: DeviceSummary['vsQemuNvme'] = {};
       if (devices.includes(BASELINE)) {
-        for (const k of ['iops', 'clatUs', 'p99Us', 'hostCpuUs'] as const) {
+        for (const k of RATIO_KEYS) {
           const r = ratio(m[k], mean(valuesOf(runs, BASELINE, w.id, GET[k])));
           if (r !== undefined) vs[k] = r;
         }
@@ -123,7 +127,8 @@ export function summaryTables(summary: ReturnType<typeof summarize>, devices: De
   };
   return [
     table('IOPS (× QEMU nvme; >1 = faster)', 'iops', 'iops', 0),
-    table('Mean completion latency µs (× QEMU nvme; >1 = slower)', 'clatUs', 'clatUs', 0),
+    table('Mean completion latency µs, fio clat: submission done to completion (× QEMU nvme; >1 = slower)', 'clatUs', 'clatUs', 0),
+    table('Mean total latency µs, fio lat: submission start to completion, a doorbell exit included (× QEMU nvme; >1 = slower)', 'latUs', 'latUs', 0),
     table('p99 completion latency µs (× QEMU nvme; >1 = slower)', 'p99Us', 'p99Us', 0),
     table('Host CPU µs per I/O: our server + its QEMU, or QEMU alone (× QEMU nvme; >1 = costlier)', 'hostCpuUs', 'hostCpuUs', 1),
   ].join('\n\n');
@@ -144,8 +149,9 @@ export function workloadTables(runs: DeviceRun[], devices: DeviceKind[], workloa
         perRun(d, w.id, GET.iops, 0),
         fmt(mean(valuesOf(runs, d, w.id, GET.mibps)), 1),
         perRun(d, w.id, GET.clatUs, 0),
+        perRun(d, w.id, GET.latUs, 0),
         perRun(d, w.id, GET.p99Us, 0),
-        r(GET.iops), r(GET.clatUs), r(GET.p99Us),
+        r(GET.iops), r(GET.clatUs), r(GET.latUs), r(GET.p99Us),
         isOurs(d) ? perRun(d, w.id, GET.serverCpuUs, 1) : '—',
         perRun(d, w.id, GET.qemuCpuUs, 1),
         fmt(mean(valuesOf(runs, d, w.id, GET.hostCpuUs)), 1),
@@ -153,7 +159,7 @@ export function workloadTables(runs: DeviceRun[], devices: DeviceKind[], workloa
       ];
     });
     parts.push(`### ${w.label} (\`--rw=${w.rw} --bs=${w.bs} --iodepth=${w.iodepth} --numjobs=${w.numjobs}\`)\n\n` + markdownTable(
-      ['device', 'IOPS', 'MiB/s (mean)', 'mean clat µs', 'p99 clat µs', 'IOPS ×', 'mean lat ×', 'p99 ×',
+      ['device', 'IOPS', 'MiB/s (mean)', 'mean clat µs', 'mean total lat µs', 'p99 clat µs', 'IOPS ×', 'mean clat ×', 'mean total lat ×', 'p99 ×',
         'server CPU µs/IO', 'QEMU CPU µs/IO', 'host CPU µs/IO (mean)', 'CPU ×'],
       rows,
     ));
