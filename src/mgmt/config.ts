@@ -46,6 +46,8 @@ export interface ServerConfig {
   pollUs: number;
   /** How often (ms) a deep SQ's commands are collected, its doorbells held back meanwhile; 0 = never. */
   batchMs: number;
+  /** Doorbells as trapped registers, or as a page the guest maps and the controller polls. */
+  doorbells: DoorbellMode;
   /**
    * Secondary controllers of a controlling function (primary = CNTLID 0, secondaries 1..N); 0 =
    * peer controllers, one per socket.
@@ -79,6 +81,7 @@ export const defaults = (): ServerConfig => ({
   interrupts: 'msix',
   pollUs: 0,
   batchMs: 0,
+  doorbells: 'trapped',
   secondaries: 0,
   provisioning: emptyProvisioning(),
 });
@@ -193,6 +196,7 @@ export function loadConfigFile(path: string): Partial<ServerConfig> {
     'interrupts',
     'pollUs',
     'batchMs',
+    'doorbells',
     'secondaries',
     'primarySocket',
     'control',
@@ -229,6 +233,7 @@ export function loadConfigFile(path: string): Partial<ServerConfig> {
   if (input.interrupts !== undefined) out.interrupts = checkInterrupts(String(input.interrupts));
   if (input.pollUs !== undefined) out.pollUs = parsePollUs(String(input.pollUs), `config ${path}: pollUs`);
   if (input.batchMs !== undefined) out.batchMs = parseBatchMs(String(input.batchMs), `config ${path}: batchMs`);
+  if (input.doorbells !== undefined) out.doorbells = checkDoorbells(String(input.doorbells), `config ${path}: doorbells`);
   if (input.secondaries !== undefined) out.secondaries = parsePositive(String(input.secondaries), `config ${path}: secondaries`, 127);
   for (const key of ['primarySocket', 'stateDir', 'controlToken'] as const) {
     if (input[key] === undefined) continue;
@@ -269,6 +274,14 @@ export function parseSocketMode(value: string, what = '--socket-mode'): number {
     throw new ConfigError(`${what} '${value}' must be octal permission bits with owner read/write and no execute bits (e.g. 0600, 0660)`);
   }
   return mode;
+}
+
+export const DOORBELL_MODES = ['trapped', 'mapped'] as const;
+export type DoorbellMode = (typeof DOORBELL_MODES)[number];
+
+export function checkDoorbells(value: string, what: string): DoorbellMode {
+  if (!(DOORBELL_MODES as readonly string[]).includes(value)) throw new ConfigError(`${what} '${value}' must be one of: ${DOORBELL_MODES.join(', ')}`);
+  return value as DoorbellMode;
 }
 
 export function checkInterrupts(value: string): InterruptOffer {

@@ -106,6 +106,7 @@ export class ServerHost implements ControlTarget {
           interrupts: config.interrupts,
           tailPollUs: config.pollUs,
           deepQueueBatchMs: config.batchMs,
+          mappedDoorbells: config.doorbells === 'mapped',
           logger: log,
           extraCommandSets: options.extraCommandSets ?? ((cf) => liveMigrationFor(cf).commandSets),
         });
@@ -135,6 +136,7 @@ export class ServerHost implements ControlTarget {
               interrupts: config.interrupts,
               tailPollUs: config.pollUs,
               deepQueueBatchMs: config.batchMs,
+              mappedDoorbells: config.doorbells === 'mapped',
               logger: log.child(`ctrl${i}`),
             }),
           );

@@ -5,13 +5,15 @@
 // controller only through ControllerContext.
 
 import type { Logger } from '../log.js';
+import { loadedNative } from '../native.js';
 import { PciFunction, type InterruptMode } from '../pci/function.js';
-import type { DeviceContext, DeviceMigration, DmaSpace, WriteObserver } from '../vfio-user/device.js';
+import type { DeviceContext, DeviceMigration, DmaSpace, RegionInfo, WriteObserver } from '../vfio-user/device.js';
 import { PciIrq } from '../vfio-user/protocol.js';
 import { Clocks } from './clocks.js';
 import { DEFERRED, parseCommand, type Command } from './command.js';
 import { CompletionPoster, InFlightWrites } from './completions.js';
 import type { AdminCommandSet, ControllerContext, ControllerIdentity, ControllerLimits, NamespaceView, ResetKind } from './context.js';
+import { DoorbellPage } from './doorbell-page.js';
 import { Doorbells } from './doorbells.js';
 import { AsyncEvents } from './events.js';
 import { executeCommand } from './execution.js';
@@ -70,8 +72,20 @@ export interface ControllerOptions {
    * meanwhile (tail-polling.ts); 0, the default, never batches.
    */
   deepQueueBatchMs?: number;
+  /**
+   * Offer BAR0's doorbells as a page the client maps into the guest, polled here instead of
+   * trapped (doorbell-page.ts). tailPollUs is then the page's busy poll window
+   * (MAPPED_DOORBELL_POLL_US when 0), and shadow tails are not polled as well.
+   */
+  mappedDoorbells?: boolean;
   logger?: Logger;
 }
+
+/**
+ * The mapped doorbell page's busy window when none is given: longer than a TCG guest takes
+ * between two QD1 submissions (about 200 µs here), so a QD1 stream is polled all along.
+ */
+export const MAPPED_DOORBELL_POLL_US = 1000;
 
 export interface AdminResult {
   status: number;
@@ -124,6 +138,8 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
   readonly events: AsyncEvents;
   readonly poster: CompletionPoster;
   readonly doorbells: Doorbells;
+  /** BAR0's doorbells as a mappable, polled page (ControllerOptions.mappedDoorbells); null: trapped. */
+  private readonly doorbellPage: DoorbellPage | null;
   readonly queues: QueueEngine;
   readonly clocks: Clocks;
   private readonly properties: ControllerProperties;
@@ -221,14 +237,24 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
       poster: this.poster,
       interrupts: this.interrupts,
       writes: this.writes,
-      acceptsDoorbells: () => (this.state.registers.csts & (CSTS.RDY | CSTS.CFS)) === CSTS.RDY && this.online,
+      acceptsDoorbells: () => this.acceptsDoorbells(),
       hostDma: () => (touchesHost() ? this.context!.dma : null),
       interruptMode: () => this.interruptMode(),
       kick: (qid) => this.queues.kick(qid),
       fatal: (reason) => this.fatal(reason),
-      tailPollUs: options.tailPollUs ?? 0,
+      tailPollUs: options.mappedDoorbells ? 0 : (options.tailPollUs ?? 0),
       deepQueueBatchMs: options.deepQueueBatchMs ?? 0,
+      queueStarted: (index, value) => this.doorbellPage?.set(index, value),
     });
+    this.doorbellPage = options.mappedDoorbells
+      ? new DoorbellPage(loadedNative(), BAR0_SIZE, options.tailPollUs || MAPPED_DOORBELL_POLL_US, {
+          get state() {
+            return self.state;
+          },
+          serving: () => this.acceptsDoorbells() && this.lifecycle.state === 'running' && this.context !== null,
+          write: (index, value) => this.doorbells.write(index, value),
+        })
+      : null;
     this.queues = new QueueEngine({
       get state() {
         return self.state;
@@ -395,6 +421,7 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
     super.attach(context);
     for (const subscription of this.writeObservers.values()) subscription.stop?.();
     for (const [observer, subscription] of this.writeObservers) subscription.stop = context.dma.observeWrites?.(observer) ?? null;
+    this.doorbellPage?.poll();
   }
 
   // ---- roles: what the virtualization layer sets ------------------------------------------------
@@ -490,7 +517,7 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
           const shift = (within + b) * 8;
           value = (value & ~(0xff << shift)) | (data[i + b]! << shift);
         }
-        if (dword >= Reg.DOORBELLS) this.doorbells.write((dword - Reg.DOORBELLS) >>> 2, value >>> 0);
+        if (dword >= Reg.DOORBELLS) this.trappedDoorbell((dword - Reg.DOORBELLS) >>> 2, value >>> 0);
         else this.properties.write(dword, value >>> 0);
         i += n;
       }
@@ -498,6 +525,26 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
       // Never let a guest write crash the process: the controller goes fatal instead.
       this.fatal(`BAR0 write at 0x${offset.toString(16)} failed: ${(err as Error).stack ?? String(err)}`);
     }
+  }
+
+  private trappedDoorbell(index: number, value: number): void {
+    if (this.doorbellPage) this.doorbellPage.byMessage++;
+    this.doorbells.write(index, value);
+  }
+
+  /** With a mapped doorbell page, says how the client that leaves rang its doorbells. */
+  protected override onDetach(): void {
+    const page = this.doorbellPage;
+    if (!page || page.fromPage + page.byMessage === 0) return;
+    // QEMU traps the mapped page for a while after each INTx interrupt (as before Linux enables
+    // MSI-X): some doorbells by message are normal, nearly all of them means it never mapped it.
+    this.log.info(`doorbells from this client: ${page.fromPage} from the mapped page, ${page.byMessage} by message`);
+    page.fromPage = 0;
+    page.byMessage = 0;
+  }
+
+  protected override barMmap(bar: number): RegionInfo['mmap'] | undefined {
+    return bar === 0 ? this.doorbellPage?.region() : undefined;
   }
 
   protected resetDevice(): void {
@@ -530,6 +577,11 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
     return this.online ? this.state.registers.csts : this.state.registers.csts | CSTS.CFS;
   }
 
+  /** Doorbells count while the controller is ready and not fatal (an offline secondary's do not). */
+  private acceptsDoorbells(): boolean {
+    return (this.state.registers.csts & (CSTS.RDY | CSTS.CFS)) === CSTS.RDY && this.online;
+  }
+
   private enable(): void {
     const r = this.state.registers;
     const mps = (r.cc >>> CC.MPS_SHIFT) & CC.MPS_MASK;
@@ -555,6 +607,7 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
     }
     this.queues.createAdminQueues(r.asq, r.acq, asqs, acqs);
     r.csts = CSTS.RDY;
+    this.doorbellPage?.poll();
     this.log.debug(`enabled: admin SQ ${asqs} @0x${r.asq.toString(16)}, CQ ${acqs} @0x${r.acq.toString(16)}, page ${this.pageSize}`);
   }
 
@@ -586,6 +639,7 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
     s.features = defaultFeatures(this.limits.maxIoQueues);
     s.asyncEvents = { outstanding: [], queued: [], masked: [] };
     s.doorbellBuffer = null;
+    this.doorbellPage?.clear();
     r.intms = 0;
     for (const set of this.commandSets) {
       set.controllerReset?.(kind);
@@ -679,6 +733,8 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
    */
   async suspend(): Promise<void> {
     if (this.lifecycle.state === 'suspended' || this.lifecycle.state === 'stopped') return;
+    // The guest's last stores to a mapped doorbell page belong to the state about to be saved.
+    this.doorbellPage?.scan();
     if (this.lifecycle.state === 'running') {
       this.lifecycle.move('quiescing');
       this.clocks.pause();
@@ -711,6 +767,7 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
     // Then interrupt for what is still unconsumed, judged by those heads rather than stale ones.
     this.interrupts.raiseUnconsumed();
     this.queues.kickAll();
+    this.doorbellPage?.poll();
   }
 
   /** Same as suspend(): the name the first callers used. */
@@ -728,6 +785,7 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
     this.lifecycle.move('stopped');
     this.clocks.dispose();
     this.interrupts.dispose();
+    this.doorbellPage?.dispose();
     this.subsystem.unregisterController(this);
   }
 
@@ -747,6 +805,7 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
     this.queues.rebuild();
     this.clocks.rebase();
     this.queues.kickAll();
+    this.doorbellPage?.poll();
   }
 }
 

@@ -33,6 +33,8 @@ export interface DoorbellHost {
   readonly tailPollUs: number;
   /** How often a deep SQ's commands are collected with its doorbells held back (ms; 0: never). */
   readonly deepQueueBatchMs: number;
+  /** Doorbell register `index` of a queue just created or loaded starts from `value` (a mapped page must show it). */
+  queueStarted(index: number, value: number): void;
 }
 
 /** How often watched shadow doorbells are looked at again (watchHead, watchTail). */
@@ -108,6 +110,11 @@ export class Doorbells {
     void this.publishEventIdx(cq.qid, true, value);
     host.poster.releaseHeld(cq);
     if (host.interruptMode() === 'intx' && cq.interruptsEnabled && cq.head !== cq.tail) host.interrupts.schedule(cq.vector);
+  }
+
+  /** Queue `qid` was created (at 0) or loaded (at its tail or head): its doorbell register starts there. */
+  started(qid: number, completion: boolean, value: number): void {
+    this.host.queueStarted(2 * qid + (completion ? 1 : 0), value);
   }
 
   configureBuffer(shadow: number, eventIdx: number): void {

@@ -112,16 +112,20 @@ export class QueueEngine implements QueueControl {
     state.completionQueues[0] = { qid: 0, base: acq, size: cqEntries, head: 0, tail: 0, phase: 1, interruptsEnabled: true, vector: 0 };
     state.submissionQueues[0] = { qid: 0, base: asq, size: sqEntries, head: 0, tail: 0, cqid: 0, priority: 0 };
     this.runtime.set(0, newRuntime());
+    this.host.doorbells.started(0, false, 0);
+    this.host.doorbells.started(0, true, 0);
   }
 
   createCompletionQueue(cq: Omit<CompletionQueueState, 'head' | 'tail' | 'phase'>): void {
     this.host.state.completionQueues[cq.qid] = { ...cq, head: 0, tail: 0, phase: 1 };
+    this.host.doorbells.started(cq.qid, true, 0);
     void this.host.doorbells.publishEventIdx(cq.qid, true, 0);
   }
 
   createSubmissionQueue(sq: Omit<SubmissionQueueState, 'head' | 'tail'>): void {
     this.host.state.submissionQueues[sq.qid] = { ...sq, head: 0, tail: 0 };
     this.runtime.set(sq.qid, newRuntime());
+    this.host.doorbells.started(sq.qid, false, 0);
     void this.host.doorbells.publishEventIdx(sq.qid, false, 0);
   }
 
@@ -165,6 +169,8 @@ export class QueueEngine implements QueueControl {
     const state = this.host.state;
     this.runtime = new Map();
     for (const sq of state.submissionQueues) if (sq) this.runtime.set(sq.qid, newRuntime());
+    for (const sq of state.submissionQueues) if (sq) this.host.doorbells.started(sq.qid, false, sq.tail);
+    for (const cq of state.completionQueues) if (cq) this.host.doorbells.started(cq.qid, true, cq.head);
     const admin = this.runtime.get(0);
     if (admin) admin.outstanding += state.asyncEvents.outstanding.length;
     for (const h of state.heldCompletions) {

@@ -26,6 +26,8 @@ export interface ControllingFunctionOptions {
   tailPollUs?: number;
   /** See ControllerOptions.deepQueueBatchMs. */
   deepQueueBatchMs?: number;
+  /** See ControllerOptions.mappedDoorbells. */
+  mappedDoorbells?: boolean;
   logger: Logger;
   /** More command sets for the primary, built once the function exists (live migration). */
   extraCommandSets?: (cf: ControllingFunction) => AdminCommandSet[];
@@ -54,6 +56,7 @@ export class ControllingFunction {
       ...(options.interrupts !== undefined ? { interrupts: options.interrupts } : {}),
       ...(options.tailPollUs !== undefined ? { tailPollUs: options.tailPollUs } : {}),
       ...(options.deepQueueBatchMs !== undefined ? { deepQueueBatchMs: options.deepQueueBatchMs } : {}),
+      ...(options.mappedDoorbells !== undefined ? { mappedDoorbells: options.mappedDoorbells } : {}),
     };
     this.primary = new NvmeController({ ...common, cntlid: PRIMARY_CNTLID, logger: options.logger.child('primary') });
     // Each secondary can hold up to a full controller's worth of queues and vectors; the pool
