@@ -80,7 +80,8 @@ serve options:
                       µs after it last took commands, keeping the guest from
                       ringing the trapped doorbell meanwhile (needs a driver
                       using Doorbell Buffer Config, as Linux does). Lower QD1
-                      latency for CPU. Default 0: never poll.
+                      latency for CPU. Default 0: never poll. With --doorbells
+                      mapped: how long the doorbell page is polled instead.
   --batch-ms N        Take a deep I/O queue's commands in batches every N ms,
                       its doorbells held back meanwhile (EventIdx, as for
                       --poll-us): fewer guest exits, wake-ups and interrupts
