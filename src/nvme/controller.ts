@@ -528,7 +528,13 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
   }
 
   private trappedDoorbell(index: number, value: number): void {
-    if (this.doorbellPage) this.doorbellPage.byMessage++;
+    if (this.doorbellPage) {
+      this.doorbellPage.byMessage++;
+      // The register holds what was written last, however it came: a later store of the value the
+      // page held before these messages (the queue wrapped meanwhile) must still read as a change.
+      // Safe from reordering: QEMU sends BAR writes non-posted once a region is mappable.
+      this.doorbellPage.set(index, value);
+    }
     this.doorbells.write(index, value);
   }
 

@@ -96,6 +96,25 @@ describe('mapped doorbell page', () => {
     for (let i = 0; i < 5; i++) expect((await h.io(1, { opcode: NvmOpcode.FLUSH, nsid: 1 })).status).toBe(Status.SUCCESS);
   });
 
+  it('sees a store of the value the page held before doorbells came by message (QEMU traps the page after INTx)', async () => {
+    const { h, doorbells } = mappedHost();
+    h.start();
+    await h.createIoQueuePair(1, 4);
+    const flush = (): Promise<unknown> => h.io(1, { opcode: NvmOpcode.FLUSH, nsid: 1 });
+    await flush(); // stored: the page holds tail 1
+    expect(doorbells[2]).toBe(1);
+    // Three by message (tails 2, 3, 0), as while QEMU has the mapping switched off.
+    const stored = { sq: h.ringSq, cq: h.ringCq };
+    h.ringSq = (qid) => h.write32(Reg.DOORBELLS + 2 * qid * 4, h.queues.get(qid)!.sqTail);
+    h.ringCq = (qid) => h.write32(Reg.DOORBELLS + (2 * qid + 1) * 4, h.queues.get(qid)!.cqHead);
+    for (let i = 0; i < 3; i++) await flush();
+    // Stored again: tail 1, the value the page held before the messages.
+    h.ringSq = stored.sq;
+    h.ringCq = stored.cq;
+    const cqe = await h.io(1, { opcode: NvmOpcode.FLUSH, nsid: 1 });
+    expect(cqe.status).toBe(Status.SUCCESS);
+  });
+
   it('reports a doorbell value beyond the queue as a trapped write would (Invalid Doorbell Write Value)', async () => {
     const { h, doorbells } = mappedHost();
     h.start();
