@@ -33,8 +33,8 @@ export interface DoorbellHost {
   readonly tailPollUs: number;
   /** How often a deep SQ's commands are collected with its doorbells held back (ms; 0: never). */
   readonly deepQueueBatchMs: number;
-  /** Doorbell register `index` of a queue just created or loaded starts from `value` (a mapped page must show it). */
-  queueStarted(index: number, value: number): void;
+  /** Doorbell register `index` reads `value` from now on (a mapped doorbell page must show it). */
+  registerValue(index: number, value: number): void;
 }
 
 /** How often watched shadow doorbells are looked at again (watchHead, watchTail). */
@@ -114,7 +114,7 @@ export class Doorbells {
 
   /** Queue `qid` was created (at 0) or loaded (at its tail or head): its doorbell register starts there. */
   started(qid: number, completion: boolean, value: number): void {
-    this.host.queueStarted(2 * qid + (completion ? 1 : 0), value);
+    this.host.registerValue(2 * qid + (completion ? 1 : 0), value);
   }
 
   configureBuffer(shadow: number, eventIdx: number): void {
@@ -141,6 +141,12 @@ export class Doorbells {
     const buffer = this.host.state.doorbellBuffer;
     const dma = this.host.hostDma();
     if (!buffer || qid === 0 || !dma) return;
+    // A mapped doorbell page must read what we know before the host may ring again, or its next
+    // store could equal a stale value there and go unseen (the host stores only when it passes
+    // EventIdx, and may not have for a long time). A store this overwrites is in the host's shadow
+    // doorbell, which every caller reads after publishing.
+    const known = completion ? this.host.state.completionQueues[qid]?.head : this.host.state.submissionQueues[qid]?.tail;
+    if (known !== undefined) this.host.registerValue(2 * qid + (completion ? 1 : 0), known);
     const addr = buffer.eventIdx + slot(qid, completion);
     const fail = (err: unknown): void => this.host.fatal(`EventIdx write: ${(err as Error).message}`);
     let stored: boolean;
