@@ -7,10 +7,10 @@ import * as path from 'node:path';
 import { qemuBinary } from '../test/e2e/guest.js';
 import { freshImage, qemuDeviceProperties } from './host-stats.js';
 
-export type DeviceKind = 'ours' | 'ours-poll' | 'ours-batch' | 'ours-mapped' | 'qemu-nvme' | 'qemu-nvme-ioeventfd' | 'virtio-blk' | 'virtio-blk-iothread' | 'qemu-nvme-null';
+export type DeviceKind = 'ours' | 'ours-poll' | 'ours-batch' | 'ours-mapped' | 'ours-mapped-batch' | 'qemu-nvme' | 'qemu-nvme-ioeventfd' | 'virtio-blk' | 'virtio-blk-iothread' | 'qemu-nvme-null';
 
 /** The default order: ours first, then the baseline every ratio is taken against. */
-export const ALL_DEVICES: readonly DeviceKind[] = ['ours', 'ours-poll', 'ours-batch', 'ours-mapped', 'qemu-nvme', 'qemu-nvme-ioeventfd', 'virtio-blk', 'virtio-blk-iothread', 'qemu-nvme-null'];
+export const ALL_DEVICES: readonly DeviceKind[] = ['ours', 'ours-poll', 'ours-batch', 'ours-mapped', 'ours-mapped-batch', 'qemu-nvme', 'qemu-nvme-ioeventfd', 'virtio-blk', 'virtio-blk-iothread', 'qemu-nvme-null'];
 
 /** The poll window `ours-poll` serves with: longer than a TCG guest takes between two QD1 submissions. */
 export const BENCH_POLL_US = 200;
@@ -24,6 +24,7 @@ const OUR_FLAGS: Partial<Record<DeviceKind, readonly string[]>> = {
   'ours-poll': ['--poll-us', String(BENCH_POLL_US)],
   'ours-batch': ['--batch-ms', String(BENCH_BATCH_MS)],
   'ours-mapped': ['--doorbells', 'mapped'],
+  'ours-mapped-batch': ['--doorbells', 'mapped', '--batch-ms', String(BENCH_BATCH_MS)],
 };
 
 export const isOurs = (kind: DeviceKind): boolean => OUR_FLAGS[kind] !== undefined;
@@ -70,6 +71,12 @@ export const DEVICES: Record<DeviceKind, DeviceSpec> = {
     label: 'ours, --doorbells mapped',
     guest: 'nvme',
     attach: 'the same with `--doorbells mapped`: BAR0\'s doorbell pages mapped into the guest (sparse mmap), polled by the server (every loop turn for 1 ms after a doorbell moved, every ms otherwise)',
+    needs: [],
+  },
+  'ours-mapped-batch': {
+    label: 'ours, --doorbells mapped --batch-ms 1',
+    guest: 'nvme',
+    attach: 'the same with both: shallow queues ring through the mapped page, deep ones are batched (their EventIdx held back, so the guest stores no doorbell meanwhile)',
     needs: [],
   },
   'qemu-nvme': {
@@ -124,6 +131,7 @@ export function qemuDeviceArgs(kind: DeviceKind, o: QemuDeviceOptions): string[]
     case 'ours-poll':
     case 'ours-batch':
     case 'ours-mapped':
+    case 'ours-mapped-batch':
       return [];
     case 'qemu-nvme':
       return [...drive, '-device', `nvme,drive=${id},serial=bench${id},ioeventfd=off${qp}`];

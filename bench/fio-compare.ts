@@ -3,6 +3,7 @@
 //   ours-poll            the same with `--poll-us 200` (shadow-tail polling)
 //   ours-batch           the same with `--batch-ms 1` (deep queues' commands collected every ms)
 //   ours-mapped          the same with `--doorbells mapped` (doorbell page mapped into the guest, polled)
+//   ours-mapped-batch    the same with `--doorbells mapped --batch-ms 1`
 //   qemu-nvme            QEMU's own `-device nvme` (ioeventfd=off, its default) on a raw image on /dev/shm:
 //                        the baseline every ratio is taken against
 //   qemu-nvme-ioeventfd  the same with ioeventfd=on
