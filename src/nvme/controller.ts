@@ -528,25 +528,13 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
   }
 
   private trappedDoorbell(index: number, value: number): void {
-    if (this.doorbellPage) {
-      this.doorbellPage.byMessage++;
-      // The register holds what was written last, however it came: a later store of the value the
-      // page held before these messages (the queue wrapped meanwhile) must still read as a change.
-      // Safe from reordering: QEMU sends BAR writes non-posted once a region is mappable.
-      this.doorbellPage.set(index, value);
-    }
+    this.doorbellPage?.trapped(index, value);
     this.doorbells.write(index, value);
   }
 
-  /** With a mapped doorbell page, says how the client that leaves rang its doorbells. */
   protected override onDetach(): void {
-    const page = this.doorbellPage;
-    if (!page || page.fromPage + page.byMessage === 0) return;
-    // QEMU traps the mapped page for a while after each INTx interrupt (as before Linux enables
-    // MSI-X): some doorbells by message are normal, nearly all of them means it never mapped it.
-    this.log.info(`doorbells from this client: ${page.fromPage} from the mapped page, ${page.byMessage} by message`);
-    page.fromPage = 0;
-    page.byMessage = 0;
+    const summary = this.doorbellPage?.clientLeft();
+    if (summary) this.log.info(summary);
   }
 
   protected override barMmap(bar: number): RegionInfo['mmap'] | undefined {
