@@ -12,7 +12,9 @@
 // What the page cannot do: a store to the doorbell of a queue that does not exist is not seen
 // (trapped, it is an Invalid Doorbell Register event), as with SPDK's mappable BAR0. And the
 // page's values are guest state: a queue created starts its doorbells at 0, a loaded state writes
-// its tails and heads back, and a suspend takes what the page holds before the state is saved.
+// its tails and heads back, publishing an EventIdx writes the known value first (doorbells.ts: the
+// host's next store must differ from the page), and a suspend takes what the page holds before the
+// state is saved.
 
 import { performance } from 'node:perf_hooks';
 import type { NativeAddon } from '../native.js';
