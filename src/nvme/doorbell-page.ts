@@ -82,6 +82,21 @@ export class DoorbellPage {
   }
 
   /**
+   * Doorbell `index` is `value` as the host's shadow doorbell told the controller, which is about
+   * to publish EventIdx. A store the page still shows unseen was served through the shadow: it
+   * counts as a doorbell from the page, and keeps the poll loop busy as if the scan had seen it
+   * (or a QD1 stream whose stores are all served that way would poll at the idle pace).
+   */
+  sync(index: number, value: number): void {
+    if (index >= this.doorbells.length) return;
+    if (this.doorbells[index] !== this.taken[index]) {
+      this.fromPage++;
+      this.lastMoved = performance.now();
+    }
+    this.set(index, value);
+  }
+
+  /**
    * Doorbell `index` was written by message (QEMU traps the page for a while after each INTx
    * interrupt). The register holds what was written last, however it came: a later store of the
    * value the page held before these messages (the queue wrapped meanwhile) must still read as a

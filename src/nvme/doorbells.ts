@@ -33,8 +33,11 @@ export interface DoorbellHost {
   readonly tailPollUs: number;
   /** How often a deep SQ's commands are collected with its doorbells held back (ms; 0: never). */
   readonly deepQueueBatchMs: number;
-  /** Doorbell register `index` reads `value` from now on (a mapped doorbell page must show it). */
-  registerValue(index: number, value: number): void;
+  /**
+   * Doorbell register `index` reads `value` from now on (a mapped doorbell page must show it):
+   * 'start' for a queue created or loaded, 'known' for what the shadow doorbell told us.
+   */
+  registerValue(index: number, value: number, why: 'start' | 'known'): void;
 }
 
 /** How often watched shadow doorbells are looked at again (watchHead, watchTail). */
@@ -114,7 +117,7 @@ export class Doorbells {
 
   /** Queue `qid` was created (at 0) or loaded (at its tail or head): its doorbell register starts there. */
   started(qid: number, completion: boolean, value: number): void {
-    this.host.registerValue(2 * qid + (completion ? 1 : 0), value);
+    this.host.registerValue(2 * qid + (completion ? 1 : 0), value, 'start');
   }
 
   configureBuffer(shadow: number, eventIdx: number): void {
@@ -146,7 +149,7 @@ export class Doorbells {
     // EventIdx, and may not have for a long time). A store this overwrites is in the host's shadow
     // doorbell, which every caller reads after publishing.
     const known = completion ? this.host.state.completionQueues[qid]?.head : this.host.state.submissionQueues[qid]?.tail;
-    if (known !== undefined) this.host.registerValue(2 * qid + (completion ? 1 : 0), known);
+    if (known !== undefined) this.host.registerValue(2 * qid + (completion ? 1 : 0), known, 'known');
     const addr = buffer.eventIdx + slot(qid, completion);
     const fail = (err: unknown): void => this.host.fatal(`EventIdx write: ${(err as Error).message}`);
     let stored: boolean;
