@@ -244,7 +244,8 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
       fatal: (reason) => this.fatal(reason),
       tailPollUs: options.mappedDoorbells ? 0 : (options.tailPollUs ?? 0),
       deepQueueBatchMs: options.deepQueueBatchMs ?? 0,
-      registerValue: (index, value, why) => (why === 'start' ? this.doorbellPage?.set(index, value) : this.doorbellPage?.sync(index, value)),
+      // Only a mapped page needs the values: trapped doorbells pay nothing for it per fetch round.
+      registerValue: options.mappedDoorbells ? (index, value, why) => (why === 'start' ? this.doorbellPage?.set(index, value) : this.doorbellPage?.sync(index, value)) : null,
     });
     this.doorbellPage = options.mappedDoorbells
       ? new DoorbellPage(loadedNative(), BAR0_SIZE, options.tailPollUs || MAPPED_DOORBELL_POLL_US, {

@@ -37,7 +37,7 @@ export interface DoorbellHost {
    * Doorbell register `index` reads `value` from now on (a mapped doorbell page must show it):
    * 'start' for a queue created or loaded, 'known' for what the shadow doorbell told us.
    */
-  registerValue(index: number, value: number, why: 'start' | 'known'): void;
+  readonly registerValue: ((index: number, value: number, why: 'start' | 'known') => void) | null;
 }
 
 /** How often watched shadow doorbells are looked at again (watchHead, watchTail). */
@@ -117,7 +117,7 @@ export class Doorbells {
 
   /** Queue `qid` was created (at 0) or loaded (at its tail or head): its doorbell register starts there. */
   started(qid: number, completion: boolean, value: number): void {
-    this.host.registerValue(2 * qid + (completion ? 1 : 0), value, 'start');
+    this.host.registerValue?.(2 * qid + (completion ? 1 : 0), value, 'start');
   }
 
   configureBuffer(shadow: number, eventIdx: number): void {
@@ -148,8 +148,11 @@ export class Doorbells {
     // store could equal a stale value there and go unseen (the host stores only when it passes
     // EventIdx, and may not have for a long time). A store this overwrites is in the host's shadow
     // doorbell, which every caller reads after publishing.
-    const known = completion ? this.host.state.completionQueues[qid]?.head : this.host.state.submissionQueues[qid]?.tail;
-    if (known !== undefined) this.host.registerValue(2 * qid + (completion ? 1 : 0), known, 'known');
+    const registerValue = this.host.registerValue;
+    if (registerValue) {
+      const known = completion ? this.host.state.completionQueues[qid]?.head : this.host.state.submissionQueues[qid]?.tail;
+      if (known !== undefined) registerValue(2 * qid + (completion ? 1 : 0), known, 'known');
+    }
     const addr = buffer.eventIdx + slot(qid, completion);
     const fail = (err: unknown): void => this.host.fatal(`EventIdx write: ${(err as Error).message}`);
     let stored: boolean;
