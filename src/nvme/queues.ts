@@ -168,8 +168,11 @@ export class QueueEngine implements QueueControl {
   rebuild(): void {
     const state = this.host.state;
     this.runtime = new Map();
-    for (const sq of state.submissionQueues) if (sq) this.runtime.set(sq.qid, newRuntime());
-    for (const sq of state.submissionQueues) if (sq) this.host.doorbells.started(sq.qid, false, sq.tail);
+    for (const sq of state.submissionQueues) {
+      if (!sq) continue;
+      this.runtime.set(sq.qid, newRuntime());
+      this.host.doorbells.started(sq.qid, false, sq.tail);
+    }
     for (const cq of state.completionQueues) if (cq) this.host.doorbells.started(cq.qid, true, cq.head);
     const admin = this.runtime.get(0);
     if (admin) admin.outstanding += state.asyncEvents.outstanding.length;
