@@ -337,6 +337,19 @@ dmesg | grep -q 'nobody cared' && echo irq.storm=yes || echo irq.storm=no
     expect(Number(f.get('irq.total'))).toBeGreaterThan(0);
   }, 300_000);
 
+  it('INTx with --doorbells mapped: QEMU traps the page after each interrupt, and I/O still verifies without a storm', async () => {
+    const server = await startServerProcess(join(dir, 'intx-mapped.sock'), ['--namespace', 'ram,size=64M', '--doorbells', 'mapped']);
+    const run = await runAgainst(server, { script: verifyScript('intxmap'), vfioUserSockets: [server.socketPath], extraKernelArgs: ['pci=nomsi'], timeoutMs: 240_000 });
+    expectClean(run, server);
+    const f = fields(run.scriptOutput);
+    expect([f.get('intxmap.rc'), f.get('intxmap.errors')]).toEqual(['0', '0']);
+    expect(f.get('irq.kind')).toBe('IO-APIC');
+    expect(f.get('irq.storm')).toBe('no');
+    const counts = /doorbells from this client: (\d+) from the mapped page, (\d+) by message/.exec(server.log());
+    console.error(`[e2e nvme] INTx, mapped doorbells: ${counts?.[0]}; interrupts ${f.get('irq.total')}`);
+    expect(counts).not.toBeNull();
+  }, 300_000);
+
   it('MSI (a function offering no MSI-X): I/O verifies on PCI-MSI', async () => {
     const server = await startServerProcess(join(dir, 'msi.sock'), ['--namespace', 'ram,size=64M', '--interrupts', 'msi']);
     const run = await runAgainst(server, { script: verifyScript('msi'), vfioUserSockets: [server.socketPath], timeoutMs: 240_000 });
