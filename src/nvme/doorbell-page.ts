@@ -50,8 +50,8 @@ export class DoorbellPage {
   private lastMoved = 0;
   /** The loop runs (it stops by itself once doorbells no longer count). */
   private active = false;
-  /** What the loop waits for: the next turn, or the idle timer. */
-  private scheduled: 'turn' | 'idle' | null = null;
+  /** A turn is pending (an immediate or the idle timer). */
+  private pending = false;
   private idleTimer: NodeJS.Timeout | null = null;
 
   /** `barSize` bytes of BAR0, doorbells from Reg.DOORBELLS (stride 4) to its end. */
@@ -123,9 +123,12 @@ export class DoorbellPage {
     this.taken.fill(0);
   }
 
-  /** Takes every live queue's doorbell that moved; true when one did. */
+  /** Takes every live queue's doorbell that moved, if the page is served now; true when one did. */
   scan(): boolean {
-    if (!this.host.serving()) return false;
+    return this.host.serving() && this.takeMoved();
+  }
+
+  private takeMoved(): boolean {
     const { submissionQueues, completionQueues } = this.host.state;
     let moved = false;
     for (let qid = 0; qid < submissionQueues.length; qid++) if (submissionQueues[qid] && this.take(2 * qid)) moved = true;
@@ -148,7 +151,7 @@ export class DoorbellPage {
     if (this.active) return;
     this.active = true;
     // An immediate left over from a stopped loop carries on as this one.
-    if (this.scheduled === null) this.next('turn');
+    if (!this.pending) this.next('turn');
   }
 
   /** Stops the loop and unmaps the page (the controller is disposed). */
@@ -156,13 +159,13 @@ export class DoorbellPage {
     this.active = false;
     if (this.idleTimer) clearTimeout(this.idleTimer);
     this.idleTimer = null;
-    this.scheduled = null;
+    this.pending = false;
     this.addon.munmap(this.mapping);
     this.addon.closeFd(this.fd);
   }
 
   private next(how: 'turn' | 'idle'): void {
-    this.scheduled = how;
+    this.pending = true;
     if (how === 'turn') {
       setImmediate(this.turn);
       return;
@@ -173,7 +176,7 @@ export class DoorbellPage {
   }
 
   private readonly turn = (): void => {
-    this.scheduled = null;
+    this.pending = false;
     this.idleTimer = null;
     // Disabled, reset, fatal, suspended or without a client: poll() starts the loop anew.
     if (!this.active || !this.host.serving()) {
@@ -181,7 +184,7 @@ export class DoorbellPage {
       return;
     }
     const now = performance.now();
-    if (this.scan()) this.lastMoved = now;
+    if (this.takeMoved()) this.lastMoved = now;
     if (now - this.lastMoved >= this.windowMs) {
       this.next('idle');
       return;
