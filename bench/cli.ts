@@ -8,6 +8,13 @@ import { fileURLToPath } from 'node:url';
 /** A bad argument: one line and exit code 2. */
 export class UsageError extends Error {}
 
+/** The value of `--name` as a positive whole number, or a UsageError. */
+export function positiveWhole(name: string, text: string): number {
+  const n = Number(text);
+  if (!Number.isSafeInteger(n) || n <= 0) throw new UsageError(`--${name}: '${text}' is not a positive whole number`);
+  return n;
+}
+
 /** Runs `parse`, turning what it throws (node:util parseArgs' own errors too) into a UsageError. */
 export function parseUsage<T>(parse: () => T): T {
   try {

@@ -17,7 +17,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { parseArgs } from 'node:util';
-import { parseUsage, runBench, UsageError } from './cli.js';
+import { parseUsage, positiveWhole, runBench, UsageError } from './cli.js';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 
@@ -171,13 +171,8 @@ async function main(): Promise<void> {
     console.log(JSON.stringify(await runPoint(root, point, commands)));
     return;
   }
-  const whole = (name: string, text: string): number => {
-    const n = Number(text);
-    if (!Number.isSafeInteger(n) || n <= 0) throw new UsageError(`--${name}: '${text}' is not a positive whole number`);
-    return n;
-  };
-  const commands = whole('commands', values.commands);
-  const reps = whole('reps', values.reps);
+  const commands = positiveWhole('commands', values.commands);
+  const reps = positiveWhole('reps', values.reps);
   const oneOf = <T extends string>(name: string, text: string, allowed: readonly T[]): T[] =>
     text.split(',').map((v) => {
       if (!(allowed as readonly string[]).includes(v)) throw new UsageError(`--${name}: '${v}' is not one of ${allowed.join(', ')}`);
@@ -186,7 +181,7 @@ async function main(): Promise<void> {
   const points: Point[] = [];
   for (const ns of oneOf('ns', values.ns, ['ram', 'file'] as const)) {
     for (const rw of oneOf('rw', values.rw, ['randread', 'randwrite'] as const)) {
-      for (const qd of values.qd.split(',').map((q) => whole('qd', q))) points.push({ ns, rw, qd });
+      for (const qd of values.qd.split(',').map((q) => positiveWhole('qd', q))) points.push({ ns, rw, qd });
     }
   }
   const ours = path.resolve(here, '..');

@@ -39,7 +39,7 @@ import { migrationSection, readMigrationJson, summarizeMigration } from './migra
 import { runsTable, summarize, summaryTables, workloadTables, type DeviceRun, type JobResult } from './report.js';
 import { runScaling, scalingReport, type ScalePoint, type ScalingOptions } from './scaling.js';
 import { useBuiltServer } from './server-build.js';
-import { parseUsage, runBench } from './cli.js';
+import { parseUsage, positiveWhole, runBench } from './cli.js';
 
 const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 
@@ -83,12 +83,7 @@ function parseOptions(argv: string[]): Options {
       'queue-vcpus': { type: 'boolean', default: false },
     },
   });
-  const positive = (name: string, v: string): number => {
-    const n = Number(v);
-    if (!Number.isInteger(n) || n <= 0) throw new Error(`--${name} must be a positive integer (got '${v}')`);
-    return n;
-  };
-  const list = (name: string, v: string): number[] => v.split(',').map((x) => positive(name, x.trim()));
+  const list = (name: string, v: string): number[] => v.split(',').map((x) => positiveWhole(name, x.trim()));
   const devices = values.devices.split(',').map((d) => d.trim()) as DeviceKind[];
   for (const d of devices) {
     if (!ALL_DEVICES.includes(d)) throw new Error(`--devices: unknown '${d}' (expected ${ALL_DEVICES.join(', ')})`);
@@ -98,21 +93,21 @@ function parseOptions(argv: string[]): Options {
     if (!w) throw new Error(`--jobs: unknown '${id}' (expected ${WORKLOADS.map((x) => x.id).join(', ')})`);
     return w;
   });
-  const sizeMiB = positive('size', values.size);
+  const sizeMiB = positiveWhole('size', values.size);
   // The scaling table's GO block sits 1 MiB past the region, inside the 1 GiB namespace.
   if (sizeMiB > 1000) throw new Error('--size must be at most 1000 (MiB of the 1 GiB namespace)');
-  const runtimeSec = positive('runtime', values.runtime);
+  const runtimeSec = positiveWhole('runtime', values.runtime);
   return {
     runtimeSec,
-    reps: positive('reps', values.reps),
+    reps: positiveWhole('reps', values.reps),
     sizeMiB,
-    memMiB: positive('mem', values.mem),
+    memMiB: positiveWhole('mem', values.mem),
     devices,
     workloads,
     out: path.resolve(values.out),
     scaling: values.scaling || values['scaling-only'],
     scalingOnly: values['scaling-only'],
-    scalingRuntimeSec: values['scaling-runtime'] !== undefined ? positive('scaling-runtime', values['scaling-runtime']) : runtimeSec,
+    scalingRuntimeSec: values['scaling-runtime'] !== undefined ? positiveWhole('scaling-runtime', values['scaling-runtime']) : runtimeSec,
     scalingControllers: list('scaling-controllers', values['scaling-controllers']),
     scalingQueues: list('scaling-queues', values['scaling-queues']).map((n) => {
       if (n > 64) throw new Error('--scaling-queues: at most 64 (the server\'s --io-queues limit)');

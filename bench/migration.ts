@@ -31,7 +31,7 @@ import { RESOURCES, startPair, type Guest, type MigrationServer } from '../test/
 import { seededRandom } from '../test/support/nvme-workload.js';
 import { DEPTHS, refreshCombinedReport, type DeviceDepth, type DeviceFigures, type DeviceHop, type DevicePath, type MigrationJson } from './migration-summary.js';
 import { useBuiltServer } from './server-build.js';
-import { parseOrExit, UsageError } from './cli.js';
+import { parseOrExit, positiveWhole } from './cli.js';
 
 const REPO = path.join(path.dirname(fileURLToPath(import.meta.url)), '..');
 const values = parseOrExit('migration', import.meta.url, () => {
@@ -45,16 +45,11 @@ const values = parseOrExit('migration', import.meta.url, () => {
       out: { type: 'string', default: path.join(REPO, 'bench', 'results', 'migration.md') },
     },
   });
-  const whole = (name: string, text: string): number => {
-    const n = Number(text);
-    if (!Number.isSafeInteger(n) || n <= 0) throw new UsageError(`--${name}: '${text}' is not a positive whole number`);
-    return n;
-  };
   return {
     ...v,
-    reps: whole('reps', v.reps),
-    deviceReps: whole('device-reps', v['device-reps']),
-    downtimeLimit: v['downtime-limit'] !== undefined ? whole('downtime-limit', v['downtime-limit']) : undefined,
+    reps: positiveWhole('reps', v.reps),
+    deviceReps: positiveWhole('device-reps', v['device-reps']),
+    downtimeLimit: v['downtime-limit'] !== undefined ? positiveWhole('downtime-limit', v['downtime-limit']) : undefined,
   };
 });
 const REPS = values.reps;
