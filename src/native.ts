@@ -79,8 +79,27 @@ export interface FdWatcher {
   close(): void;
 }
 
+/** An io_uring of the addon's own (native/src/uring.cc); src/nvme/io-ring.ts is its one user. */
+export interface IoRingHandle {
+  /** Becomes readable when completions wait; reap() drains it. */
+  readonly eventFd: number;
+  /**
+   * Queues op 0 (readv), 1 (writev) or 2 (fdatasync) on `fd` at `offset` over at most 1,024 of
+   * `views`, completing as `tag`: false when the SQ is full (submit first). EFAULT for a detached view.
+   */
+  queue(op: number, fd: number, views: readonly Uint8Array[], offset: number, tag: number): boolean;
+  /** io_uring_enter for everything queued: how many entries the kernel took. */
+  submit(): number;
+  /** Writes (tag, result) pairs into `out` (result: bytes, or -errno): how many. */
+  reap(out: Float64Array): number;
+  /** Idempotent; the kernel finishes or cancels what is still in flight. */
+  close(): void;
+}
+
 export interface NativeAddon {
   Listener: ListenerConstructor;
+  /** io_uring_setup with a CQ 8 times `sqEntries` (a power of two up to 4,096) and an eventfd. */
+  IoRing: new (sqEntries: number) => IoRingHandle;
   /** The Connection class, for `instanceof` only: it cannot be constructed from JS. */
   Connection: abstract new () => Connection;
   /** Blocking AF_UNIX connect (immediate for local sockets); the result is non-blocking. */

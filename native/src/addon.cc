@@ -190,6 +190,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitSocket(env, exports, data);
   InitMemory(env, exports, data);
   InitFile(env, exports);
+  InitUring(env, exports);
   return exports;
 }
 

@@ -48,5 +48,6 @@ bool FdSealedAgainstShrink(int fd);
 void InitSocket(Napi::Env env, Napi::Object exports, AddonData* data);
 void InitMemory(Napi::Env env, Napi::Object exports, AddonData* data);
 void InitFile(Napi::Env env, Napi::Object exports);
+void InitUring(Napi::Env env, Napi::Object exports);
 
 }  // namespace vfio

@@ -342,3 +342,34 @@ describe('punchHole', () => {
     }
   });
 });
+
+describe('IoRing', () => {
+  it('refuses bad arguments with a clear error, and a closed ring', () => {
+    const thrown = (fn: () => unknown): Error => {
+      try {
+        fn();
+      } catch (err) {
+        return err as Error;
+      }
+      throw new Error('did not throw');
+    };
+    expect(thrown(() => new native.IoRing(3)).message).toMatch(/power of two/);
+    expect(thrown(() => new native.IoRing(8192))).toBeInstanceOf(RangeError);
+    const ring = new native.IoRing(8);
+    try {
+      expect(ring.eventFd).toBeGreaterThan(2);
+      expect(thrown(() => ring.queue(7, 0, [], 0, 1)).message).toMatch(/op must be/);
+      expect(thrown(() => ring.queue(0, 0, 'x' as unknown as Uint8Array[], 0, 1))).toBeInstanceOf(TypeError);
+      expect(thrown(() => ring.queue(0, 0, [], -1, 1))).toBeInstanceOf(RangeError);
+      expect(thrown(() => ring.queue(0, 0, [], 0, 1 << 20))).toBeInstanceOf(RangeError);
+      expect(thrown(() => ring.reap(new Float32Array(4) as unknown as Float64Array))).toBeInstanceOf(TypeError);
+      // Eight entries fit before a submit; the ninth is declined, not dropped.
+      for (let i = 0; i < 8; i++) expect(ring.queue(2, 0, [], 0, i)).toBe(true);
+      expect(ring.queue(2, 0, [], 0, 8)).toBe(false);
+      expect(ring.submit()).toBe(8);
+    } finally {
+      ring.close();
+    }
+    expect(thrown(() => ring.submit()).message).toMatch(/closed/);
+  });
+});
