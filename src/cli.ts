@@ -58,8 +58,11 @@ serve options:
                       group). The control socket stays 0600.
   --namespace SPEC    A namespace; repeat for more. SPEC is
                         file=PATH[,size=SIZE][,lbads=512|4096][,nsid=N]
+                             [,aio=io_uring|threads]
                         ram,size=SIZE[,lbads=512|4096][,nsid=N]
                       A missing file is created sparse (size= required).
+                      aio: how reads and writes that wait for the disk
+                      are done (default io_uring where the kernel allows).
                       SIZE takes K/M/G/T suffixes. Default: one 1 GiB RAM
                       namespace.
   --config FILE       JSON file with any of: device, sockets, namespaces

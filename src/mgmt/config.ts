@@ -5,6 +5,7 @@ import { readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, isAbsolute, join, resolve } from 'node:path';
 import { INTERRUPT_OFFERS, type InterruptOffer } from '../nvme/controller.js';
+import { FILE_AIO_MODES, type FileAio } from '../nvme/backend.js';
 import { emptyProvisioning, parseProvisioning, type Provisioning } from './provisioning.js';
 
 export class ConfigError extends Error {
@@ -25,6 +26,8 @@ export interface NamespaceConfig {
   /** Logical block size: 512 or 4096. */
   lbads: 512 | 4096;
   nsid?: number;
+  /** A file's transfers that may wait for a disk: libuv's threadpool (default) or an io_uring. */
+  aio?: FileAio;
 }
 
 export interface ServerConfig {
@@ -97,7 +100,12 @@ export function parseSize(text: string, what = 'size'): number {
   return bytes;
 }
 
-/** `file=PATH,size=1G,lbads=4096,nsid=2` or `ram,size=256M`. */
+function parseAio(value: string, what: string): FileAio {
+  if (!(FILE_AIO_MODES as readonly string[]).includes(value)) throw new ConfigError(`${what}: aio must be ${FILE_AIO_MODES.join(' or ')}, got '${value}'`);
+  return value as FileAio;
+}
+
+/** `file=PATH,size=1G,lbads=4096,nsid=2,aio=io_uring` or `ram,size=256M`. */
 export function parseNamespaceSpec(spec: string, baseDir = process.cwd()): NamespaceConfig {
   const ns: Partial<NamespaceConfig> & { ram?: boolean } = {};
   for (const part of spec.split(',')) {
@@ -122,8 +130,11 @@ export function parseNamespaceSpec(spec: string, baseDir = process.cwd()): Names
       case 'nsid':
         ns.nsid = parsePositive(value ?? '', `namespace '${spec}' nsid`);
         break;
+      case 'aio':
+        ns.aio = parseAio(value ?? '', `namespace '${spec}'`);
+        break;
       default:
-        throw new ConfigError(`namespace '${spec}': unknown key '${key}' (expected file, ram, size, lbads, nsid)`);
+        throw new ConfigError(`namespace '${spec}': unknown key '${key}' (expected file, ram, size, lbads, nsid, aio)`);
     }
   }
   const { ram, ...rest } = ns;
@@ -134,6 +145,7 @@ function checkNamespace(ns: NamespaceConfig, ram: boolean, what: string): Namesp
   if (ram && ns.file) throw new ConfigError(`namespace '${what}': give either file= or ram, not both`);
   if (!ram && !ns.file) throw new ConfigError(`namespace '${what}': needs file=PATH or ram`);
   if (ram && ns.size === undefined) throw new ConfigError(`namespace '${what}': a RAM namespace needs size=`);
+  if (ram && ns.aio !== undefined) throw new ConfigError(`namespace '${what}': aio= is for file namespaces`);
   if (ns.size !== undefined && ns.size % ns.lbads !== 0) {
     throw new ConfigError(`namespace '${what}': size ${ns.size} is not a multiple of the ${ns.lbads}-byte block`);
   }
@@ -254,12 +266,13 @@ function namespaceFromJson(entry: unknown, what: string, baseDir: string): Names
   if (typeof entry !== 'object' || entry === null) throw new ConfigError(`${what}: expected an object or a spec string`);
   const e = entry as Record<string, unknown>;
   for (const key of Object.keys(e)) {
-    if (!['file', 'ram', 'size', 'lbads', 'nsid'].includes(key)) throw new ConfigError(`${what}: unknown key '${key}'`);
+    if (!['file', 'ram', 'size', 'lbads', 'nsid', 'aio'].includes(key)) throw new ConfigError(`${what}: unknown key '${key}'`);
   }
   const ns: NamespaceConfig = { lbads: e.lbads === undefined ? 512 : parseBlockSize(String(e.lbads), what) };
   if (e.file !== undefined) ns.file = resolve(baseDir, String(e.file));
   if (e.size !== undefined) ns.size = typeof e.size === 'number' ? parsePositive(String(e.size), `${what} size`, Number.MAX_SAFE_INTEGER) : parseSize(String(e.size), `${what} size`);
   if (e.nsid !== undefined) ns.nsid = parsePositive(String(e.nsid), `${what} nsid`);
+  if (e.aio !== undefined) ns.aio = parseAio(String(e.aio), what);
   return checkNamespace(ns, e.ram === true, what);
 }
 

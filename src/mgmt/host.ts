@@ -44,7 +44,7 @@ export function defaultIdentity(anchor: string): { nqn: string; serial: string }
 
 async function openBackend(ns: NamespaceConfig): Promise<BlockBackend> {
   if (ns.file === undefined) return new RamBackend(ns.size!);
-  return FileBackend.open(ns.file, ns.size === undefined ? {} : { size: ns.size });
+  return FileBackend.open(ns.file, { ...(ns.size === undefined ? {} : { size: ns.size }), ...(ns.aio ? { aio: ns.aio } : {}) });
 }
 
 interface Export {
@@ -424,7 +424,8 @@ export class ServerHost implements ControlTarget {
       throw error;
     }
     this.namespaceConfigs.set(config.nsid!, { ...config, size: backend.size });
-    this.log.info(`namespace ${config.nsid}: ${backend.describe()}, ${config.lbads}-byte blocks`);
+    const aio = backend instanceof FileBackend ? `, aio=${backend.aio}` : '';
+    this.log.info(`namespace ${config.nsid}: ${backend.describe()}${aio}, ${config.lbads}-byte blocks`);
   }
 
   private startPeerServers(): void {

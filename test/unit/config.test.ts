@@ -23,6 +23,8 @@ describe('namespace specs', () => {
     expect(parseNamespaceSpec('file=disk.img', '/base')).toEqual({ file: '/base/disk.img', lbads: 512 });
     expect(parseNamespaceSpec('ram,size=64M')).toEqual({ size: 64 << 20, lbads: 512 });
     expect(parseNamespaceSpec('ram=64M')).toEqual({ size: 64 << 20, lbads: 512 });
+    expect(parseNamespaceSpec('file=/d/a.img,aio=threads')).toEqual({ file: '/d/a.img', lbads: 512, aio: 'threads' });
+    expect(parseNamespaceSpec('file=/d/a.img,aio=io_uring')).toEqual({ file: '/d/a.img', lbads: 512, aio: 'io_uring' });
   });
 
   it.each([
@@ -34,6 +36,8 @@ describe('namespace specs', () => {
     ['file=a,color=red', /unknown key 'color'/],
     ['file=', /needs a path/],
     ['ram,size=1M,nsid=0', /nsid/],
+    ['file=a,aio=native', /aio must be threads or io_uring, got 'native'/],
+    ['ram,size=1M,aio=io_uring', /aio= is for file namespaces/],
   ])('refuses %j', (spec, message) => expect(() => parseNamespaceSpec(spec)).toThrow(message));
 });
 
@@ -58,7 +62,7 @@ describe('JSON config files', () => {
     const path = join(dir, 'cfg.json');
     writeFileSync(path, JSON.stringify({
       sockets: ['c0.sock', '/abs/c1.sock'],
-      namespaces: [{ file: 'disk.img', size: '1G', lbads: 4096 }, 'ram,size=8M'],
+      namespaces: [{ file: 'disk.img', size: '1G', lbads: 4096, aio: 'threads' }, 'ram,size=8M'],
       nqn: 'nqn.2026-11.test:x',
       ioQueues: 4,
       mdts: 5,
@@ -68,7 +72,7 @@ describe('JSON config files', () => {
     }));
     const c = loadConfigFile(path);
     expect(c.sockets).toEqual([join(dir, 'c0.sock'), '/abs/c1.sock']);
-    expect(c.namespaces).toEqual([{ file: join(dir, 'disk.img'), size: 1 << 30, lbads: 4096 }, { size: 8 << 20, lbads: 512 }]);
+    expect(c.namespaces).toEqual([{ file: join(dir, 'disk.img'), size: 1 << 30, lbads: 4096, aio: 'threads' }, { size: 8 << 20, lbads: 512 }]);
     expect(c.nqn).toBe('nqn.2026-11.test:x');
     expect([c.ioQueues, c.mdts, c.interrupts, c.pollUs, c.batchMs]).toEqual([4, 5, 'msi', 150, 2]);
   });
@@ -88,6 +92,7 @@ describe('JSON config files', () => {
     expect(() => loadConfigFile(bad('{"pollUs":-5}'))).toThrow(/pollUs '-5' must be a whole number of microseconds from 0 to 1000000/);
     expect(() => loadConfigFile(bad('{"batchMs":0.5}'))).toThrow(/batchMs '0.5' must be a whole number of milliseconds from 0 to 100/);
     expect(() => loadConfigFile(bad('{"namespaces":[{"file":"a","lbads":7}]}'))).toThrow(/512 or 4096/);
+    expect(() => loadConfigFile(bad('{"namespaces":[{"file":"a","aio":"uring"}]}'))).toThrow(/aio must be threads or io_uring/);
     expect(() => loadConfigFile(join(dir, 'missing.json'))).toThrow(/ENOENT/);
   });
 });

@@ -1,10 +1,11 @@
 import { afterEach, describe, expect, it } from 'vitest';
 import { randomBytes } from 'node:crypto';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { closeSync, mkdtempSync, openSync, rmSync, writeFileSync } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { FileBackend } from '../../../src/nvme/backend.js';
+import { FileBackend, type FileAio } from '../../../src/nvme/backend.js';
+import { IoRing } from '../../../src/nvme/io-ring.js';
 import { Namespace } from '../../../src/nvme/namespace.js';
 import { NvmOpcode, Status } from '../../../src/nvme/spec.js';
 import { DATA, TestHost, code, pattern } from './helpers.js';
@@ -14,10 +15,37 @@ afterEach(() => {
   for (const d of dirs.splice(0)) rmSync(d, { recursive: true, force: true });
 });
 
-async function fileBackend(parent = tmpdir()): Promise<FileBackend> {
+function scratchDir(parent = tmpdir()): string {
   const dir = mkdtempSync(join(parent, 'nvme-backend-'));
   dirs.push(dir);
-  return FileBackend.open(join(dir, 'disk.img'), { size: 1 << 20 });
+  return dir;
+}
+
+async function fileBackend(parent = tmpdir(), aio?: FileAio): Promise<FileBackend> {
+  return FileBackend.open(join(scratchDir(parent), 'disk.img'), { size: 1 << 20, ...(aio ? { aio } : {}) });
+}
+
+/** Whether this kernel lets us set up an io_uring at all (containers may refuse it). */
+function ringAvailable(): boolean {
+  try {
+    void new IoRing().close();
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** Makes the threadpool path of `backend` fail loudly, to prove a transfer did not take it. */
+function forbidThreadpool(backend: FileBackend): { calls: string[] } {
+  const seen = { calls: [] as string[] };
+  const handle = (backend as unknown as { handle: FileHandle }).handle;
+  for (const method of ['readv', 'writev', 'datasync'] as const) {
+    (handle as unknown as Record<string, () => Promise<never>>)[method] = async () => {
+      seen.calls.push(method);
+      throw new Error(`threadpool ${method} was used`);
+    };
+  }
+  return seen;
 }
 
 const isPromise = (x: unknown): boolean => x instanceof Promise;
@@ -88,14 +116,130 @@ describe('FileBackend', () => {
   });
 
   it('more buffers than one system call takes: the rest continues after the short transfer', async () => {
-    for (const parent of ['/dev/shm', tmpdir()]) {
-      const backend = await fileBackend(parent);
+    for (const [parent, aio] of [['/dev/shm', 'threads'], [tmpdir(), 'threads'], ['/dev/shm', 'io_uring'], [tmpdir(), 'io_uring']] as const) {
+      const backend = await fileBackend(parent, aio);
+      // Off this thread: the threadpool or the ring takes all of it.
+      (backend as unknown as { inlineReads: string }).inlineReads = 'never';
       const written = bytes(1500 * 16);
       await backend.writev(0, Array.from({ length: 1500 }, (_, i) => written.subarray(i * 16, i * 16 + 16)));
       const views = Array.from({ length: 1500 }, () => new Uint8Array(16));
       await backend.readv(0, views);
       expect(Buffer.concat(views).equals(Buffer.from(written))).toBe(true);
       await backend.close();
+    }
+  });
+});
+
+describe('FileBackend with aio=io_uring', () => {
+  it('is the default where the kernel offers io_uring, threads otherwise', async () => {
+    const backend = await fileBackend();
+    expect(backend.aio).toBe(ringAvailable() ? 'io_uring' : 'threads');
+    await backend.close();
+    const threaded = await fileBackend(tmpdir(), 'threads');
+    expect(threaded.aio).toBe('threads');
+    await threaded.close();
+  });
+
+  it('reads that cannot be done inline, flushes and large tmpfs writes go through the ring, not the threadpool', async () => {
+    for (const parent of [tmpdir(), '/dev/shm']) {
+      const backend = await fileBackend(parent, 'io_uring');
+      const written = bytes(512 * 1024);
+      await backend.writev(4096, [written]);
+      (backend as unknown as { inlineReads: string }).inlineReads = 'never';
+      const seen = forbidThreadpool(backend);
+      const back = [new Uint8Array(1000), new Uint8Array(written.length - 1000)];
+      const pending = backend.readv(4096, back);
+      expect(isPromise(pending)).toBe(true);
+      await pending;
+      expect(Buffer.concat(back).equals(Buffer.from(written))).toBe(true);
+      await backend.flush();
+      // tmpfs writes NOWAIT, so its writes past the inline size take the ring too.
+      if (parent === '/dev/shm') await backend.writev(0, [bytes(300 * 1024)]);
+      expect(seen.calls).toEqual([]);
+      await backend.close();
+    }
+  });
+
+  it('on a file system that refuses RWF_NOWAIT writes (ext4), writes stay on the threadpool', async () => {
+    const backend = await fileBackend(tmpdir(), 'io_uring');
+    await backend.writev(0, [bytes(4096)]);
+    const refused = (backend as unknown as { inlineWrites: string }).inlineWrites === 'never';
+    const seen = forbidThreadpool(backend);
+    const write = Promise.resolve(backend.writev(8192, [bytes(4096)]));
+    if (refused) {
+      await expect(write).rejects.toThrow(/threadpool writev was used/);
+      expect(seen.calls).toEqual(['writev']);
+    } else {
+      await write;
+      expect(seen.calls).toEqual([]);
+    }
+    await backend.close();
+  });
+
+  it('past the end of a file that shrank, the rest of a ring read is zeros', async () => {
+    const dir = scratchDir();
+    const path = join(dir, 'disk.img');
+    const backend = await FileBackend.open(path, { size: 1 << 20, aio: 'io_uring' });
+    (backend as unknown as { inlineReads: string }).inlineReads = 'never';
+    writeFileSync(path, Buffer.alloc(6000, 0xab)); // truncated behind the backend's back
+    const back = new Uint8Array(8192).fill(1);
+    await backend.readv(4096, [back]);
+    expect(back.subarray(0, 1904).every((b) => b === 0xab)).toBe(true);
+    expect(back.subarray(1904).every((b) => b === 0)).toBe(true);
+    await backend.close();
+  });
+
+  it('close() waits for the transfers in flight', async () => {
+    const backend = await fileBackend('/dev/shm', 'io_uring');
+    const written = bytes(1 << 19);
+    await backend.writev(0, [written]);
+    (backend as unknown as { inlineReads: string }).inlineReads = 'never';
+    const back = new Uint8Array(written.length);
+    let read = false;
+    const reading = Promise.resolve(backend.readv(0, [back])).then(() => (read = true));
+    await backend.close();
+    expect(read).toBe(true);
+    await reading;
+    expect(Buffer.from(back).equals(Buffer.from(written))).toBe(true);
+  });
+});
+
+describe('IoRing', () => {
+  it('a kernel error rejects with its code', async () => {
+    const ring = new IoRing();
+    const path = join(scratchDir(), 'wo.img');
+    writeFileSync(path, Buffer.alloc(4096));
+    const fd = openSync(path, 'a'); // write-only: a read is EBADF
+    try {
+      await expect(ring.readv(fd, [new Uint8Array(4096)], 0)).rejects.toMatchObject({ code: 'EBADF', syscall: 'preadv' });
+      await expect(ring.writev(fd, [new Uint8Array(4096).fill(7)], 0)).resolves.toBe(4096);
+    } finally {
+      await ring.close();
+      closeSync(fd);
+    }
+  });
+
+  it('past the transfers it can hold in flight, it declines (null) instead of queueing without bound', async () => {
+    const ring = new IoRing();
+    const path = join(scratchDir('/dev/shm'), 'many.img');
+    writeFileSync(path, Buffer.alloc(4096, 5));
+    const fd = openSync(path, 'r');
+    try {
+      const views = [new Uint8Array(16)];
+      const started: Promise<number>[] = [];
+      for (;;) {
+        const p = ring.readv(fd, views, 0);
+        if (!p) break;
+        started.push(p);
+      }
+      expect(started.length).toBe(2048);
+      expect(ring.pending).toBe(2048);
+      expect(await Promise.all(started)).toEqual(started.map(() => 16));
+      expect(ring.pending).toBe(0);
+      expect(ring.readv(fd, views, 0)).not.toBeNull();
+    } finally {
+      await ring.close();
+      closeSync(fd);
     }
   });
 });
