@@ -8,15 +8,19 @@
 // a file (/dev/shm) namespace. With --baseline DIR every point also runs against the server of
 // another checkout (e.g. `git archive main`), interleaved A B B A, so before/after share the
 // machine's conditions. --poll-us passes `serve --poll-us` (shadow-tail polling); two values compare
-// them the same way, interleaved, on this checkout. --completions poll makes the driver find its
+// them the same way, interleaved, on this checkout, and so do two --aio values (the file
+// namespaces' aio=). The disk namespace is a file on a disk file system (--disk-dir, default the
+// temporary directory), where writes cannot be done inline; --evict drops its pages from the page
+// cache before every read point, so reads wait for the disk too. --completions poll makes the driver find its
 // completions by polling its CQs, created with interrupts off (Linux's poll queues, SPDK's perf), so
 // latency no longer includes the driver's own wake-up on an interrupt eventfd. With --cpu-prof the
 // server of one extra QD32 run is under `node --cpu-prof`; its profile is summarised in
 // device-profile.md (top self time) and kept as folded stacks (a flame graph's input).
 //
 // Usage: npx tsx bench/device.ts [--runtime 3] [--warmup 0.5] [--reps 1] [--qd 1,32,128]
-//          [--queues 1,4] [--ns ram,file] [--rw randread,randwrite] [--region 256]
+//          [--queues 1,4] [--ns ram,file,disk] [--rw randread,randwrite] [--region 256]
 //          [--doorbells shadow|mmio] [--coalescing CDW11] [--poll-us N[,M]] [--completions irq|poll]
+//          [--aio threads|io_uring[,…]] [--disk-dir DIR] [--evict]
 //          [--baseline DIR] [--cpu-prof]
 //          [--profile-qd 32] [--out bench/results/device]
 // See bench/README.md.
@@ -41,7 +45,8 @@ const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 
 // ---------------------------------------------------------------- configuration
 
-type NamespaceKind = 'ram' | 'file';
+type NamespaceKind = 'ram' | 'file' | 'disk';
+type Aio = 'threads' | 'io_uring';
 type Pattern = 'randread' | 'randwrite';
 
 interface Options {
@@ -59,6 +64,12 @@ interface Options {
   coalescing: number | null;
   /** `serve --poll-us` values; two of them are compared like a baseline. */
   pollUs: number[];
+  /** The file namespaces' aio= values (none: the server's default); two of them are compared like a baseline. */
+  aio: Aio[];
+  /** Where the disk namespace's image lives (not a file system in memory). */
+  diskDir: string;
+  /** Drop the disk image's pages from the page cache before each read point. */
+  evict: boolean;
   /** How the driver learns of completions: MSI-X interrupts, or polling CQs created without them. */
   completions: 'irq' | 'poll';
   baseline: string | null;
@@ -68,6 +79,9 @@ interface Options {
   out: string;
 }
 
+/** statfs f_type of the file systems that keep files in memory. */
+const TMPFS_MAGIC = 0x01021994;
+const RAMFS_MAGIC = 0x858458f6;
 const BLOCK_BYTES = 4096;
 const IO_BYTES = 4096;
 const NAMESPACE_BYTES = 1 << 30;
@@ -96,6 +110,9 @@ function parseOptions(argv: string[]): Options {
       doorbells: { type: 'string', default: 'shadow' },
       coalescing: { type: 'string' },
       'poll-us': { type: 'string', default: '0' },
+      aio: { type: 'string' },
+      'disk-dir': { type: 'string', default: os.tmpdir() },
+      evict: { type: 'boolean', default: false },
       completions: { type: 'string', default: 'irq' },
       baseline: { type: 'string' },
       'cpu-prof': { type: 'boolean', default: false },
@@ -121,18 +138,26 @@ function parseOptions(argv: string[]): Options {
   const pollUs = values['poll-us'].split(',').map(Number);
   if (pollUs.length > 2 || pollUs.some((v) => !Number.isInteger(v) || v < 0)) throw new Error('--poll-us takes one or two whole numbers of µs');
   if (pollUs.length === 2 && values.baseline) throw new Error('--poll-us with two values compares on this checkout: no --baseline with it');
+  const aio = values.aio === undefined ? [] : list('aio', values.aio, ['threads', 'io_uring'] as const);
+  if (aio.length > 2 || (aio.length === 2 && (values.baseline || pollUs.length === 2))) throw new Error('--aio takes one value, or two to compare on this checkout (then no --baseline and one --poll-us)');
+  const diskDir = path.resolve(values['disk-dir']);
+  const diskDirType = fs.statfsSync(diskDir).type;
+  if (diskDirType === TMPFS_MAGIC || diskDirType === RAMFS_MAGIC) throw new Error(`--disk-dir ${diskDir} is a file system in memory: give a directory on a disk`);
   return {
     runtimeSec: positive('runtime', values.runtime),
     warmupSec: Number(values.warmup),
     reps: positive('reps', values.reps),
     depths,
     queueCounts,
-    namespaces: list('ns', values.ns, ['ram', 'file'] as const),
+    namespaces: list('ns', values.ns, ['ram', 'file', 'disk'] as const),
     patterns: list('rw', values.rw, ['randread', 'randwrite'] as const),
     regionMiB: positive('region', values.region),
     doorbells,
     coalescing: values.coalescing === undefined ? null : Number(values.coalescing),
     pollUs,
+    aio,
+    diskDir,
+    evict: values.evict,
     completions: list('completions', values.completions, ['irq', 'poll'] as const)[0]!,
     baseline: values.baseline ? path.resolve(values.baseline) : null,
     cpuProf: values['cpu-prof'],
@@ -453,6 +478,8 @@ interface ServerUnderTest {
   /** The checkout whose src/bin/nvme-vfio-user.ts runs. */
   root: string;
   pollUs: number;
+  /** null: the server's default. */
+  aio: Aio | null;
 }
 
 interface Running {
@@ -466,9 +493,10 @@ async function startServer(sut: ServerUnderTest, ns: NamespaceKind, o: Options, 
   // Each server gets a directory of its own: its control socket sits beside its vfio-user socket.
   const dir = fs.mkdtempSync(path.join(workDir, `${tag}-`));
   const socket = path.join(dir, 'nvme.sock');
-  const imagePath = ns === 'file' ? path.join('/dev/shm', `nvu-device-bench-${tag}.img`) : null;
+  const imageDir = ns === 'file' ? '/dev/shm' : ns === 'disk' ? o.diskDir : null;
+  const imagePath = imageDir ? path.join(imageDir, `nvu-device-bench-${tag}.img`) : null;
   if (imagePath) fs.rmSync(imagePath, { force: true });
-  const spec = imagePath ? `file=${imagePath},size=${NAMESPACE_BYTES},lbads=${BLOCK_BYTES}` : `ram,size=${NAMESPACE_BYTES},lbads=${BLOCK_BYTES}`;
+  const spec = imagePath ? `file=${imagePath},size=${NAMESPACE_BYTES},lbads=${BLOCK_BYTES}${sut.aio ? `,aio=${sut.aio}` : ''}` : `ram,size=${NAMESPACE_BYTES},lbads=${BLOCK_BYTES}`;
   const maxQueues = Math.max(...o.queueCounts);
   const command = builtServerCommand(sut.root, nodeFlags);
   const polling = sut.pollUs > 0 ? ['--poll-us', String(sut.pollUs)] : [];
@@ -476,6 +504,14 @@ async function startServer(sut: ServerUnderTest, ns: NamespaceKind, o: Options, 
   const rig = await attachRig(server, o, maxQueues);
   await precondition(rig, o.regionMiB << 20);
   return { server, rig, imagePath };
+}
+
+/** Writes the image back and drops its pages from the page cache (GNU dd's documented idiom). */
+function evictFromPageCache(imagePath: string): void {
+  for (const [cmd, args] of [['sync', [imagePath]], ['dd', [`if=${imagePath}`, 'iflag=nocache', 'count=0', 'status=none']]] as const) {
+    const r = spawnSync(cmd, args, { stdio: 'inherit' });
+    if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')} failed (${r.status ?? r.signal})`);
+  }
 }
 
 async function stopServer(r: Running): Promise<void> {
@@ -541,7 +577,7 @@ function report(results: PointResult[], points: Point[], servers: ServerUnderTes
       `4 KiB I/O at random 4 KiB-aligned offsets inside the first ${o.regionMiB} MiB (written once before), ${o.runtimeSec} s per point after ${o.warmupSec} s of warm-up, ${o.reps} repetition(s)${servers.length > 1 ? ', servers interleaved A B B A' : ''}. ` +
       `QD is per queue. Latency is from placing the command to the driver seeing its completion ${o.completions === 'irq' ? 'after the interrupt' : 'by polling its CQ (I/O CQs created with interrupts off, as Linux\'s poll queues)'}. A range is min–max over repetitions.`,
     '',
-    `Servers: ${servers.map((s) => `${s.label} = ${path.relative(REPO, s.root) || '.'}${meta[`rev:${s.label}`] ? ` (${meta[`rev:${s.label}`]})` : ''}${s.pollUs > 0 ? ` with --poll-us ${s.pollUs}` : ''}`).join('; ')}.`,
+    `Servers: ${servers.map((s) => `${s.label} = ${path.relative(REPO, s.root) || '.'}${meta[`rev:${s.label}`] ? ` (${meta[`rev:${s.label}`]})` : ''}${s.pollUs > 0 ? ` with --poll-us ${s.pollUs}` : ''}${s.aio ? ` with aio=${s.aio}` : ''}`).join('; ')}.`,
     '',
     resultTable(results, points, servers),
     '',
@@ -580,12 +616,14 @@ async function profileRun(o: Options, workDir: string, me: ServerUnderTest): Pro
 async function main(): Promise<void> {
   const o = parseUsage(() => parseOptions(process.argv.slice(2)));
   const workDir = fs.mkdtempSync(path.join(os.tmpdir(), 'nvu-device-bench-'));
-  const me: ServerUnderTest = { label: o.baseline ? 'new' : 'ours', root: REPO, pollUs: o.pollUs[0]! };
+  const me: ServerUnderTest = { label: o.baseline ? 'new' : 'ours', root: REPO, pollUs: o.pollUs[0]!, aio: o.aio[0] ?? null };
   const servers: ServerUnderTest[] = o.baseline
-    ? [{ label: 'base', root: o.baseline, pollUs: o.pollUs[0]! }, me]
+    ? [{ ...me, label: 'base', root: o.baseline }, me]
     : o.pollUs.length === 2
-      ? o.pollUs.map((pollUs) => ({ label: `poll${pollUs}`, root: REPO, pollUs }))
-      : [me];
+      ? o.pollUs.map((pollUs) => ({ ...me, label: `poll${pollUs}`, pollUs }))
+      : o.aio.length === 2
+        ? o.aio.map((aio) => ({ ...me, label: aio, aio }))
+        : [me];
   const points: Point[] = [];
   for (const ns of o.namespaces) for (const pattern of o.patterns) for (const queues of o.queueCounts) for (const depth of o.depths) points.push({ ns, pattern, queues, depth });
   const meta: Record<string, string> = { date: new Date().toISOString(), cpu: cpuModel(), loadBefore: fmt(os.loadavg()[0]!, 2), loadAfter: '' };
@@ -603,6 +641,7 @@ async function main(): Promise<void> {
             const order = (rep + points.indexOf(point)) % 2 === 0 ? servers : [...servers].reverse();
             for (const s of order) {
               const r = running.get(s.label)!;
+              if (o.evict && point.pattern === 'randread' && ns === 'disk') evictFromPageCache(r.imagePath!);
               const result = await runPoint(r.server, r.rig, point, o, s.label, rep);
               results.push(result);
               process.stderr.write(
