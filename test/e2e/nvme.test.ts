@@ -1,11 +1,14 @@
 // A stock Linux guest uses our controller as its disk: the in-kernel nvme driver binds, nvme-cli
 // reports sane values, fio verifies data, the backing files hold exactly what the guest wrote,
 // discard punches holes, resets and reboots recover, and two controllers share two namespaces.
+// The backing files live on a disk file system and their pages are dropped from the page cache
+// while the guest runs, so reads also take the path that waits for the disk (aio=io_uring by
+// default).
 
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createHash } from 'node:crypto';
-import { spawnSync } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { spawn, spawnSync } from 'node:child_process';
+import { mkdtempSync, rmSync, statfsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { ensureHarness, runGuest, type GuestRun } from './guest.js';
@@ -13,6 +16,7 @@ import { startServerProcess, type ServerProcess } from '../support/server-proces
 import { mappedDoorbellCounts } from '../support/doorbell-log.js';
 import { fileRange } from '../support/files.js';
 import { fields } from './shell.js';
+import { IoRing } from '../../src/nvme/io-ring.js';
 
 const MiB = 1 << 20;
 let dir: string;
@@ -31,6 +35,42 @@ function nextData(path: string, offset: number): number {
   const r = spawnSync('python3', ['-c', `import os,sys\nfd=os.open(sys.argv[1],os.O_RDONLY)\ntry:\n  print(os.lseek(fd,int(sys.argv[2]),os.SEEK_DATA))\nexcept OSError:\n  print(os.fstat(fd).st_size)`, path, String(offset)], { encoding: 'utf8' });
   if (r.status !== 0) throw new Error(`SEEK_DATA probe failed: ${r.stderr}`);
   return Number(r.stdout.trim());
+}
+
+/** Whether this kernel lets a process set up an io_uring (the server's default aio then). */
+function ringAvailable(): boolean {
+  try {
+    void new IoRing().close();
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Until stopped, writes `files` back and drops their pages from the page cache every 300 ms (GNU
+ * dd's documented idiom), so the server's reads of them wait for the disk. Resolves with the rounds done.
+ */
+function keepEvicting(files: string[]): () => Promise<number> {
+  let rounds = 0;
+  let stopping = false;
+  const run = (cmd: string, args: string[]): Promise<void> =>
+    new Promise((resolve) => spawn(cmd, args, { stdio: 'ignore' }).on('exit', () => resolve()).on('error', () => resolve()));
+  const loop = (async () => {
+    while (!stopping) {
+      for (const file of files) {
+        await run('sync', [file]);
+        await run('dd', [`if=${file}`, 'iflag=nocache', 'count=0', 'status=none']);
+      }
+      rounds++;
+      await new Promise((resolve) => setTimeout(resolve, 300));
+    }
+  })();
+  return async () => {
+    stopping = true;
+    await loop;
+    return rounds;
+  };
 }
 
 /** Runs the guest, then stops the server; `serverSurvived` says it was still alive at that point. */
@@ -72,6 +112,7 @@ describe('one controller, two namespaces (512 B and 4 KiB blocks) on files', () 
   let server: ServerProcess;
   let run: GuestRun & { serverSurvived: boolean };
   let f: Map<string, string>;
+  let evictions: number;
   const disk1 = () => join(dir, 'ns1.img');
   const disk2 = () => join(dir, 'ns2.img');
 
@@ -119,11 +160,24 @@ sleep 1
 dd if=$d1 bs=64k skip=1600 count=16 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1 | sed 's/^/after-reset.sha=/'
 nvme flush $d1; echo flush.rc=$?
 `;
-    run = await runAgainst(server, { script, vfioUserSockets: [server.socketPath], memMiB: 768, timeoutMs: 420_000 });
+    const stopEvicting = keepEvicting([disk1(), disk2()]);
+    try {
+      run = await runAgainst(server, { script, vfioUserSockets: [server.socketPath], memMiB: 768, timeoutMs: 420_000 });
+    } finally {
+      evictions = await stopEvicting();
+    }
     f = fields(run.scriptOutput);
   }, 480_000);
 
   it('runs the guest script cleanly', () => expectClean(run, server));
+
+  it('serves files on a disk file system, through io_uring where the kernel offers it, with their pages dropped meanwhile', () => {
+    const TMPFS_MAGIC = 0x01021994;
+    expect(statfsSync(dir).type).not.toBe(TMPFS_MAGIC);
+    const aio = ringAvailable() ? 'io_uring' : 'threads';
+    expect(server.log()).toMatch(new RegExp(`namespace 1: file:\\S+ns1\\.img, aio=${aio}`));
+    expect(evictions).toBeGreaterThan(5);
+  });
 
   it('nvme-cli reports a sane controller and namespaces', () => {
     expect(f.get('list.count')).toBe('2');
