@@ -506,6 +506,12 @@ async function startServer(sut: ServerUnderTest, ns: NamespaceKind, o: Options, 
   return { server, rig, imagePath };
 }
 
+/** The type of the file system holding `dir`, as df names it. */
+function fileSystemName(dir: string): string {
+  const r = spawnSync('df', ['--output=fstype', dir], { encoding: 'utf8' });
+  return r.status === 0 ? (r.stdout.trim().split('\n')[1] ?? 'unknown').trim() : 'unknown';
+}
+
 /** Writes the image back and drops its pages from the page cache (GNU dd's documented idiom). */
 function evictFromPageCache(imagePath: string): void {
   for (const [cmd, args] of [['sync', [imagePath]], ['dd', [`if=${imagePath}`, 'iflag=nocache', 'count=0', 'status=none']]] as const) {
@@ -575,7 +581,8 @@ function report(results: PointResult[], points: Point[], servers: ServerUnderTes
     '',
     `Our TypeScript host driver against \`serve\` over its socket (memfd guest RAM, ${o.completions === 'irq' ? 'MSI-X eventfds' : 'I/O CQs polled, created without interrupts'}, ${o.doorbells === 'shadow' ? 'shadow doorbells as Linux uses them' : 'trapped MMIO doorbells only'}${o.coalescing !== null ? `, Interrupt Coalescing 0x${o.coalescing.toString(16)}` : ''}). ` +
       `4 KiB I/O at random 4 KiB-aligned offsets inside the first ${o.regionMiB} MiB (written once before), ${o.runtimeSec} s per point after ${o.warmupSec} s of warm-up, ${o.reps} repetition(s)${servers.length > 1 ? ', servers interleaved A B B A' : ''}. ` +
-      `QD is per queue. Latency is from placing the command to the driver seeing its completion ${o.completions === 'irq' ? 'after the interrupt' : 'by polling its CQ (I/O CQs created with interrupts off, as Linux\'s poll queues)'}. A range is min–max over repetitions.`,
+      `QD is per queue. Latency is from placing the command to the driver seeing its completion ${o.completions === 'irq' ? 'after the interrupt' : 'by polling its CQ (I/O CQs created with interrupts off, as Linux\'s poll queues)'}. A range is min–max over repetitions.` +
+      (o.namespaces.includes('disk') ? ` The disk namespace is an image in ${o.diskDir} (${fileSystemName(o.diskDir)})${o.evict ? ', its pages dropped from the page cache before every read point (sync, then dd iflag=nocache), so reads wait for the disk' : ''}.` : ''),
     '',
     `Servers: ${servers.map((s) => `${s.label} = ${path.relative(REPO, s.root) || '.'}${meta[`rev:${s.label}`] ? ` (${meta[`rev:${s.label}`]})` : ''}${s.pollUs > 0 ? ` with --poll-us ${s.pollUs}` : ''}${s.aio ? ` with aio=${s.aio}` : ''}`).join('; ')}.`,
     '',
