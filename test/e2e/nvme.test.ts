@@ -14,9 +14,8 @@ import { join } from 'node:path';
 import { ensureHarness, runGuest, type GuestRun } from './guest.js';
 import { startServerProcess, type ServerProcess } from '../support/server-process.js';
 import { mappedDoorbellCounts } from '../support/doorbell-log.js';
-import { fileRange } from '../support/files.js';
+import { fileRange, ioUringAvailable } from '../support/files.js';
 import { fields } from './shell.js';
-import { IoRing } from '../../src/nvme/io-ring.js';
 
 const MiB = 1 << 20;
 let dir: string;
@@ -35,16 +34,6 @@ function nextData(path: string, offset: number): number {
   const r = spawnSync('python3', ['-c', `import os,sys\nfd=os.open(sys.argv[1],os.O_RDONLY)\ntry:\n  print(os.lseek(fd,int(sys.argv[2]),os.SEEK_DATA))\nexcept OSError:\n  print(os.fstat(fd).st_size)`, path, String(offset)], { encoding: 'utf8' });
   if (r.status !== 0) throw new Error(`SEEK_DATA probe failed: ${r.stderr}`);
   return Number(r.stdout.trim());
-}
-
-/** Whether this kernel lets a process set up an io_uring (the server's default aio then). */
-function ringAvailable(): boolean {
-  try {
-    void new IoRing().close();
-    return true;
-  } catch {
-    return false;
-  }
 }
 
 /**
@@ -174,7 +163,7 @@ nvme flush $d1; echo flush.rc=$?
   it('serves files on a disk file system, through io_uring where the kernel offers it, with their pages dropped meanwhile', () => {
     const TMPFS_MAGIC = 0x01021994;
     expect(statfsSync(dir).type).not.toBe(TMPFS_MAGIC);
-    const aio = ringAvailable() ? 'io_uring' : 'threads';
+    const aio = ioUringAvailable() ? 'io_uring' : 'threads';
     expect(server.log()).toMatch(new RegExp(`namespace 1: file:\\S+ns1\\.img, aio=${aio}`));
     expect(evictions).toBeGreaterThan(5);
   });

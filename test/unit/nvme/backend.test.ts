@@ -9,6 +9,7 @@ import { IoRing } from '../../../src/nvme/io-ring.js';
 import { Namespace } from '../../../src/nvme/namespace.js';
 import { NvmOpcode, Status } from '../../../src/nvme/spec.js';
 import { DATA, TestHost, code, pattern } from './helpers.js';
+import { ioUringAvailable } from '../../support/files.js';
 
 const dirs: string[] = [];
 afterEach(() => {
@@ -23,16 +24,6 @@ function scratchDir(parent = tmpdir()): string {
 
 async function fileBackend(parent = tmpdir(), aio?: FileAio): Promise<FileBackend> {
   return FileBackend.open(join(scratchDir(parent), 'disk.img'), { size: 1 << 20, ...(aio ? { aio } : {}) });
-}
-
-/** Whether this kernel lets us set up an io_uring at all (containers may refuse it). */
-function ringAvailable(): boolean {
-  try {
-    void new IoRing().close();
-    return true;
-  } catch {
-    return false;
-  }
 }
 
 /** Makes the threadpool path of `backend` fail loudly, to prove a transfer did not take it. */
@@ -133,7 +124,7 @@ describe('FileBackend', () => {
 describe('FileBackend with aio=io_uring', () => {
   it('is the default where the kernel offers io_uring, threads otherwise', async () => {
     const backend = await fileBackend();
-    expect(backend.aio).toBe(ringAvailable() ? 'io_uring' : 'threads');
+    expect(backend.aio).toBe(ioUringAvailable() ? 'io_uring' : 'threads');
     await backend.close();
     const threaded = await fileBackend(tmpdir(), 'threads');
     expect(threaded.aio).toBe('threads');
