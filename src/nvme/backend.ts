@@ -323,7 +323,8 @@ export class FileBackend extends VectoredBackend {
   }
 
   async flush(): Promise<void> {
-    if ((await this.ring?.datasync(this.handle.fd)) === undefined) await this.handle.datasync();
+    const synced = this.ring?.datasync(this.handle.fd);
+    await (synced ?? this.handle.datasync());
   }
 
   /**

@@ -167,6 +167,31 @@ describe('FileBackend with aio=io_uring', () => {
     await backend.close();
   });
 
+  it('when the ring has no room, transfers and flushes take the threadpool instead', async () => {
+    const backend = await fileBackend('/dev/shm', 'io_uring');
+    const ring = (backend as unknown as { ring: IoRing }).ring;
+    ring.readv = ring.writev = ring.datasync = () => null;
+    (backend as unknown as { inlineReads: string }).inlineReads = 'never';
+    (backend as unknown as { inlineWrites: string }).inlineWrites = 'never';
+    const handle = (backend as unknown as { handle: FileHandle }).handle;
+    const used: string[] = [];
+    for (const method of ['readv', 'writev', 'datasync'] as const) {
+      const original = (handle[method] as (...args: unknown[]) => Promise<unknown>).bind(handle);
+      (handle as unknown as Record<string, unknown>)[method] = (...args: unknown[]) => {
+        used.push(method);
+        return original(...args);
+      };
+    }
+    const written = bytes(4096);
+    await backend.writev(0, [written]);
+    const back = new Uint8Array(4096);
+    await backend.readv(0, [back]);
+    await backend.flush();
+    expect(Buffer.from(back).equals(Buffer.from(written))).toBe(true);
+    expect(used).toEqual(['writev', 'readv', 'datasync']);
+    await backend.close();
+  });
+
   it('past the end of a file that shrank, the rest of a ring read is zeros', async () => {
     const dir = scratchDir();
     const path = join(dir, 'disk.img');
