@@ -26,7 +26,7 @@ export interface NamespaceConfig {
   /** Logical block size: 512 or 4096. */
   lbads: 512 | 4096;
   nsid?: number;
-  /** A file's transfers that may wait for a disk: libuv's threadpool (default) or an io_uring. */
+  /** A file's transfers that may wait for a disk: an io_uring (the default where the kernel allows) or libuv's threadpool. */
   aio?: FileAio;
 }
 

@@ -45,6 +45,8 @@ export class IoRing {
   private readonly completions = new Float64Array(2 * 256);
   private closed = false;
   private drained: (() => void) | null = null;
+  /** The native ring is gone: nothing may touch it. */
+  private released = false;
 
   /** Throws (with .code) where the kernel refuses io_uring: ENOSYS, EPERM (io_uring_disabled, seccomp). */
   constructor() {
@@ -88,20 +90,27 @@ export class IoRing {
     }
     this.watcher.close();
     this.ring.close();
+    this.released = true;
   }
 
   private start(op: RingOp, fd: number, views: readonly Uint8Array[] | null, offset: number, syscall: string): Promise<number> | null {
     if (this.closed || this.count >= MAX_IN_FLIGHT) return null;
     const tag = this.freeTags.pop() ?? this.inFlight.length;
-    // Throws synchronously for a detached view (EFAULT), like the inline path.
-    let queued = this.ring.queue(op, fd, views ?? [], offset, tag);
-    if (!queued) {
-      this.submit();
+    let queued: boolean;
+    try {
+      // Throws synchronously for a detached view (EFAULT), like the inline path.
       queued = this.ring.queue(op, fd, views ?? [], offset, tag);
       if (!queued) {
-        this.freeTags.push(tag);
-        return null;
+        this.submit();
+        queued = this.ring.queue(op, fd, views ?? [], offset, tag);
       }
+    } catch (err) {
+      this.freeTags.push(tag);
+      throw err;
+    }
+    if (!queued) {
+      this.freeTags.push(tag);
+      return null;
     }
     this.count++;
     if (!this.submitScheduled) {
@@ -115,7 +124,17 @@ export class IoRing {
 
   private readonly submit = (): void => {
     this.submitScheduled = false;
-    this.ring.submit();
+    if (this.released) return;
+    try {
+      this.ring.submit();
+    } catch {
+      // io_uring_enter itself failed (not an entry: those fail in their completion). The entries
+      // stay queued; try again shortly rather than end the process from a microtask.
+      if (!this.submitScheduled) {
+        this.submitScheduled = true;
+        setTimeout(this.submit, 1);
+      }
+    }
   };
 
   private readonly reap = (): void => {
@@ -135,7 +154,7 @@ export class IoRing {
       if (n < this.completions.length / 2) break;
     }
     // Entries the kernel refused for the moment (EAGAIN, EBUSY) go again now that room was made.
-    this.ring.submit();
+    this.submit();
     if (this.count === 0 && this.drained) {
       this.drained();
       this.drained = null;
