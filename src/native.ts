@@ -77,6 +77,8 @@ export interface ListenerConstructor {
 export interface FdWatcher {
   /** Idempotent. Close the watcher before closing the fd it watches. */
   close(): void;
+  /** From now on the watcher alone does not keep the process alive. */
+  unref(): void;
 }
 
 /** An io_uring of the addon's own (native/src/uring.cc); src/nvme/io-ring.ts is its one user. */
@@ -127,8 +129,12 @@ export interface NativeAddon {
   eventfd(initial?: number): number;
   /** Adds `value` (default 1n). Throws EAGAIN if the counter would overflow. */
   eventfdWrite(fd: number, value?: bigint): void;
-  /** Reads and resets the counter; 0n if it was zero. */
+  /** Reads and resets the counter; 0n if it was zero. Clears a timerfd that fired too. */
   eventfdRead(fd: number): bigint;
+  /** timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC). */
+  timerfdCreate(): number;
+  /** Arms the timerfd to fire once, `us` µs from now (fractions allowed); 0 disarms it. */
+  timerfdArm(fd: number, us: number): void;
   /**
    * memfd_create(MFD_CLOEXEC) + ftruncate(size); `sealed` adds the seals QEMU's
    * memory-backend-memfd uses (no shrink, no grow, no further seals).

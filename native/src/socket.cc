@@ -449,7 +449,7 @@ class Listener : public Napi::ObjectWrap<Listener> {
 class FdWatcher : public Napi::ObjectWrap<FdWatcher> {
  public:
   static Napi::Function Define(Napi::Env env) {
-    return DefineClass(env, "FdWatcher", {InstanceMethod<&FdWatcher::Close>("close")});
+    return DefineClass(env, "FdWatcher", {InstanceMethod<&FdWatcher::Close>("close"), InstanceMethod<&FdWatcher::UnrefLoop>("unref")});
   }
 
   explicit FdWatcher(const Napi::CallbackInfo& info) : Napi::ObjectWrap<FdWatcher>(info) {
@@ -482,6 +482,12 @@ class FdWatcher : public Napi::ObjectWrap<FdWatcher> {
       onReadable_.Reset();
       Unref();
     }
+    return info.Env().Undefined();
+  }
+
+  // The watcher no longer keeps the process alive on its own.
+  Napi::Value UnrefLoop(const Napi::CallbackInfo& info) {
+    if (poll_) uv_unref(reinterpret_cast<uv_handle_t*>(poll_));
     return info.Env().Undefined();
   }
 
