@@ -1,11 +1,10 @@
 // Interrupt coalescing (Base §5.27.1.9): completions of an I/O completion queue may wait for
 // their vector's interrupt until Aggregation Threshold entries have gathered or Aggregation Time
-// has passed, whichever comes first. Node's timers count whole milliseconds, so a time below 1 ms
-// is kept as "until the event loop has handled what is ready now" (setImmediate): the
-// completions that arrive together (a file backend's threadpool results of one poll) share one
-// interrupt, and none waits for a timer longer than the host asked.
+// (in 100 µs units, hence a µs timer rather than Node's millisecond ones) has passed, whichever
+// comes first.
 
 import { InterruptCoalescing } from './spec.js';
+import { clearTimeoutUs, setTimeoutUs, type UsTimer } from './us-timer.js';
 
 export interface CoalescingSettings {
   /** Entries that make the interrupt due (THR + 1). */
@@ -21,11 +20,9 @@ export function coalescingSettings(feature: number): CoalescingSettings | null {
   return delayUs === 0 || threshold === 1 ? null : { threshold, delayUs };
 }
 
-type Expiry = { kind: 'timeout'; handle: NodeJS.Timeout } | { kind: 'immediate'; handle: NodeJS.Immediate };
-
 /** Per vector: entries gathered since its last interrupt and the timer that ends the wait. */
 export class InterruptAggregator {
-  private readonly waiting = new Map<number, { entries: number; expiry: Expiry }>();
+  private readonly waiting = new Map<number, { entries: number; expiry: UsTimer }>();
 
   /** `due(vector)` is called when a vector's aggregation time is over. */
   constructor(private readonly due: (vector: number) => void) {}
@@ -46,7 +43,7 @@ export class InterruptAggregator {
   covered(vector: number): void {
     const gathered = this.waiting.get(vector);
     if (!gathered) return;
-    cancel(gathered.expiry);
+    clearTimeoutUs(gathered.expiry);
     this.waiting.delete(vector);
   }
 
@@ -58,24 +55,15 @@ export class InterruptAggregator {
   }
 
   clear(): void {
-    for (const gathered of this.waiting.values()) cancel(gathered.expiry);
+    for (const gathered of this.waiting.values()) clearTimeoutUs(gathered.expiry);
     this.waiting.clear();
   }
 
-  private arm(vector: number, delayUs: number): Expiry {
-    const expire = (): void => {
+  private arm(vector: number, delayUs: number): UsTimer {
+    // A pending interrupt alone does not keep a stopping process alive (us-timer.ts).
+    return setTimeoutUs(() => {
       this.waiting.delete(vector);
       this.due(vector);
-    };
-    if (delayUs < 1000) return { kind: 'immediate', handle: setImmediate(expire) };
-    const handle = setTimeout(expire, Math.floor(delayUs / 1000));
-    // A pending interrupt alone must not keep a stopping process alive.
-    handle.unref();
-    return { kind: 'timeout', handle };
+    }, delayUs);
   }
-}
-
-function cancel(expiry: Expiry): void {
-  if (expiry.kind === 'timeout') clearTimeout(expiry.handle);
-  else clearImmediate(expiry.handle);
 }
