@@ -85,7 +85,8 @@ serve options:
                       using Doorbell Buffer Config, as Linux does). Lower QD1
                       latency for CPU. Default 0: never poll. With --doorbells
                       mapped: how long the doorbell page is polled instead.
-  --batch-ms N        Take a deep I/O queue's commands in batches every N ms,
+  --batch-ms N        Take a deep I/O queue's commands in batches every N ms
+                      (0.05 to 100, to the µs: 0.25 is 250 µs),
                       its doorbells held back meanwhile (EventIdx, as for
                       --poll-us): fewer guest exits, wake-ups and interrupts
                       per I/O for up to N ms more latency, and at most queue

@@ -173,7 +173,17 @@ export const parsePollUs = (value: string, what: string): number => parseWholeUp
 /** The longest batch period `--batch-ms` takes: beyond it a batched queue is merely stalled. */
 export const MAX_BATCH_MS = 100;
 
-export const parseBatchMs = (value: string, what: string): number => parseWholeUpTo(value, what, 'milliseconds', MAX_BATCH_MS);
+/** The shortest: below it the period is a poll loop, which `--poll-us` and `--doorbells mapped` already are. */
+export const MIN_BATCH_MS = 0.05;
+
+/** Milliseconds to the µs (0.25 is 250 µs); 0 is off. */
+export function parseBatchMs(value: string, what: string): number {
+  const ms = Number(value);
+  if (!/^\d+(\.\d{1,3})?$/.test(value) || (ms !== 0 && (ms < MIN_BATCH_MS || ms > MAX_BATCH_MS))) {
+    throw new ConfigError(`${what} '${value}' must be 0 (off) or from ${MIN_BATCH_MS} to ${MAX_BATCH_MS} milliseconds, to the microsecond`);
+  }
+  return ms;
+}
 
 function parseWholeUpTo(value: string, what: string, unit: string, max: number): number {
   if (!/^\d+$/.test(value) || Number(value) > max) {

@@ -22,6 +22,7 @@
 
 import { performance } from 'node:perf_hooks';
 import { native } from '../native.js';
+import { setTimeoutUs, type UsTimer } from './us-timer.js';
 
 export interface PolledQueues {
   /**
@@ -56,7 +57,7 @@ export class TailPolling {
   private readonly windowMs: number;
   /** Deep SQs whose shadow tail is read every batchMs instead of waiting for doorbells. */
   private readonly batched = new Set<number>();
-  private batchTimer: NodeJS.Timeout | null = null;
+  private batchTimer: UsTimer | null = null;
 
   /**
    * `windowUs` is how long a shallow SQ stays polled after it last took commands, `batchMs` the
@@ -130,9 +131,9 @@ export class TailPolling {
 
   private scheduleBatch(): void {
     if (this.batchTimer || this.batched.size === 0) return;
-    this.batchTimer = setTimeout(this.collectBatches, this.batchMs);
-    // Nothing here must keep a stopping process alive.
-    this.batchTimer.unref();
+    // A µs timer: periods below a millisecond are kept (and, like the rest here, it does not keep a
+    // stopping process alive).
+    this.batchTimer = setTimeoutUs(this.collectBatches, this.batchMs * 1000);
   }
 
   private readonly collectBatches = (): void => {

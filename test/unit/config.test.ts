@@ -68,13 +68,13 @@ describe('JSON config files', () => {
       mdts: 5,
       interrupts: 'msi',
       pollUs: 150,
-      batchMs: 2,
+      batchMs: 0.25,
     }));
     const c = loadConfigFile(path);
     expect(c.sockets).toEqual([join(dir, 'c0.sock'), '/abs/c1.sock']);
     expect(c.namespaces).toEqual([{ file: join(dir, 'disk.img'), size: 1 << 30, lbads: 4096, aio: 'threads' }, { size: 8 << 20, lbads: 512 }]);
     expect(c.nqn).toBe('nqn.2026-11.test:x');
-    expect([c.ioQueues, c.mdts, c.interrupts, c.pollUs, c.batchMs]).toEqual([4, 5, 'msi', 150, 2]);
+    expect([c.ioQueues, c.mdts, c.interrupts, c.pollUs, c.batchMs]).toEqual([4, 5, 'msi', 150, 0.25]);
   });
 
   it('names the problem in a bad file', () => {
@@ -90,7 +90,8 @@ describe('JSON config files', () => {
     expect(() => loadConfigFile(bad('{"ioQueues":0}'))).toThrow(/ioQueues/);
     expect(() => loadConfigFile(bad('{"interrupts":"nmi"}'))).toThrow(/unknown interrupt mode/);
     expect(() => loadConfigFile(bad('{"pollUs":-5}'))).toThrow(/pollUs '-5' must be a whole number of microseconds from 0 to 1000000/);
-    expect(() => loadConfigFile(bad('{"batchMs":0.5}'))).toThrow(/batchMs '0.5' must be a whole number of milliseconds from 0 to 100/);
+    expect(() => loadConfigFile(bad('{"batchMs":0.01}'))).toThrow(/batchMs '0.01' must be 0 \(off\) or from 0.05 to 100 milliseconds, to the microsecond/);
+    expect(() => loadConfigFile(bad('{"batchMs":0.0005}'))).toThrow(/batchMs '0.0005'/);
     expect(() => loadConfigFile(bad('{"namespaces":[{"file":"a","lbads":7}]}'))).toThrow(/512 or 4096/);
     expect(() => loadConfigFile(bad('{"namespaces":[{"file":"a","aio":"uring"}]}'))).toThrow(/aio must be threads or io_uring/);
     expect(() => loadConfigFile(join(dir, 'missing.json'))).toThrow(/ENOENT/);
