@@ -9,7 +9,8 @@
 // another checkout (e.g. `git archive main`), interleaved A B B A, so before/after share the
 // machine's conditions. --poll-us passes `serve --poll-us` (shadow-tail polling); two values compare
 // them the same way, interleaved, on this checkout, and so do two --aio values (the file
-// namespaces' aio=). The disk namespace is a file on a disk file system (--disk-dir, default the
+// namespaces' aio=) and two --batch-ms values (`serve --batch-ms`: a driver that reaps at once, as
+// a KVM guest does, shows what batching costs it). The disk namespace is a file on a disk file system (--disk-dir, default the
 // temporary directory), where writes cannot be done inline; --evict drops its pages from the page
 // cache before every read point, so reads wait for the disk too. --completions poll makes the driver find its
 // completions by polling its CQs, created with interrupts off (Linux's poll queues, SPDK's perf), so
@@ -20,7 +21,7 @@
 // Usage: npx tsx bench/device.ts [--runtime 3] [--warmup 0.5] [--reps 1] [--qd 1,32,128]
 //          [--queues 1,4] [--ns ram,file,disk] [--rw randread,randwrite] [--region 256]
 //          [--doorbells shadow|mmio] [--coalescing CDW11] [--poll-us N[,M]] [--completions irq|poll]
-//          [--aio threads|io_uring[,…]] [--disk-dir DIR] [--evict]
+//          [--aio threads|io_uring[,…]] [--batch-ms N[,M]] [--disk-dir DIR] [--evict]
 //          [--baseline DIR] [--cpu-prof]
 //          [--profile-qd 32] [--out bench/results/device]
 // See bench/README.md.
@@ -66,6 +67,8 @@ interface Options {
   pollUs: number[];
   /** The file namespaces' aio= values (none: the server's default); two of them are compared like a baseline. */
   aio: Aio[];
+  /** `serve --batch-ms` values; two of them are compared like a baseline. */
+  batchMs: number[];
   /** Where the disk namespace's image lives (not a file system in memory). */
   diskDir: string;
   /** Drop the disk image's pages from the page cache before each read point. */
@@ -111,6 +114,7 @@ function parseOptions(argv: string[]): Options {
       coalescing: { type: 'string' },
       'poll-us': { type: 'string', default: '0' },
       aio: { type: 'string' },
+      'batch-ms': { type: 'string', default: '0' },
       'disk-dir': { type: 'string', default: os.tmpdir() },
       evict: { type: 'boolean', default: false },
       completions: { type: 'string', default: 'irq' },
@@ -137,9 +141,11 @@ function parseOptions(argv: string[]): Options {
   const doorbells = list('doorbells', values.doorbells, ['shadow', 'mmio'] as const)[0]!;
   const pollUs = values['poll-us'].split(',').map(Number);
   if (pollUs.length > 2 || pollUs.some((v) => !Number.isInteger(v) || v < 0)) throw new Error('--poll-us takes one or two whole numbers of µs');
-  if (pollUs.length === 2 && values.baseline) throw new Error('--poll-us with two values compares on this checkout: no --baseline with it');
   const aio = values.aio === undefined ? [] : list('aio', values.aio, ['threads', 'io_uring'] as const);
-  if (aio.length > 2 || (aio.length === 2 && (values.baseline || pollUs.length === 2))) throw new Error('--aio takes one value, or two to compare on this checkout (then no --baseline and one --poll-us)');
+  if (aio.length > 2) throw new Error('--aio takes one or two values');
+  const batchMs = values['batch-ms'].split(',').map(Number);
+  if (batchMs.length > 2 || batchMs.some((v) => !Number.isFinite(v) || v < 0)) throw new Error('--batch-ms takes one or two numbers of milliseconds');
+  if ([pollUs, aio, batchMs].filter((given) => given.length === 2).length + (values.baseline ? 1 : 0) > 1) throw new Error('compare one thing at a time: two values of one of --poll-us, --aio, --batch-ms, or --baseline');
   const diskDir = path.resolve(values['disk-dir']);
   const diskDirType = fs.statfsSync(diskDir).type;
   if (diskDirType === TMPFS_MAGIC || diskDirType === RAMFS_MAGIC) throw new Error(`--disk-dir ${diskDir} is a file system in memory: give a directory on a disk`);
@@ -156,6 +162,7 @@ function parseOptions(argv: string[]): Options {
     coalescing: values.coalescing === undefined ? null : Number(values.coalescing),
     pollUs,
     aio,
+    batchMs,
     diskDir,
     evict: values.evict,
     completions: list('completions', values.completions, ['irq', 'poll'] as const)[0]!,
@@ -480,6 +487,7 @@ interface ServerUnderTest {
   pollUs: number;
   /** null: the server's default. */
   aio: Aio | null;
+  batchMs: number;
 }
 
 interface Running {
@@ -499,7 +507,7 @@ async function startServer(sut: ServerUnderTest, ns: NamespaceKind, o: Options, 
   const spec = imagePath ? `file=${imagePath},size=${NAMESPACE_BYTES},lbads=${BLOCK_BYTES}${sut.aio ? `,aio=${sut.aio}` : ''}` : `ram,size=${NAMESPACE_BYTES},lbads=${BLOCK_BYTES}`;
   const maxQueues = Math.max(...o.queueCounts);
   const command = builtServerCommand(sut.root, nodeFlags);
-  const polling = sut.pollUs > 0 ? ['--poll-us', String(sut.pollUs)] : [];
+  const polling = [...(sut.pollUs > 0 ? ['--poll-us', String(sut.pollUs)] : []), ...(sut.batchMs > 0 ? ['--batch-ms', String(sut.batchMs)] : [])];
   const server = await startServerProcess(socket, ['--namespace', spec, '--io-queues', String(Math.max(4, maxQueues)), ...polling, '--log-level', 'warn'], { command, cwd: REPO });
   const rig = await attachRig(server, o, maxQueues);
   await precondition(rig, o.regionMiB << 20);
@@ -584,7 +592,7 @@ function report(results: PointResult[], points: Point[], servers: ServerUnderTes
       `QD is per queue. Latency is from placing the command to the driver seeing its completion ${o.completions === 'irq' ? 'after the interrupt' : 'by polling its CQ (I/O CQs created with interrupts off, as Linux\'s poll queues)'}. A range is min–max over repetitions.` +
       (o.namespaces.includes('disk') ? ` The disk namespace is an image in ${o.diskDir} (${fileSystemName(o.diskDir)})${o.evict ? ', its pages dropped from the page cache before every read point (sync, then dd iflag=nocache), so reads wait for the disk' : ''}.` : ''),
     '',
-    `Servers: ${servers.map((s) => `${s.label} = ${path.relative(REPO, s.root) || '.'}${meta[`rev:${s.label}`] ? ` (${meta[`rev:${s.label}`]})` : ''}${s.pollUs > 0 ? ` with --poll-us ${s.pollUs}` : ''}${s.aio ? ` with aio=${s.aio}` : ''}`).join('; ')}.`,
+    `Servers: ${servers.map((s) => `${s.label} = ${path.relative(REPO, s.root) || '.'}${meta[`rev:${s.label}`] ? ` (${meta[`rev:${s.label}`]})` : ''}${s.pollUs > 0 ? ` with --poll-us ${s.pollUs}` : ''}${s.aio ? ` with aio=${s.aio}` : ''}${s.batchMs > 0 ? ` with --batch-ms ${s.batchMs}` : ''}`).join('; ')}.`,
     '',
     resultTable(results, points, servers),
     '',
@@ -623,13 +631,15 @@ async function profileRun(o: Options, workDir: string, me: ServerUnderTest): Pro
 async function main(): Promise<void> {
   const o = parseUsage(() => parseOptions(process.argv.slice(2)));
   const workDir = fs.mkdtempSync(path.join(os.tmpdir(), 'nvu-device-bench-'));
-  const me: ServerUnderTest = { label: o.baseline ? 'new' : 'ours', root: REPO, pollUs: o.pollUs[0]!, aio: o.aio[0] ?? null };
+  const me: ServerUnderTest = { label: o.baseline ? 'new' : 'ours', root: REPO, pollUs: o.pollUs[0]!, aio: o.aio[0] ?? null, batchMs: o.batchMs[0]! };
   const servers: ServerUnderTest[] = o.baseline
     ? [{ ...me, label: 'base', root: o.baseline }, me]
     : o.pollUs.length === 2
       ? o.pollUs.map((pollUs) => ({ ...me, label: `poll${pollUs}`, pollUs }))
       : o.aio.length === 2
         ? o.aio.map((aio) => ({ ...me, label: aio, aio }))
+        : o.batchMs.length === 2
+          ? o.batchMs.map((batchMs) => ({ ...me, label: `batch${batchMs}`, batchMs }))
         : [me];
   const points: Point[] = [];
   for (const ns of o.namespaces) for (const pattern of o.patterns) for (const queues of o.queueCounts) for (const depth of o.depths) points.push({ ns, pattern, queues, depth });

@@ -1,9 +1,9 @@
 // fio in a real guest against several block devices, in one run on one machine:
 //   ours                 our NVMe controller (`serve`, one file namespace on /dev/shm) over vfio-user-pci
 //   ours-poll            the same with `--poll-us 200` (shadow-tail polling)
-//   ours-batch           the same with `--batch-ms 1` (deep queues' commands collected every ms)
+//   ours-batch           the same with `--batch-ms 0.25` (deep queues' commands collected every 250 µs)
 //   ours-mapped          the same with `--doorbells mapped` (doorbell page mapped into the guest, polled)
-//   ours-mapped-batch    the same with `--doorbells mapped --batch-ms 1`
+//   ours-mapped-batch    the same with `--doorbells mapped --batch-ms 0.25`
 //   qemu-nvme            QEMU's own `-device nvme` (ioeventfd=off, its default) on a raw image on /dev/shm:
 //                        the baseline every ratio is taken against
 //   qemu-nvme-ioeventfd  the same with ioeventfd=on
