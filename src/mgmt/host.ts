@@ -7,7 +7,7 @@ import { createHash } from 'node:crypto';
 import { hostname } from 'node:os';
 import { dirname, resolve } from 'node:path';
 import type { Logger } from '../log.js';
-import { FileBackend, RamBackend, type BlockBackend } from '../nvme/backend.js';
+import { FILE_AIO_MODES, FileBackend, RamBackend, type BlockBackend, type FileAio } from '../nvme/backend.js';
 import type { AdminCommandSet } from '../nvme/context.js';
 import { NvmeController } from '../nvme/controller.js';
 import { Namespace } from '../nvme/namespace.js';
@@ -185,7 +185,16 @@ export class ServerHost implements ControlTarget {
     const size = request.size || undefined;
     if (size !== undefined && size % blockSize !== 0) throw new ControlError(`size ${size} is not a multiple of ${blockSize}`);
     if (!request.file && size === undefined) throw new ControlError('a RAM namespace needs a size');
-    const config: NamespaceConfig = { nsid, lbads: blockSize, ...(request.file ? { file: resolve(request.file) } : {}), ...(size !== undefined ? { size } : {}) };
+    const aio = request.aio || undefined;
+    if (aio !== undefined && !request.file) throw new ControlError('aio is for file namespaces');
+    if (aio !== undefined && !(FILE_AIO_MODES as readonly string[]).includes(aio)) throw new ControlError(`aio ${aio} (${FILE_AIO_MODES.join(' or ')})`);
+    const config: NamespaceConfig = {
+      nsid,
+      lbads: blockSize,
+      ...(request.file ? { file: resolve(request.file) } : {}),
+      ...(size !== undefined ? { size } : {}),
+      ...(aio !== undefined ? { aio: aio as FileAio } : {}),
+    };
     try {
       await this.openNamespace(config, request.attachAll === true);
     } catch (error) {
@@ -319,7 +328,13 @@ export class ServerHost implements ControlTarget {
       nqn: subsystem.nqn,
       control: this.controlPath ?? '',
       controllers,
-      namespaces: [...subsystem.namespaces.values()].map((ns) => ({ nsid: ns.nsid, backend: ns.backend.describe(), size: ns.backend.size, blockSize: ns.blockSize })),
+      namespaces: [...subsystem.namespaces.values()].map((ns) => ({
+        nsid: ns.nsid,
+        backend: ns.backend.describe(),
+        size: ns.backend.size,
+        blockSize: ns.blockSize,
+        aio: ns.backend instanceof FileBackend ? ns.backend.aio : '',
+      })),
       virtualSubsystems: (cf?.vsubsystems.list() ?? []).map((v) => ({
         nqn: v.definition.nqn,
         serial: v.definition.serial,

@@ -11,6 +11,7 @@ import { IDENTIFY_SIZE, NamespaceAttachSelect, PrimaryOpcode, VirtAction, VirtRe
 import { encodeDefinition, encodeNqn, MAX_NAMESPACE_MAPPINGS, VendorOpcode, VsubsysLayout, decodeDefinition } from '../nvme/virt/vendor-commands.js';
 import { NARROWING_TEXT, type NamespaceMapping } from '../nvme/virt/vsubsys.js';
 import { ConfigError, DEFAULT_SOCKET, parsePositive, parseSize } from './config.js';
+import { FILE_AIO_MODES } from '../nvme/backend.js';
 import { ControlClient, parseControlAddress } from './control/client.js';
 import type { AdminResultMessage, ControlRequest, ControlResponse, ServerStatus } from './control/messages.js';
 import { receiveState as receive, sendState as send } from '../lm/state-transfer.js';
@@ -300,8 +301,8 @@ const VERBS: Record<string, Verb> = {
     },
   },
   'ns add': {
-    summary: '(--file PATH [--size SIZE] | --ram --size SIZE) [--block-size 512|4096] [--nsid N] [--attach-all]',
-    options: { file: { type: 'string' }, ram: { type: 'boolean' }, size: { type: 'string' }, 'block-size': { type: 'string' }, nsid: { type: 'string' }, 'attach-all': { type: 'boolean' } },
+    summary: '(--file PATH [--size SIZE] [--aio io_uring|threads] | --ram --size SIZE) [--block-size 512|4096] [--nsid N] [--attach-all]',
+    options: { file: { type: 'string' }, ram: { type: 'boolean' }, size: { type: 'string' }, 'block-size': { type: 'string' }, nsid: { type: 'string' }, 'attach-all': { type: 'boolean' }, aio: { type: 'string' } },
     async run(s, p) {
       const file = p.values.file as string | undefined;
       if ((file === undefined) === (p.values.ram !== true)) throw new UsageError(`${s.verb}: give either --file PATH or --ram`);
@@ -315,6 +316,9 @@ const VERBS: Record<string, Verb> = {
       }
       const blockSize = p.values['block-size'] === undefined ? 512 : num(p, 'block-size', s.verb, 512, 4096);
       if (blockSize !== 512 && blockSize !== 4096) throw new UsageError(`${s.verb}: --block-size must be 512 or 4096`);
+      const aio = p.values.aio as string | undefined;
+      if (aio !== undefined && file === undefined) throw new UsageError(`${s.verb}: --aio is for --file namespaces`);
+      if (aio !== undefined && !(FILE_AIO_MODES as readonly string[]).includes(aio)) throw new UsageError(`${s.verb}: --aio must be ${FILE_AIO_MODES.join(' or ')}`);
       const response = await s.request({
         namespaceAdd: {
           ...(p.values.nsid !== undefined ? { nsid: Number(p.values.nsid) } : {}),
@@ -322,6 +326,7 @@ const VERBS: Record<string, Verb> = {
           ...(size !== undefined ? { size } : {}),
           blockSize,
           attachAll: p.values['attach-all'] === true,
+          ...(aio !== undefined ? { aio } : {}),
         },
       });
       s.print(`namespace ${response.nsid} added${p.values['attach-all'] ? ' and attached to every controller' : ' (attach it with `ns attach`)'}`, { nsid: response.nsid });
@@ -521,7 +526,7 @@ function describeStatus(status: ServerStatus): string {
     c.namespaces.join(',') || '-',
     c.socket ? `${c.socket}${c.clientConnected ? ' (client)' : ''}` : '-',
   ]);
-  const namespaces = status.namespaces.map((n) => `  ${n.nsid}: ${n.backend}, ${n.blockSize}-byte blocks`);
+  const namespaces = status.namespaces.map((n) => `  ${n.nsid}: ${n.backend}${n.aio ? `, aio=${n.aio}` : ''}, ${n.blockSize}-byte blocks`);
   return [
     `subsystem ${status.nqn}   control ${status.control}`,
     table(['CNTLID', 'ROLE', 'STATE', 'VQ/VI', 'VIRTUAL IDENTITY', 'RUN', 'NS', 'SOCKET'], rows),

@@ -10,6 +10,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { freePort, spawnServe, type Served } from '../support/server-process.js';
 import { cli, runCli } from '../support/cli.js';
+import { ioUringAvailable } from '../support/files.js';
 import { VfioUserClient } from '../../src/vfio-user/client.js';
 import { CONTROL_PROTOCOL_VERSION, decodeResponse, encodeRequest, FrameReader, type ControlResponse, type ServerStatus } from '../../src/mgmt/control/messages.js';
 
@@ -216,5 +217,29 @@ describe('a control socket on TCP', () => {
     const refused = await runCli(['serve', '--secondaries', '1', '--namespace', 'ram,size=16M', '--control', `tcp:127.0.0.1:${port + 1}`, '--control-token', short]);
     expect(refused.code).toBe(2);
     expect(refused.stderr.trim().split('\n')).toHaveLength(1);
+  }, 60_000);
+});
+
+describe('namespaces added through the control socket', () => {
+  it('take --aio for files, report it in the status, and refuse it for RAM or a bad value', async () => {
+    const control = ['--control', join(dir, 'ns-control.sock')];
+    const server = await spawnServe(['--namespace', 'ram,size=16M', ...control, '--log-level', 'warn'], 'control on ');
+    try {
+      await cli(['ns', 'add', ...control, '--file', join(dir, 'threads.img'), '--size', '16M', '--aio', 'threads']);
+      await cli(['ns', 'add', ...control, '--file', join(dir, 'default.img'), '--size', '16M']);
+      const status = await statusOf(control);
+      expect(status.namespaces.map((n) => [n.nsid, n.aio])).toEqual([[1, ''], [2, 'threads'], [3, ioUringAvailable() ? 'io_uring' : 'threads']]);
+      expect(await cli(['list', ...control])).toMatch(/2: file:\S+threads\.img, aio=threads, 512-byte blocks/);
+      for (const bad of [['--ram', '--size', '16M', '--aio', 'threads'], ['--file', join(dir, 'x.img'), '--size', '16M', '--aio', 'native']]) {
+        const refused = await runCli(['ns', 'add', ...control, ...bad]);
+        expect({ code: refused.code, lines: refused.stderr.trim().split('\n').length }).toEqual({ code: 2, lines: 1 });
+      }
+      // The server checks too, for clients other than ours.
+      const [answer] = await raw(control[1]!, [encodeRequest({ version: CONTROL_PROTOCOL_VERSION, id: 9, namespaceAdd: { file: join(dir, 'y.img'), size: 16 << 20, aio: 'native' } })], 1);
+      expect(answer!.error).toMatch(/aio native \(threads or io_uring\)/);
+      expect((await statusOf(control)).namespaces).toHaveLength(3);
+    } finally {
+      await server.stop('SIGTERM');
+    }
   }, 60_000);
 });

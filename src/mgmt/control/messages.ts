@@ -20,6 +20,8 @@ export interface NamespaceAddRequest {
   size?: number;
   blockSize?: number;
   attachAll?: boolean;
+  /** 'io_uring' or 'threads'; absent: the server's default. */
+  aio?: string;
 }
 
 export interface ControlRequest {
@@ -70,6 +72,8 @@ export interface NamespaceStatus {
   backend: string;
   size: number;
   blockSize: number;
+  /** A file namespace's aio; empty for RAM. */
+  aio: string;
 }
 
 export interface VirtualSubsystemStatus {
