@@ -12,7 +12,7 @@ import type { Interrupts } from './interrupts.js';
 import { andThen, isPromise, runRounds, type MaybePromise } from './maybe-async.js';
 import { AsyncEventInfo } from './spec.js';
 import type { CompletionQueueState, ControllerState, SubmissionQueueState } from './state.js';
-import { TailPolling } from './tail-polling.js';
+import { STARVED_REST_MS, TailPolling } from './tail-polling.js';
 
 export interface DoorbellHost {
   readonly state: ControllerState;
@@ -54,6 +54,8 @@ export class Doorbells {
   private readonly polling: TailPolling;
   /** SQ ids whose batching was logged: once per id, not at every deep spell. */
   private readonly batchingLogged = new Set<number>();
+  /** SQ ids whose leaving the batch starved was logged: once per id. */
+  private readonly starvedLogged = new Set<number>();
 
   constructor(private readonly host: DoorbellHost) {
     this.polling = new TailPolling(host.tailPollUs, host.deepQueueBatchMs, {
@@ -68,6 +70,11 @@ export class Doorbells {
         this.batchingLogged.add(qid);
         host.log.info(`SQ ${qid} is deep: its commands are collected every ${host.deepQueueBatchMs} ms, its doorbells held back (--batch-ms)`);
       },
+      starvedOut: (qid) => {
+        if (this.starvedLogged.has(qid)) return;
+        this.starvedLogged.add(qid);
+        host.log.info(`SQ ${qid}: the host reaps at once and waits for every batch, so its doorbells ring again (batching retried every ${STARVED_REST_MS} ms)`);
+      },
       arm: (qid) => {
         const sq = host.state.submissionQueues[qid];
         if (!sq) return false;
@@ -76,6 +83,15 @@ export class Doorbells {
         return this.peekTail(qid) === 'moved';
       },
       kick: (qid) => host.kick(qid),
+      backlog: (qid) => {
+        const sq = host.state.submissionQueues[qid];
+        const cq = sq ? host.state.completionQueues[sq.cqid] : undefined;
+        if (!sq || !cq) return null;
+        const tail = this.shadowInPlace(qid, false);
+        const head = this.shadowInPlace(cq.qid, true);
+        if (tail === null || tail === undefined || head === null || head === undefined || tail >= sq.size || head >= cq.size) return null;
+        return { waiting: (tail - sq.tail + sq.size) % sq.size, unconsumed: (cq.tail - head + cq.size) % cq.size };
+      },
     });
   }
 

@@ -36,10 +36,17 @@ export interface PolledQueues {
   suppress(qid: number): void;
   /** SQ `qid` went deep and is batched now (it was neither batched nor polled). */
   batching(qid: number): void;
+  /** SQ `qid` left the batch because its host waits on every period (see STARVED_COLLECTIONS). */
+  starvedOut(qid: number): void;
   /** Writes EventIdx = SQ `qid`'s tail, then reads the shadow tail again; true when it had moved. */
   arm(qid: number): boolean;
   /** New entries are in SQ `qid`: fetch. */
   kick(qid: number): void;
+  /**
+   * SQ `qid`'s backlog by its shadow doorbells: entries the host placed that were not fetched yet,
+   * and completions its CQ holds that the host did not consume; null when they cannot be read now.
+   */
+  backlog(qid: number): { waiting: number; unconsumed: number } | null;
 }
 
 /**
@@ -47,6 +54,17 @@ export interface PolledQueues {
  * shallow now and then (a quarter of its fetches at 2 jobs x QD128), a QD1 host's always.
  */
 const SHALLOW_STREAK = 8;
+
+/**
+ * Batch collections in a row that must find a host starved (it consumed every completion and
+ * every command it has is waiting in the SQ) before its queue leaves the batch. A host that reaps
+ * at once (KVM) is starved at every collection: batching only makes it wait. A TCG guest at QD32
+ * was starved at fewer than 1 % of them, and never this many in a row.
+ */
+const STARVED_COLLECTIONS = 8;
+
+/** How long a queue that left the batch starved rings its doorbells before it may be batched again. */
+export const STARVED_REST_MS = 100;
 
 export class TailPolling {
   /** Polled SQs and when each last took commands (performance.now() milliseconds). */
@@ -58,6 +76,13 @@ export class TailPolling {
   /** Deep SQs whose shadow tail is read every batchMs instead of waiting for doorbells. */
   private readonly batched = new Set<number>();
   private batchTimer: UsTimer | null = null;
+  /**
+   * Per batched SQ: the most commands seen outstanding at a collection (the host's depth, as far
+   * as we can tell), and how many collections in a row found all of them waiting on us.
+   */
+  private readonly batchBacklog = new Map<number, { peak: number; starved: number }>();
+  /** SQs that left the batch starved, and until when (performance.now() ms) they stay out. */
+  private readonly resting = new Map<number, number>();
 
   /**
    * `windowUs` is how long a shallow SQ stays polled after it last took commands, `batchMs` the
@@ -89,7 +114,7 @@ export class TailPolling {
   /** SQ `qid` just took commands: poll it for another window if that is worth it; true when it is. */
   took(qid: number): boolean {
     if (!this.queues.worthPolling(qid)) {
-      if (this.batchMs === 0) {
+      if (this.batchMs === 0 || this.rests(qid)) {
         this.release(qid);
         return false;
       }
@@ -124,7 +149,29 @@ export class TailPolling {
     return true;
   }
 
+  /** SQ `qid` left the batch starved a moment ago: it rings its doorbells for now. */
+  private rests(qid: number): boolean {
+    const until = this.resting.get(qid);
+    if (until === undefined) return false;
+    if (performance.now() < until) return true;
+    this.resting.delete(qid);
+    return false;
+  }
+
+  /** At a collection that found new commands: true when the host has been waiting on us for several periods. */
+  private starved(qid: number): boolean {
+    const backlog = this.queues.backlog(qid);
+    if (!backlog) return false;
+    const outstanding = backlog.waiting + backlog.unconsumed;
+    const seen = this.batchBacklog.get(qid) ?? { peak: 0, starved: 0 };
+    seen.peak = Math.max(seen.peak, outstanding);
+    seen.starved = backlog.unconsumed === 0 && backlog.waiting >= seen.peak ? seen.starved + 1 : 0;
+    this.batchBacklog.set(qid, seen);
+    return seen.starved >= STARVED_COLLECTIONS;
+  }
+
   private stopPolling(qid: number): void {
+    this.batchBacklog.delete(qid);
     const suppressed = this.hot.delete(qid) || this.batched.delete(qid);
     if (suppressed && this.queues.arm(qid)) this.queues.kick(qid);
   }
@@ -142,8 +189,18 @@ export class TailPolling {
       const seen = this.queues.peekTail(qid);
       // Suspended, detached or deleted: no memory to touch (a resume publishes EventIdx anew).
       if (seen === 'gone') this.batched.delete(qid);
-      // The fetch ends in took(), which judges the depth again.
-      else if (seen === 'moved') this.queues.kick(qid);
+      else if (seen === 'moved') {
+        // A host that waits for every period gets its doorbells back for a while.
+        if (this.starved(qid)) {
+          this.resting.set(qid, performance.now() + STARVED_REST_MS);
+          this.queues.starvedOut(qid);
+          // Arms EventIdx and fetches what is waiting.
+          this.stopPolling(qid);
+        } else {
+          // The fetch ends in took(), which judges the depth again.
+          this.queues.kick(qid);
+        }
+      }
       // Nothing came for a whole period: the next submission rings.
       else this.stopPolling(qid);
     }

@@ -510,6 +510,48 @@ describe('deep-queue batching (serve --batch-ms)', () => {
     expect(rings).toBeLessThan(mixedRoundsSubmitted(4));
   });
 
+  /** Batched at once: 4 commands ring, and their completions, unconsumed, make the queue deep. */
+  async function batchedHost(): Promise<TestHost> {
+    const h = await shadowHost({ size: 64, deepQueueBatchMs: 2 });
+    const first = submitLikeLinux(h, 4, read);
+    await untilPolled(h, 'batched');
+    await expectCompletions(h, first.cids);
+    return h;
+  }
+
+  it('a host that reaps at once and resubmits its whole depth each period gets its doorbells back for a while', async () => {
+    const h = await batchedHost();
+    // Like a KVM guest at QD8: everything it has waits in the SQ at every collection.
+    let round = 0;
+    let rang = false;
+    for (; round < 20 && !rang; round++) {
+      const batch = submitLikeLinux(h, 8, read);
+      rang = batch.rang;
+      await expectCompletions(h, batch.cids);
+    }
+    expect(rang).toBe(true);
+    // tail-polling.ts STARVED_COLLECTIONS collections in a row, then the next submission rings.
+    expect(round).toBeGreaterThan(8);
+    // It rests out of the batch: every submission rings (a deep fetch alone would batch it again).
+    for (let i = 0; i < 5; i++) {
+      const batch = submitLikeLinux(h, 8, read);
+      expect(batch.rang).toBe(true);
+      await expectCompletions(h, batch.cids);
+    }
+  });
+
+  it('a host that submits less than its depth per period (a slow guest) stays batched', async () => {
+    const h = await batchedHost();
+    const full = submitLikeLinux(h, 8, read);
+    expect(full.rang).toBe(false);
+    await expectCompletions(h, full.cids);
+    for (let round = 0; round < 20; round++) {
+      const batch = submitLikeLinux(h, 2, read);
+      expect([round, batch.rang]).toEqual([round, false]);
+      await expectCompletions(h, batch.cids);
+    }
+  });
+
   it('a suspension ends batching; resume arms EventIdx and takes what came meanwhile', async () => {
     const h = await shadowHost({ size: 32, deepQueueBatchMs: 10_000 });
     const deep = submitLikeLinux(h, 4, read);
