@@ -85,12 +85,10 @@ export class Doorbells {
       kick: (qid) => host.kick(qid),
       backlog: (qid) => {
         const sq = host.state.submissionQueues[qid];
-        const cq = sq ? host.state.completionQueues[sq.cqid] : undefined;
-        if (!sq || !cq) return null;
+        const unconsumed = this.unconsumed(qid);
         const tail = this.shadowInPlace(qid, false);
-        const head = this.shadowInPlace(cq.qid, true);
-        if (tail === null || tail === undefined || head === null || head === undefined || tail >= sq.size || head >= cq.size) return null;
-        return { waiting: (tail - sq.tail + sq.size) % sq.size, unconsumed: (cq.tail - head + cq.size) % cq.size };
+        if (!sq || unconsumed === null || tail === null || tail === undefined || tail >= sq.size) return null;
+        return { waiting: (tail - sq.tail + sq.size) % sq.size, unconsumed };
       },
     });
   }
@@ -360,11 +358,17 @@ export class Doorbells {
    * in flight is not, as soon as the controller completes faster than the host reaps.
    */
   private shallow(qid: number): boolean {
+    const unconsumed = this.unconsumed(qid);
+    return unconsumed !== null && unconsumed <= 1;
+  }
+
+  /** Completions SQ `qid`'s CQ holds that the host has not consumed (by its shadow head, read in place); null when unknown. */
+  private unconsumed(qid: number): number | null {
     const state = this.host.state;
     const cq = state.completionQueues[state.submissionQueues[qid]?.cqid ?? -1];
     const head = cq ? this.shadowInPlace(cq.qid, true) : null;
-    if (!cq || head === null || head === undefined || head >= cq.size) return false;
-    return (cq.tail - head + cq.size) % cq.size <= 1;
+    if (!cq || head === null || head === undefined || head >= cq.size) return null;
+    return (cq.tail - head + cq.size) % cq.size;
   }
 
   /** A shadow doorbell's value: read in place when mapped, by message otherwise; null when there is none. */
