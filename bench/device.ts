@@ -36,6 +36,7 @@ import { parseArgs } from 'node:util';
 import { AdminOpcode, NvmOpcode, Sqe, SQE_SIZE, CQE_SIZE, FeatureId } from '../src/nvme/spec.js';
 import { HostQueue, NvmeHost, PAGE } from '../test/support/nvme-host.js';
 import { startServerProcess, type ServerProcess } from '../test/support/server-process.js';
+import { dropFromPageCache } from '../test/support/files.js';
 import { cpuModel, cpuSeconds } from './host-stats.js';
 import { fmt, markdownTable } from './report.js';
 import { buildServer, builtServerCommand } from './server-build.js';
@@ -520,14 +521,6 @@ function fileSystemName(dir: string): string {
   return r.status === 0 ? (r.stdout.trim().split('\n')[1] ?? 'unknown').trim() : 'unknown';
 }
 
-/** Writes the image back and drops its pages from the page cache (GNU dd's documented idiom). */
-function evictFromPageCache(imagePath: string): void {
-  for (const [cmd, args] of [['sync', [imagePath]], ['dd', [`if=${imagePath}`, 'iflag=nocache', 'count=0', 'status=none']]] as const) {
-    const r = spawnSync(cmd, args, { stdio: 'inherit' });
-    if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')} failed (${r.status ?? r.signal})`);
-  }
-}
-
 async function stopServer(r: Running): Promise<void> {
   r.rig.host.close();
   await r.server.stop();
@@ -658,7 +651,7 @@ async function main(): Promise<void> {
             const order = (rep + points.indexOf(point)) % 2 === 0 ? servers : [...servers].reverse();
             for (const s of order) {
               const r = running.get(s.label)!;
-              if (o.evict && point.pattern === 'randread' && ns === 'disk') evictFromPageCache(r.imagePath!);
+              if (o.evict && point.pattern === 'randread' && ns === 'disk') await dropFromPageCache(r.imagePath!);
               const result = await runPoint(r.server, r.rig, point, o, s.label, rep);
               results.push(result);
               process.stderr.write(
