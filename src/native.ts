@@ -165,6 +165,11 @@ export interface NativeAddon {
    */
   punchHole(fd: number, offset: number, length: number): Promise<void>;
   /**
+   * fdatasync, then posix_fadvise(DONTNEED) over the whole file, on the libuv threadpool: the next
+   * reads of the file come from storage, not from this host's page cache. Rejects with `.code`.
+   */
+  dropPageCache(fd: number): Promise<void>;
+  /**
    * preadv2/pwritev2 on this thread, over at most 1,024 of `views`, with RWF_NOWAIT when `noWait`:
    * the bytes transferred (maybe fewer than asked), NOWAIT_WOULD_BLOCK when the kernel would have
    * to wait for the disk, NOWAIT_UNSUPPORTED when the file does not take RWF_NOWAIT in that

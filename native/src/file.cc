@@ -7,31 +7,39 @@
 #include <linux/magic.h>
 #include <sys/statfs.h>
 #include <sys/uio.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <algorithm>
 #include <cstdint>
+#include <functional>
+#include <utility>
 
 #include "common.h"
 
 namespace vfio {
 namespace {
 
-class PunchHoleWorker : public Napi::AsyncWorker {
+// One blocking file operation on the threadpool: `op` returns 0, or the errno and the name of the
+// call that failed.
+class FileOpWorker : public Napi::AsyncWorker {
  public:
-  PunchHoleWorker(Napi::Env env, int fd, int64_t offset, int64_t length)
-      : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)), fd_(fd), offset_(offset), length_(length) {}
+  using Op = std::function<std::pair<int, const char*>()>;
 
-  Napi::Promise Promise() { return deferred_.Promise(); }
+  FileOpWorker(Napi::Env env, Op op) : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)), op_(std::move(op)) {}
 
-  void Execute() override {
-    // KEEP_SIZE: discarding blocks must never change the namespace's size.
-    if (fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset_, length_) != 0) errno_ = errno;
+  static Napi::Promise Queue(Napi::Env env, Op op) {
+    auto* worker = new FileOpWorker(env, std::move(op));
+    Napi::Promise promise = worker->deferred_.Promise();
+    worker->Napi::AsyncWorker::Queue();
+    return promise;
   }
 
+  void Execute() override { result_ = op_(); }
+
   void OnOK() override {
-    if (errno_ != 0) {
-      deferred_.Reject(ErrnoError(Env(), errno_, "fallocate").Value());
+    if (result_.first != 0) {
+      deferred_.Reject(ErrnoError(Env(), result_.first, result_.second).Value());
     } else {
       deferred_.Resolve(Env().Undefined());
     }
@@ -41,10 +49,8 @@ class PunchHoleWorker : public Napi::AsyncWorker {
 
  private:
   Napi::Promise::Deferred deferred_;
-  int fd_;
-  int64_t offset_;
-  int64_t length_;
-  int errno_ = 0;
+  Op op_;
+  std::pair<int, const char*> result_{0, nullptr};
 };
 
 int64_t ArgNonNegative(const Napi::CallbackInfo& info, size_t i, const char* name) {
@@ -61,10 +67,26 @@ Napi::Value PunchHole(const Napi::CallbackInfo& info) {
   int64_t offset = ArgNonNegative(info, 1, "offset");
   int64_t length = ArgNonNegative(info, 2, "length");
   if (length == 0) throw Napi::RangeError::New(info.Env(), "length must be positive");
-  auto* worker = new PunchHoleWorker(info.Env(), fd, offset, length);
-  Napi::Promise promise = worker->Promise();
-  worker->Queue();
-  return promise;
+  return FileOpWorker::Queue(info.Env(), [fd, offset, length]() -> std::pair<int, const char*> {
+    // KEEP_SIZE: discarding blocks must never change the namespace's size.
+    if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0) return {errno, "fallocate"};
+    return {0, nullptr};
+  });
+}
+
+// Writes the file's dirty pages back, then drops its clean pages from the page cache, so the next
+// reads come from storage: after a migration another host may have written the file (shared
+// storage), and what this host cached is stale. The kernel keeps pages that are dirty, locked or
+// mapped; none are, after the fdatasync, for a file we only read and write.
+Napi::Value DropPageCache(const Napi::CallbackInfo& info) {
+  int fd = ArgFd(info, 0, "fd");
+  return FileOpWorker::Queue(info.Env(), [fd]() -> std::pair<int, const char*> {
+    if (fdatasync(fd) != 0) return {errno, "fdatasync"};
+    // posix_fadvise returns its error number instead of setting errno.
+    int err = posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+    if (err != 0) return {err, "posix_fadvise"};
+    return {0, nullptr};
+  });
 }
 
 // At most this many buffers per call (Linux's UIO_MAXIOV); the caller continues after a short count.
@@ -122,6 +144,7 @@ Napi::Value MemoryBackedFile(const Napi::CallbackInfo& info) {
 
 void InitFile(Napi::Env env, Napi::Object exports) {
   exports.Set("punchHole", Napi::Function::New(env, PunchHole, "punchHole"));
+  exports.Set("dropPageCache", Napi::Function::New(env, DropPageCache, "dropPageCache"));
   exports.Set("preadvInline", Napi::Function::New(env, PreadvInline, "preadvInline"));
   exports.Set("pwritevInline", Napi::Function::New(env, PwritevInline, "pwritevInline"));
   exports.Set("memoryBackedFile", Napi::Function::New(env, MemoryBackedFile, "memoryBackedFile"));

@@ -88,6 +88,7 @@ export class MigrationCommands {
     await target.suspend();
     if (target.runState !== 'suspended') throw fail(Status.COMMAND_SEQUENCE_ERROR, `controller ${cntlid} was reset while suspending`);
     for (const o of this.observers) o.suspended(cntlid, deleteQueue);
+    await settleStorage(target, 'flush');
   }
 
   /** Migration Send SEL 1. */
@@ -100,7 +101,7 @@ export class MigrationCommands {
   }
 
   /** Migration Send SEL 2: one piece of a state; the last piece verifies and commits the whole. */
-  setState(cntlid: number, sequence: number, offset: number, chunk: Uint8Array, csvi: number, csuuidi: number): void {
+  async setState(cntlid: number, sequence: number, offset: number, chunk: Uint8Array, csvi: number, csuuidi: number): Promise<void> {
     const target = this.migratable(cntlid);
     if (target.runState !== 'suspended') throw fail(Status.INVALID_CONTROLLER_IDENTIFIER, `controller ${cntlid} is not suspended`);
     if (csvi === 0 && csuuidi === 0) throw fail(Status.INVALID_FIELD, 'neither an NVMe state version nor a vendor format is named');
@@ -132,6 +133,8 @@ export class MigrationCommands {
       bytes.set(c, at);
       at += c.length;
     }
+    await settleStorage(target, 'dropCache');
+    if (target.runState !== 'suspended') throw fail(Status.COMMAND_SEQUENCE_ERROR, `controller ${cntlid} left suspension while its state was loaded`);
     loadVerified(target, bytes, csvi !== 0);
     this.cache.delete(cntlid);
   }
@@ -174,6 +177,26 @@ export class MigrationCommands {
  * Decodes `bytes`, checks every part against `target` and its limits, and only then loads it: a
  * refused state changes nothing.
  */
+/**
+ * The storage side of a move, as QEMU does for its own drives. Two hosts sharing storage each keep
+ * a page cache in front of it, so the source makes what its guest wrote durable once suspended
+ * (QEMU flushes its drives when it stops a VM), and the target drops what it cached before it takes
+ * the state (QEMU's file driver does when the VM is activated there): it may hold blocks the source
+ * has rewritten since, on its first visit of an A → B → A round trip for one.
+ */
+async function settleStorage(target: NvmeController, step: 'flush' | 'dropCache'): Promise<void> {
+  const started = performance.now();
+  const attached = target.namespaces.list();
+  try {
+    for (const { namespace } of attached) await (step === 'flush' ? namespace.backend.flush() : namespace.backend.dropCache());
+  } catch (err) {
+    const what = step === 'flush' ? 'making its namespaces durable' : "dropping its namespaces' page cache";
+    throw fail(Status.INTERNAL_ERROR, `controller ${target.cntlid}: ${what} failed: ${(err as Error).message}`);
+  }
+  const ms = (performance.now() - started).toFixed(2);
+  target.log.info(step === 'flush' ? `suspended: ${attached.length} namespace(s) made durable in ${ms} ms` : `state arriving: ${attached.length} namespace(s) will be re-read from storage (page cache dropped in ${ms} ms)`);
+}
+
 function loadVerified(target: NvmeController, bytes: Uint8Array, named: boolean): void {
   let snapshot: MigrationSnapshot;
   let queues: { sqs: SubmissionQueueState[]; cqs: CompletionQueueState[] };
@@ -292,7 +315,7 @@ async function migrationSend(m: MigrationCommands, cmd: Command, data: DataTrans
       if (offset % 4 !== 0) throw fail(Status.INVALID_FIELD, 'state offset not dword aligned');
       if (dwords * 4 > MAX_STATE_BYTES) throw fail(Status.INVALID_FIELD, `NUMD ${dwords}`);
       const chunk = dwords > 0 ? await data.fromHost(dwords * 4) : new Uint8Array(0);
-      m.setState(cdw11Cntlid(cmd), sequence, offset, chunk, (cmd.cdw11 >>> 16) & 0xff, cmd.cdw11 >>> 24);
+      await m.setState(cdw11Cntlid(cmd), sequence, offset, chunk, (cmd.cdw11 >>> 16) & 0xff, cmd.cdw11 >>> 24);
       return;
     }
     default:

@@ -33,6 +33,11 @@ export interface BlockBackend {
   writev(offset: number, sources: readonly Uint8Array[]): MaybePromise<void>;
   /** Makes every acknowledged write durable. */
   flush(): Promise<void>;
+  /**
+   * Forgets what this host cached, so the next reads come from storage: after a migration another
+   * host may have written it (shared storage). Acknowledged writes are made durable first.
+   */
+  dropCache(): Promise<void>;
   /** Deallocates the range; later reads return zeros. */
   discard(offset: number, length: number): Promise<void>;
   writeZeroes(offset: number, length: number): Promise<void>;
@@ -51,6 +56,7 @@ abstract class VectoredBackend implements BlockBackend {
   abstract readv(offset: number, targets: readonly Uint8Array[]): MaybePromise<void>;
   abstract writev(offset: number, sources: readonly Uint8Array[]): MaybePromise<void>;
   abstract flush(): Promise<void>;
+  abstract dropCache(): Promise<void>;
   abstract discard(offset: number, length: number): Promise<void>;
   abstract writeZeroes(offset: number, length: number): Promise<void>;
   abstract close(): Promise<void>;
@@ -127,6 +133,9 @@ export class RamBackend extends VectoredBackend {
 
   async flush(): Promise<void> {}
 
+  /** The memory is the storage: nothing is cached in front of it. */
+  async dropCache(): Promise<void> {}
+
   async discard(offset: number, length: number): Promise<void> {
     this.check(offset, length);
     this.each(offset, length, (chunk, at, _done, n) => {
@@ -196,6 +205,8 @@ export class FileBackend extends VectoredBackend {
   readonly volatileCache = true;
   /** Cleared the first time the file system refuses hole punching. */
   private punchHoles = true;
+  /** The file lives in memory (tmpfs, ramfs, hugetlbfs): its pages are its storage. */
+  private readonly inMemory: boolean;
   /** Per direction: how a transfer is tried on this thread before the threadpool. */
   private inlineReads: InlineMode;
   private inlineWrites: InlineMode;
@@ -210,8 +221,8 @@ export class FileBackend extends VectoredBackend {
     private readonly ring: IoRing | null,
   ) {
     super();
-    const memory = this.addon.memoryBackedFile(handle.fd);
-    this.inlineReads = this.inlineWrites = memory ? 'always' : 'no-wait';
+    this.inMemory = this.addon.memoryBackedFile(handle.fd);
+    this.inlineReads = this.inlineWrites = this.inMemory ? 'always' : 'no-wait';
   }
 
   static async open(path: string, options: FileBackendOptions = {}): Promise<FileBackend> {
@@ -325,6 +336,16 @@ export class FileBackend extends VectoredBackend {
   async flush(): Promise<void> {
     const synced = this.ring?.datasync(this.handle.fd);
     await (synced ?? this.handle.datasync());
+  }
+
+  /**
+   * As QEMU's file driver does when a migrated VM starts on its destination (fdatasync, then
+   * POSIX_FADV_DONTNEED). A file in memory is skipped: no other host can share it, and dropping
+   * its pages would only push them to swap.
+   */
+  async dropCache(): Promise<void> {
+    if (this.inMemory) return;
+    await this.addon.dropPageCache(this.handle.fd);
   }
 
   /**

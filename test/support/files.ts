@@ -1,7 +1,8 @@
 // Reading backing files from the host side of a test, and what the kernel offers for them.
 
-import { spawn } from 'node:child_process';
-import { closeSync, openSync, readSync } from 'node:fs';
+import { execFileSync, spawn } from 'node:child_process';
+import { closeSync, existsSync, openSync, readSync, statfsSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { IoRing } from '../../src/nvme/io-ring.js';
 
 /** Whether this kernel lets a process set up an io_uring (file namespaces' default aio then). */
@@ -38,4 +39,25 @@ export function fileRange(path: string, offset: number, length: number): Buffer 
   } finally {
     closeSync(fd);
   }
+}
+
+/** How many of `path`'s pages are in this host's page cache (util-linux fincore). */
+export function residentPages(path: string): number {
+  const out = execFileSync('fincore', ['--noheadings', '--output', 'PAGES', path], { encoding: 'utf8' });
+  const pages = Number(out.trim());
+  if (!Number.isInteger(pages)) throw new Error(`fincore ${path}: unexpected output '${out.trim()}'`);
+  return pages;
+}
+
+const MEMORY_FS_TYPES = new Set([0x01021994 /* tmpfs */, 0x858458f6 /* ramfs */]);
+
+/**
+ * A directory for files that must live on a disk file system (with a page cache in front of it):
+ * the OS temp dir, else /var/tmp. Throws when neither is on one, so such a test fails with the reason.
+ */
+export function diskScratchParent(): string {
+  for (const dir of [tmpdir(), '/var/tmp']) {
+    if (existsSync(dir) && !MEMORY_FS_TYPES.has(statfsSync(dir).type)) return dir;
+  }
+  throw new Error(`neither ${tmpdir()} nor /var/tmp is on a disk file system: this test needs a page cache in front of a disk`);
 }

@@ -343,6 +343,13 @@ describe('punchHole', () => {
   });
 });
 
+describe('dropPageCache', () => {
+  it('rejects a bad fd with its errno, and a fd that is not a number with a TypeError', async () => {
+    await expect(native.dropPageCache(9999)).rejects.toMatchObject({ code: 'EBADF', syscall: 'fdatasync' });
+    expect(() => native.dropPageCache('3' as unknown as number)).toThrow(TypeError);
+  });
+});
+
 describe('IoRing', () => {
   it('refuses bad arguments with a clear error, and a closed ring', () => {
     const thrown = (fn: () => unknown): Error => {

@@ -3,8 +3,10 @@
 // state in, resume, every command completed exactly once; and every way a state is refused.
 
 import { describe, expect, it } from 'vitest';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
 import { buildCommand, type CommandFields } from '../../../src/nvme/command.js';
-import { RamBackend } from '../../../src/nvme/backend.js';
+import { FileBackend, RamBackend, type BlockBackend } from '../../../src/nvme/backend.js';
 import { Namespace } from '../../../src/nvme/namespace.js';
 import { AdminOpcode, Cns, CSTS, NvmOpcode, PrimaryOpcode, Reg, Status, VirtAction, VirtResource } from '../../../src/nvme/spec.js';
 import { Subsystem } from '../../../src/nvme/subsystem.js';
@@ -15,10 +17,11 @@ import { encodeStateOf } from '../../../src/lm/migration-commands.js';
 import { decodeControllerState, decodeVendor } from '../../../src/lm/state-format.js';
 import { StateHeader, VENDOR_STATE_UUID } from '../../../src/lm/spec.js';
 import { code, DATA, GuestMemory, PAGE, pattern, TestHost } from '../nvme/helpers.js';
+import { diskScratchParent, residentPages } from '../../support/files.js';
 
 const VNQN = 'nqn.2026-11.io.example:migrating';
 
-function server(name: string, backend: RamBackend, scid: number, vcid = 3, vq = 5, ioQueues = 4): ControllingFunction {
+function server(name: string, backend: BlockBackend, scid: number, vcid = 3, vq = 5, ioQueues = 4): ControllingFunction {
   const subsystem = new Subsystem({ nqn: `nqn.2026-11.host:${name}`, serial: `SER-${name}` });
   subsystem.addNamespace(new Namespace({ nsid: 1, backend, idSeed: `${subsystem.nqn}#1` }));
   const cf = new ControllingFunction({ subsystem, secondaries: 3, ioQueues, logger: silentLogger, extraCommandSets: (f) => liveMigrationFor(f).commandSets });
@@ -123,6 +126,59 @@ describe('Migration Send and Receive', () => {
     // And the target keeps serving I/O.
     expect((await target.io(1, { opcode: NvmOpcode.READ, nsid: 1, prp1: DATA + 8 * PAGE, cdw12: 7 })).status).toBe(0);
     expect(memory.slice(DATA + 8 * PAGE, PAGE)).toEqual(data);
+  });
+
+  it('on shared storage: the source makes its writes durable when suspended, the target drops its page cache before it loads the state', async () => {
+    const dir = mkdtempSync(join(diskScratchParent(), 'nvme-lm-'));
+    try {
+      const path = join(dir, 'shared.img');
+      const backend = await FileBackend.open(path, { size: 16 << 20 });
+      const steps: string[] = [];
+      const flush = backend.flush.bind(backend);
+      const dropCache = backend.dropCache.bind(backend);
+      backend.flush = () => (steps.push('flush'), flush());
+      backend.dropCache = () => (steps.push('dropCache'), dropCache());
+      const a = server('a', backend, 1);
+      const b = server('b', backend, 2);
+      const memory = new GuestMemory();
+      const guest = new TestHost({ use: a.controller(1)!, memory }).start();
+      await guest.createIoQueuePair(1, 8);
+      const data = pattern(2 * PAGE, 11);
+      memory.fill(DATA, data);
+      // Write-back (the volatile write cache is on): the 8 KiB sit dirty in the page cache.
+      expect((await guest.io(1, { opcode: NvmOpcode.WRITE, nsid: 1, prp1: DATA, prp2: DATA + PAGE, cdw10: 64, cdw12: 15 })).status).toBe(0);
+      expect(steps).toEqual([]);
+      expect((await suspend(a, 1)).status).toBe(0);
+      expect(steps).toEqual(['flush']);
+      const { bytes } = await getState(a, 1);
+
+      const target = new TestHost({ use: b.controller(2)!, memory });
+      for (const [qid, q] of guest.queues) target.queues.set(qid, { ...q });
+      expect((await suspend(b, 2)).status).toBe(0);
+      await backend.read(0, 1 << 20); // what the target's host had cached (stale, on another host)
+      expect(residentPages(path)).toBeGreaterThan(0);
+      expect(await setState(b, 2, bytes, 2)).toBe(0);
+      expect(steps).toEqual(['flush', 'flush', 'dropCache']);
+      expect(residentPages(path)).toBe(0);
+      expect((await resume(b, 2)).status).toBe(0);
+      memory.fill(DATA, new Uint8Array(2 * PAGE));
+      expect((await target.io(1, { opcode: NvmOpcode.READ, nsid: 1, prp1: DATA, prp2: DATA + PAGE, cdw10: 64, cdw12: 15 })).status).toBe(0);
+      expect(memory.slice(DATA, 2 * PAGE)).toEqual(data);
+
+      // A storage failure fails the step, and nothing is lost: the source stays suspended (and can
+      // resume), the target keeps the state it had.
+      backend.flush = () => Promise.reject(Object.assign(new Error('EIO: i/o error, fdatasync'), { code: 'EIO' }));
+      expect((await suspend(b, 2)).status).toBe(Status.INTERNAL_ERROR);
+      expect(b.controller(2)!.runState).toBe('suspended');
+      const before = encodeStateOf(a.controller(1)!, true, true);
+      backend.dropCache = () => Promise.reject(Object.assign(new Error('EIO: i/o error, fdatasync'), { code: 'EIO' }));
+      expect(await setState(a, 1, (await getState(b, 2)).bytes, 1)).toBe(Status.INTERNAL_ERROR);
+      expect(Buffer.from(encodeStateOf(a.controller(1)!, true, true)).equals(Buffer.from(before))).toBe(true);
+      expect((await resume(b, 2)).status).toBe(0);
+      await backend.close();
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 
   it('loading a state and taking it again gives the same bytes', async () => {

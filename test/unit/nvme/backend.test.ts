@@ -9,7 +9,7 @@ import { IoRing } from '../../../src/nvme/io-ring.js';
 import { Namespace } from '../../../src/nvme/namespace.js';
 import { NvmOpcode, Status } from '../../../src/nvme/spec.js';
 import { DATA, TestHost, code, pattern } from './helpers.js';
-import { ioUringAvailable } from '../../support/files.js';
+import { diskScratchParent, ioUringAvailable, residentPages } from '../../support/files.js';
 
 const dirs: string[] = [];
 afterEach(() => {
@@ -118,6 +118,23 @@ describe('FileBackend', () => {
       expect(Buffer.concat(views).equals(Buffer.from(written))).toBe(true);
       await backend.close();
     }
+  });
+  it('dropCache writes a disk file back and drops its pages, so reads come from the disk; a file in memory keeps its pages', async () => {
+    const onDisk = await fileBackend(diskScratchParent());
+    const written = bytes(256 * 1024);
+    await onDisk.writev(0, [written]);
+    expect(residentPages(onDisk.path)).toBeGreaterThanOrEqual(64);
+    await onDisk.dropCache();
+    // Dirty pages would stay: none are left, so the write went back to the disk first.
+    expect(residentPages(onDisk.path)).toBe(0);
+    expect(Buffer.from(await onDisk.read(0, written.length)).equals(Buffer.from(written))).toBe(true);
+    await onDisk.close();
+
+    const inMemory = await fileBackend('/dev/shm');
+    await inMemory.writev(0, [bytes(64 * 1024)]);
+    await inMemory.dropCache();
+    expect(residentPages(inMemory.path)).toBe(16);
+    await inMemory.close();
   });
 });
 
