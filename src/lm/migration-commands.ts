@@ -80,15 +80,25 @@ export class MigrationCommands {
     this.observers.push(observer);
   }
 
-  /** Migration Send SEL 0: Suspend Notification (nothing to do yet) or Suspend (stop, finish, go silent). */
+  /**
+   * Migration Send SEL 0: Suspend Notification (a suspend is coming: the namespaces start being
+   * written back now, in the background, so the suspend's flush finds little left to write) or
+   * Suspend (stop, finish, go silent, make the namespaces durable).
+   */
   async suspend(cntlid: number, type: number, deleteQueue: boolean): Promise<void> {
     const target = this.migratable(cntlid);
-    if (type === SuspendType.NOTIFICATION) return;
+    if (type === SuspendType.NOTIFICATION) {
+      settleStorage(target, 'flush').then(
+        (done) => target.log.info(`suspend notified: ${done}`),
+        (err: Error) => target.log.warn(`suspend notified: ${err.message}`),
+      );
+      return;
+    }
     if (type !== SuspendType.SUSPEND) throw fail(Status.INVALID_FIELD, `suspend type ${type}`);
     await target.suspend();
     if (target.runState !== 'suspended') throw fail(Status.COMMAND_SEQUENCE_ERROR, `controller ${cntlid} was reset while suspending`);
     for (const o of this.observers) o.suspended(cntlid, deleteQueue);
-    await settleStorage(target, 'flush');
+    target.log.info(`suspended: ${await settleStorage(target, 'flush')}`);
   }
 
   /** Migration Send SEL 1. */
@@ -133,7 +143,7 @@ export class MigrationCommands {
       bytes.set(c, at);
       at += c.length;
     }
-    await settleStorage(target, 'dropCache');
+    target.log.info(`state arriving: ${await settleStorage(target, 'dropCache')}`);
     if (target.runState !== 'suspended') throw fail(Status.COMMAND_SEQUENCE_ERROR, `controller ${cntlid} left suspension while its state was loaded`);
     loadVerified(target, bytes, csvi !== 0);
     this.cache.delete(cntlid);
@@ -184,17 +194,19 @@ export class MigrationCommands {
  * the state (QEMU's file driver does when the VM is activated there): it may hold blocks the source
  * has rewritten since, on its first visit of an A → B → A round trip for one.
  */
-async function settleStorage(target: NvmeController, step: 'flush' | 'dropCache'): Promise<void> {
+async function settleStorage(target: NvmeController, step: 'flush' | 'dropCache'): Promise<string> {
   const started = performance.now();
   const attached = target.namespaces.list();
-  try {
-    for (const { namespace } of attached) await (step === 'flush' ? namespace.backend.flush() : namespace.backend.dropCache());
-  } catch (err) {
-    const what = step === 'flush' ? 'making its namespaces durable' : "dropping its namespaces' page cache";
-    throw fail(Status.INTERNAL_ERROR, `controller ${target.cntlid}: ${what} failed: ${(err as Error).message}`);
+  const what = step === 'flush' ? `${attached.length} namespace(s) made durable` : `${attached.length} namespace(s) to be re-read from storage (page cache dropped)`;
+  for (const { nsid, namespace } of attached) {
+    try {
+      await (step === 'flush' ? namespace.backend.flush() : namespace.backend.dropCache());
+    } catch (err) {
+      const doing = step === 'flush' ? 'making namespace' : "dropping the page cache of namespace";
+      throw fail(Status.INTERNAL_ERROR, `controller ${target.cntlid}: ${doing} ${nsid} ${step === 'flush' ? 'durable ' : ''}failed: ${(err as Error).message}`);
+    }
   }
-  const ms = (performance.now() - started).toFixed(2);
-  target.log.info(step === 'flush' ? `suspended: ${attached.length} namespace(s) made durable in ${ms} ms` : `state arriving: ${attached.length} namespace(s) will be re-read from storage (page cache dropped in ${ms} ms)`);
+  return `${what} in ${(performance.now() - started).toFixed(2)} ms`;
 }
 
 function loadVerified(target: NvmeController, bytes: Uint8Array, named: boolean): void {

@@ -25,6 +25,14 @@ export function suspendController(admin: AdminSubmitter, cntlid: number): Promis
   return admin({ opcode: PrimaryOpcode.MIGRATION_SEND, cdw10: MigrationSendSelect.SUSPEND, cdw11: (SuspendType.SUSPEND << 16) | cntlid });
 }
 
+/**
+ * Migration Send Suspend Notification: a suspend will follow. The controller keeps running; ours
+ * starts writing its namespaces back, so the suspend's flush (inside the downtime) has little left.
+ */
+export function notifySuspend(admin: AdminSubmitter, cntlid: number): Promise<unknown> {
+  return admin({ opcode: PrimaryOpcode.MIGRATION_SEND, cdw10: MigrationSendSelect.SUSPEND, cdw11: (SuspendType.NOTIFICATION << 16) | cntlid });
+}
+
 /** Migration Send Resume. */
 export function resumeController(admin: AdminSubmitter, cntlid: number): Promise<unknown> {
   return admin({ opcode: PrimaryOpcode.MIGRATION_SEND, cdw10: MigrationSendSelect.RESUME, cdw11: cntlid });

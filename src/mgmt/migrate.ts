@@ -11,7 +11,7 @@
 
 import { buildCommand, type CommandFields } from '../nvme/command.js';
 import { statusName } from '../nvme/spec.js';
-import { AdminCommandFailed, receiveState, resumeController, resumeIfSuspended, sendState, suspendController, type AdminSubmitter } from '../lm/state-transfer.js';
+import { AdminCommandFailed, notifySuspend, receiveState, resumeController, resumeIfSuspended, sendState, suspendController, type AdminSubmitter } from '../lm/state-transfer.js';
 import { ControlClient, parseControlAddress } from './control/client.js';
 import type { ControllerStatus } from './control/messages.js';
 import { findVfioUserDevices, type VfioUserDeviceInfo } from './qemu/devices.js';
@@ -178,7 +178,11 @@ export async function migrateVm(o: MigrateOptions): Promise<MigrationFigures> {
     await setMigrationCapabilities(targetQmp, { events: true });
     await migrateIncoming(targetQmp, o.uri);
     // From here on QEMU tracks dirty RAM: device writes must pass through it.
-    for (const p of pairings) await request(sourceControl, { writeThrough: { cntlid: p.sourceController.cntlid, on: true } });
+    for (const p of pairings) {
+      await request(sourceControl, { writeThrough: { cntlid: p.sourceController.cntlid, on: true } });
+      // The source's write-back of its namespaces runs while QEMU copies RAM, not in the downtime.
+      await notifySuspend(sourceAdmin, p.sourceController.cntlid);
+    }
     const before = new Map((await status(sourceControl)).map((c) => [c.cntlid, c.dmaWriteBytes]));
     const stopSeen = sourceQmp.waitForEvent('STOP', undefined, timeoutMs);
     const cursor = await migrate(sourceQmp, o.uri);

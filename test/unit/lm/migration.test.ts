@@ -128,7 +128,7 @@ describe('Migration Send and Receive', () => {
     expect(memory.slice(DATA + 8 * PAGE, PAGE)).toEqual(data);
   });
 
-  it('on shared storage: the source makes its writes durable when suspended, the target drops its page cache before it loads the state', async () => {
+  it('on shared storage: the source writes back when notified and makes its writes durable when suspended, the target drops its page cache before it loads the state', async () => {
     const dir = mkdtempSync(join(diskScratchParent(), 'nvme-lm-'));
     try {
       const path = join(dir, 'shared.img');
@@ -148,8 +148,13 @@ describe('Migration Send and Receive', () => {
       // Write-back (the volatile write cache is on): the 8 KiB sit dirty in the page cache.
       expect((await guest.io(1, { opcode: NvmOpcode.WRITE, nsid: 1, prp1: DATA, prp2: DATA + PAGE, cdw10: 64, cdw12: 15 })).status).toBe(0);
       expect(steps).toEqual([]);
-      expect((await suspend(a, 1)).status).toBe(0);
+      // Suspend Notification: the write-back starts ahead of the suspend, and the controller runs on.
+      expect((await send(a, { cdw10: 0, cdw11: 1 })).status).toBe(0);
       expect(steps).toEqual(['flush']);
+      expect(a.controller(1)!.runState).toBe('running');
+      expect((await guest.io(1, { opcode: NvmOpcode.READ, nsid: 1, prp1: DATA + 2 * PAGE, cdw10: 64, cdw12: 7 })).status).toBe(0);
+      expect((await suspend(a, 1)).status).toBe(0);
+      expect(steps).toEqual(['flush', 'flush']);
       const { bytes } = await getState(a, 1);
 
       const target = new TestHost({ use: b.controller(2)!, memory });
@@ -158,7 +163,7 @@ describe('Migration Send and Receive', () => {
       await backend.read(0, 1 << 20); // what the target's host had cached (stale, on another host)
       expect(residentPages(path)).toBeGreaterThan(0);
       expect(await setState(b, 2, bytes, 2)).toBe(0);
-      expect(steps).toEqual(['flush', 'flush', 'dropCache']);
+      expect(steps).toEqual(['flush', 'flush', 'flush', 'dropCache']);
       expect(residentPages(path)).toBe(0);
       expect((await resume(b, 2)).status).toBe(0);
       memory.fill(DATA, new Uint8Array(2 * PAGE));
