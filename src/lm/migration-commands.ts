@@ -184,10 +184,6 @@ export class MigrationCommands {
 }
 
 /**
- * Decodes `bytes`, checks every part against `target` and its limits, and only then loads it: a
- * refused state changes nothing.
- */
-/**
  * The storage side of a move, as QEMU does for its own drives. Two hosts sharing storage each keep
  * a page cache in front of it, so the source makes what its guest wrote durable once suspended
  * (QEMU flushes its drives when it stops a VM), and the target drops what it cached before it takes
@@ -202,13 +198,17 @@ async function settleStorage(target: NvmeController, step: 'flush' | 'dropCache'
     try {
       await (step === 'flush' ? namespace.backend.flush() : namespace.backend.dropCache());
     } catch (err) {
-      const doing = step === 'flush' ? 'making namespace' : "dropping the page cache of namespace";
-      throw fail(Status.INTERNAL_ERROR, `controller ${target.cntlid}: ${doing} ${nsid} ${step === 'flush' ? 'durable ' : ''}failed: ${(err as Error).message}`);
+      const doing = step === 'flush' ? `making namespace ${nsid} durable` : `dropping namespace ${nsid}'s page cache`;
+      throw fail(Status.INTERNAL_ERROR, `controller ${target.cntlid}: ${doing} failed: ${(err as Error).message}`);
     }
   }
   return `${what} in ${(performance.now() - started).toFixed(2)} ms`;
 }
 
+/**
+ * Decodes `bytes`, checks every part against `target` and its limits, and only then loads it: a
+ * refused state changes nothing.
+ */
 function loadVerified(target: NvmeController, bytes: Uint8Array, named: boolean): void {
   let snapshot: MigrationSnapshot;
   let queues: { sqs: SubmissionQueueState[]; cqs: CompletionQueueState[] };
