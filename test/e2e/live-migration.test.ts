@@ -172,6 +172,16 @@ for (const interrupts of ['msix', 'msi'] as const) {
       });
     }
 
+    it('every hop wrote the source namespace back (notified, then at the suspend) and dropped the destination page cache before its state loaded', () => {
+      const logs = result.sides.map((s) => s.server.log()).join('\n');
+      const count = (re: RegExp): number => [...logs.matchAll(re)].length;
+      const hops = result.hops.length;
+      expect(count(/suspend notified: 1 namespace\(s\) made durable in/g)).toBe(hops);
+      // The destination's controller is suspended ahead of each hop too: both sides log a suspend.
+      expect(count(/suspended: 1 namespace\(s\) made durable in/g)).toBe(2 * hops);
+      expect(count(/state arriving: 1 namespace\(s\) to be re-read from storage \(page cache dropped\) in/g)).toBe(hops);
+    });
+
     it('the kernel logged no nvme timeout, reset or I/O error', () => {
       expect(f.get('kernel.nvme_trouble')).toBe('0');
       expect(result.lines.join('\n')).not.toMatch(/nvme nvme\d+: (I\/O .*timeout|controller is down|resetting)/);
