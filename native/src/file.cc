@@ -20,22 +20,30 @@
 namespace vfio {
 namespace {
 
-// One blocking file operation on the threadpool: `op` returns 0, or the errno and the name of the
-// call that failed.
+// One blocking file operation on the threadpool: `op` runs on a duplicate of the caller's fd, so a
+// close() on the JS side meanwhile cannot make it act on a closed or reused descriptor. It returns
+// 0, or the errno and the name of the call that failed.
 class FileOpWorker : public Napi::AsyncWorker {
  public:
-  using Op = std::function<std::pair<int, const char*>()>;
+  using Op = std::function<std::pair<int, const char*>(int fd)>;
 
-  FileOpWorker(Napi::Env env, Op op) : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)), op_(std::move(op)) {}
-
-  static Napi::Promise Queue(Napi::Env env, Op op) {
-    auto* worker = new FileOpWorker(env, std::move(op));
+  static Napi::Promise Queue(Napi::Env env, int fd, Op op) {
+    int own = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+    if (own < 0) {
+      // A bad fd rejects like any other failure of the operation, not as a synchronous throw.
+      auto failed = Napi::Promise::Deferred::New(env);
+      failed.Reject(ErrnoError(env, errno, "dup").Value());
+      return failed.Promise();
+    }
+    auto* worker = new FileOpWorker(env, own, std::move(op));
     Napi::Promise promise = worker->deferred_.Promise();
     worker->Napi::AsyncWorker::Queue();
     return promise;
   }
 
-  void Execute() override { result_ = op_(); }
+  ~FileOpWorker() override { close(fd_); }
+
+  void Execute() override { result_ = op_(fd_); }
 
   void OnOK() override {
     if (result_.first != 0) {
@@ -48,7 +56,11 @@ class FileOpWorker : public Napi::AsyncWorker {
   void OnError(const Napi::Error& error) override { deferred_.Reject(error.Value()); }
 
  private:
+  FileOpWorker(Napi::Env env, int fd, Op op)
+      : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)), fd_(fd), op_(std::move(op)) {}
+
   Napi::Promise::Deferred deferred_;
+  int fd_;
   Op op_;
   std::pair<int, const char*> result_{0, nullptr};
 };
@@ -67,9 +79,9 @@ Napi::Value PunchHole(const Napi::CallbackInfo& info) {
   int64_t offset = ArgNonNegative(info, 1, "offset");
   int64_t length = ArgNonNegative(info, 2, "length");
   if (length == 0) throw Napi::RangeError::New(info.Env(), "length must be positive");
-  return FileOpWorker::Queue(info.Env(), [fd, offset, length]() -> std::pair<int, const char*> {
+  return FileOpWorker::Queue(info.Env(), fd, [offset, length](int own) -> std::pair<int, const char*> {
     // KEEP_SIZE: discarding blocks must never change the namespace's size.
-    if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0) return {errno, "fallocate"};
+    if (fallocate(own, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0) return {errno, "fallocate"};
     return {0, nullptr};
   });
 }
@@ -80,10 +92,10 @@ Napi::Value PunchHole(const Napi::CallbackInfo& info) {
 // mapped; none are, after the fdatasync, for a file we only read and write.
 Napi::Value DropPageCache(const Napi::CallbackInfo& info) {
   int fd = ArgFd(info, 0, "fd");
-  return FileOpWorker::Queue(info.Env(), [fd]() -> std::pair<int, const char*> {
-    if (fdatasync(fd) != 0) return {errno, "fdatasync"};
+  return FileOpWorker::Queue(info.Env(), fd, [](int own) -> std::pair<int, const char*> {
+    if (fdatasync(own) != 0) return {errno, "fdatasync"};
     // posix_fadvise returns its error number instead of setting errno.
-    int err = posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+    int err = posix_fadvise(own, 0, 0, POSIX_FADV_DONTNEED);
     if (err != 0) return {err, "posix_fadvise"};
     return {0, nullptr};
   });
