@@ -205,6 +205,8 @@ export class FileBackend extends VectoredBackend {
   readonly volatileCache = true;
   /** Cleared the first time the file system refuses hole punching. */
   private punchHoles = true;
+  /** Set by the first fdatasync that failed: see writeBack(). */
+  private writeBackFailed: Error | null = null;
   /** The file lives in memory (tmpfs, ramfs, hugetlbfs): its pages are its storage. */
   private readonly inMemory: boolean;
   /** Per direction: how a transfer is tried on this thread before the threadpool. */
@@ -334,8 +336,7 @@ export class FileBackend extends VectoredBackend {
   }
 
   async flush(): Promise<void> {
-    const synced = this.ring?.datasync(this.handle.fd);
-    await (synced ?? this.handle.datasync());
+    await this.writeBack(() => this.ring?.datasync(this.handle.fd) ?? this.handle.datasync());
   }
 
   /**
@@ -345,7 +346,26 @@ export class FileBackend extends VectoredBackend {
    */
   async dropCache(): Promise<void> {
     if (this.inMemory) return;
-    await this.addon.dropPageCache(this.handle.fd);
+    await this.writeBack(() => this.addon.dropPageCache(this.handle.fd));
+  }
+
+  /**
+   * Runs an fdatasync-based step. Linux reports a writeback error to one fdatasync only, and the
+   * pages it failed to write are then clean (their data lost): after one failure, every later
+   * flush fails too, as QEMU's file driver does (page_cache_inconsistent), so no later Flush or
+   * migration step reports durable what is not.
+   */
+  private async writeBack(step: () => Promise<unknown>): Promise<void> {
+    if (this.writeBackFailed) throw this.writeBackFailed;
+    try {
+      await step();
+    } catch (err) {
+      const cause = err as NodeJS.ErrnoException;
+      // A refused posix_fadvise (dropCache's second half) lost nothing.
+      if (cause.syscall === 'posix_fadvise') throw err;
+      this.writeBackFailed = Object.assign(new Error(`${this.path}: an earlier fdatasync failed (${cause.message}): acknowledged writes may be lost`, { cause }), { code: 'EIO' });
+      throw err;
+    }
   }
 
   /**

@@ -5,6 +5,7 @@
 import { describe, expect, it } from 'vitest';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
+import type { FileHandle } from 'node:fs/promises';
 import { buildCommand, type CommandFields } from '../../../src/nvme/command.js';
 import { FileBackend, RamBackend, type BlockBackend } from '../../../src/nvme/backend.js';
 import { Namespace } from '../../../src/nvme/namespace.js';
@@ -180,6 +181,31 @@ describe('Migration Send and Receive', () => {
       expect(await setState(a, 1, (await getState(b, 2)).bytes, 1)).toBe(Status.INTERNAL_ERROR);
       expect(Buffer.from(encodeStateOf(a.controller(1)!, true, true)).equals(Buffer.from(before))).toBe(true);
       expect((await resume(b, 2)).status).toBe(0);
+      await backend.close();
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('a write-back that failed in the background after a Suspend Notification fails the suspend that follows', async () => {
+    const dir = mkdtempSync(join(diskScratchParent(), 'nvme-lm-'));
+    try {
+      const backend = await FileBackend.open(join(dir, 'shared.img'), { size: 16 << 20, aio: 'threads' });
+      const handle = (backend as unknown as { handle: FileHandle }).handle;
+      const datasync = handle.datasync.bind(handle);
+      let failed!: () => void;
+      const failedOnce = new Promise<void>((resolve) => (failed = resolve));
+      handle.datasync = () => {
+        handle.datasync = datasync; // the kernel reports a writeback error to one fdatasync only
+        failed();
+        return Promise.reject(Object.assign(new Error('EIO: i/o error, fdatasync'), { code: 'EIO', syscall: 'fdatasync' }));
+      };
+      const a = server('a', backend, 1);
+      expect((await send(a, { cdw10: 0, cdw11: 1 })).status).toBe(0);
+      await failedOnce;
+      const suspended = await suspend(a, 1);
+      expect(suspended.status).toBe(Status.INTERNAL_ERROR);
+      expect(a.controller(1)!.runState).toBe('suspended');
       await backend.close();
     } finally {
       rmSync(dir, { recursive: true, force: true });

@@ -136,6 +136,18 @@ describe('FileBackend', () => {
     expect(residentPages(inMemory.path)).toBe(16);
     await inMemory.close();
   });
+  it('after one failed fdatasync every later flush fails too: Linux reports a writeback error once, and the data is gone', async () => {
+    const backend = await fileBackend(diskScratchParent(), 'threads');
+    const handle = (backend as unknown as { handle: FileHandle }).handle;
+    const datasync = handle.datasync.bind(handle);
+    handle.datasync = () => Promise.reject(Object.assign(new Error('EIO: i/o error, fdatasync'), { code: 'EIO', syscall: 'fdatasync' }));
+    await backend.writev(0, [bytes(4096)]);
+    await expect(backend.flush()).rejects.toMatchObject({ code: 'EIO' });
+    handle.datasync = datasync; // the next fdatasync would succeed: the kernel has forgotten the error
+    await expect(backend.flush()).rejects.toThrow(/an earlier fdatasync failed/);
+    await expect(backend.dropCache()).rejects.toThrow(/an earlier fdatasync failed/);
+    await backend.close();
+  });
 });
 
 describe('FileBackend with aio=io_uring', () => {
