@@ -99,6 +99,7 @@ export class MigrationCommands {
     if (target.runState !== 'suspended') throw fail(Status.COMMAND_SEQUENCE_ERROR, `controller ${cntlid} was reset while suspending`);
     for (const o of this.observers) o.suspended(cntlid, deleteQueue);
     target.log.info(`suspended: ${await settleStorage(target, 'flush')}`);
+    if (target.runState !== 'suspended') throw fail(Status.COMMAND_SEQUENCE_ERROR, `controller ${cntlid} was reset or resumed while its namespaces were made durable`);
   }
 
   /** Migration Send SEL 1. */
@@ -143,8 +144,9 @@ export class MigrationCommands {
       bytes.set(c, at);
       at += c.length;
     }
+    const resets = target.resets;
     target.log.info(`state arriving: ${await settleStorage(target, 'dropCache')}`);
-    if (target.runState !== 'suspended') throw fail(Status.COMMAND_SEQUENCE_ERROR, `controller ${cntlid} left suspension while its state was loaded`);
+    if (target.runState !== 'suspended' || target.resets !== resets) throw fail(Status.COMMAND_SEQUENCE_ERROR, `controller ${cntlid} was reset or resumed while its state arrived`);
     loadVerified(target, bytes, csvi !== 0);
     this.cache.delete(cntlid);
   }
@@ -198,6 +200,8 @@ async function settleStorage(target: NvmeController, step: 'flush' | 'dropCache'
     try {
       await (step === 'flush' ? namespace.backend.flush() : namespace.backend.dropCache());
     } catch (err) {
+      // Detached meanwhile (its backend may be closed): nothing of it is this controller's to settle.
+      if (!target.namespaces.list().some((a) => a.namespace === namespace)) continue;
       const doing = step === 'flush' ? `making namespace ${nsid} durable` : `dropping namespace ${nsid}'s page cache`;
       throw fail(Status.INTERNAL_ERROR, `controller ${target.cntlid}: ${doing} failed: ${(err as Error).message}`);
     }

@@ -717,6 +717,11 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
 
   // ---- run state (TP4159 suspend/resume, vfio-user RUNNING/STOP) --------------------------------
 
+  /** Controller Level Resets so far: an operation that awaited across one must not act on what it saw before. */
+  get resets(): number {
+    return this.generationCount;
+  }
+
   get runState(): RunState {
     return this.lifecycle.state;
   }
