@@ -27,7 +27,8 @@ export function suspendController(admin: AdminSubmitter, cntlid: number): Promis
 
 /**
  * Migration Send Suspend Notification: a suspend will follow. The controller keeps running; ours
- * starts writing its namespaces back, so the suspend's flush (inside the downtime) has little left.
+ * writes its namespaces back and drops its host's page cache of them, so the suspend's flush and
+ * the target's cache drop (inside the downtime) have little left.
  */
 export function notifySuspend(admin: AdminSubmitter, cntlid: number): Promise<unknown> {
   return admin({ opcode: PrimaryOpcode.MIGRATION_SEND, cdw10: MigrationSendSelect.SUSPEND, cdw11: (SuspendType.NOTIFICATION << 16) | cntlid });

@@ -164,6 +164,9 @@ export async function migrateVm(o: MigrateOptions): Promise<MigrationFigures> {
     for (const p of pairings) {
       p.preloaded = await readPciShadow(ends(p).source);
       await replayPciShadow(ends(p).target, p.preloaded);
+      // Its host's page cache of the namespaces goes now, outside the downtime: Set Controller State
+      // then drops only what was cached since.
+      await notifySuspend(targetAdmin, p.targetController.cntlid);
       // Idle and about to be overwritten: suspended now, it only has to load the state at switchover.
       await suspendController(targetAdmin, p.targetController.cntlid);
       // A first Get of the running source's state (allowed, marked not suspended throughout)
@@ -181,6 +184,7 @@ export async function migrateVm(o: MigrateOptions): Promise<MigrationFigures> {
     for (const p of pairings) {
       await request(sourceControl, { writeThrough: { cntlid: p.sourceController.cntlid, on: true } });
       // The source's write-back of its namespaces runs while QEMU copies RAM, not in the downtime.
+      // (Its page cache of them is dropped too: the guest's reads miss it until the switchover.)
       await notifySuspend(sourceAdmin, p.sourceController.cntlid);
     }
     const before = new Map((await status(sourceControl)).map((c) => [c.cntlid, c.dmaWriteBytes]));

@@ -172,13 +172,14 @@ for (const interrupts of ['msix', 'msi'] as const) {
       });
     }
 
-    it('every hop wrote the source namespace back (notified, then at the suspend) and dropped the destination page cache before its state loaded', () => {
+    it('every hop notified both sides (write-back and cache drop ahead), made the source durable at the suspend and dropped the destination page cache before its state loaded', () => {
       // One host, one page cache: a stale cache cannot show here (the unit test proves the drop with
       // fincore); this shows each step ran in a real migration whose verified I/O lost nothing.
       const logs = result.sides.map((s) => s.server.log()).join('\n');
       const count = (re: RegExp): number => [...logs.matchAll(re)].length;
       const hops = result.hops.length;
-      expect(count(/suspend notified: 1 namespace\(s\) made durable in/g)).toBe(hops);
+      // Both sides are notified: the source as QEMU starts copying RAM, the destination before it is suspended ahead.
+      expect(count(/suspend notified: 1 namespace\(s\) to be re-read from storage \(page cache dropped\) in/g)).toBe(2 * hops);
       // The destination's controller is suspended ahead of each hop too: both sides log a suspend.
       expect(count(/suspended: 1 namespace\(s\) made durable in/g)).toBe(2 * hops);
       expect(count(/state arriving: 1 namespace\(s\) to be re-read from storage \(page cache dropped\) in/g)).toBe(hops);

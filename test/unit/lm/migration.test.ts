@@ -5,7 +5,7 @@
 import { describe, expect, it } from 'vitest';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
-import type { FileHandle } from 'node:fs/promises';
+import type { NativeAddon } from '../../../src/native.js';
 import { buildCommand, type CommandFields } from '../../../src/nvme/command.js';
 import { FileBackend, RamBackend, type BlockBackend } from '../../../src/nvme/backend.js';
 import { Namespace } from '../../../src/nvme/namespace.js';
@@ -149,13 +149,14 @@ describe('Migration Send and Receive', () => {
       // Write-back (the volatile write cache is on): the 8 KiB sit dirty in the page cache.
       expect((await guest.io(1, { opcode: NvmOpcode.WRITE, nsid: 1, prp1: DATA, prp2: DATA + PAGE, cdw10: 64, cdw12: 15 })).status).toBe(0);
       expect(steps).toEqual([]);
-      // Suspend Notification: the write-back starts ahead of the suspend, and the controller runs on.
+      // Suspend Notification: the write-back and the cache drop start ahead of the suspend, and the
+      // controller runs on.
       expect((await send(a, { cdw10: 0, cdw11: 1 })).status).toBe(0);
-      expect(steps).toEqual(['flush']);
+      expect(steps).toEqual(['dropCache']);
       expect(a.controller(1)!.runState).toBe('running');
       expect((await guest.io(1, { opcode: NvmOpcode.READ, nsid: 1, prp1: DATA + 2 * PAGE, cdw10: 64, cdw12: 7 })).status).toBe(0);
       expect((await suspend(a, 1)).status).toBe(0);
-      expect(steps).toEqual(['flush', 'flush']);
+      expect(steps).toEqual(['dropCache', 'flush']);
       const { bytes } = await getState(a, 1);
 
       const target = new TestHost({ use: b.controller(2)!, memory });
@@ -164,7 +165,7 @@ describe('Migration Send and Receive', () => {
       await backend.read(0, 1 << 20); // what the target's host had cached (stale, on another host)
       expect(residentPages(path)).toBeGreaterThan(0);
       expect(await setState(b, 2, bytes, 2)).toBe(0);
-      expect(steps).toEqual(['flush', 'flush', 'flush', 'dropCache']);
+      expect(steps).toEqual(['dropCache', 'flush', 'flush', 'dropCache']);
       expect(residentPages(path)).toBe(0);
       expect((await resume(b, 2)).status).toBe(0);
       memory.fill(DATA, new Uint8Array(2 * PAGE));
@@ -190,16 +191,19 @@ describe('Migration Send and Receive', () => {
   it('a write-back that failed in the background after a Suspend Notification fails the suspend that follows', async () => {
     const dir = mkdtempSync(join(diskScratchParent(), 'nvme-lm-'));
     try {
-      const backend = await FileBackend.open(join(dir, 'shared.img'), { size: 16 << 20, aio: 'threads' });
-      const handle = (backend as unknown as { handle: FileHandle }).handle;
-      const datasync = handle.datasync.bind(handle);
+      const backend = await FileBackend.open(join(dir, 'shared.img'), { size: 16 << 20 });
+      const internals = backend as unknown as { addon: NativeAddon };
+      const addon = internals.addon;
       let failed!: () => void;
       const failedOnce = new Promise<void>((resolve) => (failed = resolve));
-      handle.datasync = () => {
-        handle.datasync = datasync; // the kernel reports a writeback error to one fdatasync only
-        failed();
-        return Promise.reject(Object.assign(new Error('EIO: i/o error, fdatasync'), { code: 'EIO', syscall: 'fdatasync' }));
-      };
+      // The notification's fdatasync takes the error; the kernel reports it to that one call only.
+      internals.addon = Object.assign(Object.create(addon) as NativeAddon, {
+        dropPageCache: () => {
+          internals.addon = addon;
+          failed();
+          return Promise.reject(Object.assign(new Error('EIO: i/o error, fdatasync'), { code: 'EIO', syscall: 'fdatasync' }));
+        },
+      });
       const a = server('a', backend, 1);
       expect((await send(a, { cdw10: 0, cdw11: 1 })).status).toBe(0);
       await failedOnce;
