@@ -184,7 +184,7 @@ export async function migrateVm(o: MigrateOptions): Promise<MigrationFigures> {
     for (const p of pairings) {
       await request(sourceControl, { writeThrough: { cntlid: p.sourceController.cntlid, on: true } });
       // The source's write-back of its namespaces runs while QEMU copies RAM, not in the downtime.
-      // (Its page cache of them is dropped too: the guest's reads miss it until the switchover.)
+      // (Its page cache of them is dropped too: the guest's next read of each page goes to the disk.)
       await notifySuspend(sourceAdmin, p.sourceController.cntlid);
     }
     const before = new Map((await status(sourceControl)).map((c) => [c.cntlid, c.dmaWriteBytes]));
