@@ -1,8 +1,10 @@
 // Reading backing files from the host side of a test, and what the kernel offers for them.
 
-import { execFileSync, spawn } from 'node:child_process';
-import { closeSync, existsSync, openSync, readSync, statfsSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { closeSync, existsSync, openSync, readSync } from 'node:fs';
+import { open } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
+import { loadedNative } from '../../src/native.js';
 import { IoRing } from '../../src/nvme/io-ring.js';
 
 /** Whether this kernel lets a process set up an io_uring (file namespaces' default aio then). */
@@ -16,16 +18,15 @@ export function ioUringAvailable(): boolean {
 }
 
 /**
- * Writes `path` back and drops its pages from the page cache (GNU dd's documented idiom), so the
- * next reads of it wait for the disk. Rejects when either step fails.
+ * Writes `path` back and drops its pages from the page cache (the addon's dropPageCache, as a
+ * migration's destination does), so the next reads of it wait for the disk.
  */
 export async function dropFromPageCache(path: string): Promise<void> {
-  for (const [cmd, args] of [['sync', [path]], ['dd', [`if=${path}`, 'iflag=nocache', 'count=0', 'status=none']]] as const) {
-    await new Promise<void>((resolve, reject) => {
-      spawn(cmd, args, { stdio: 'ignore' })
-        .on('error', reject)
-        .on('exit', (code, signal) => (code === 0 ? resolve() : reject(new Error(`${cmd} ${args.join(' ')} failed (${code ?? signal})`))));
-    });
+  const handle = await open(path, 'r');
+  try {
+    await loadedNative().dropPageCache(handle.fd);
+  } finally {
+    await handle.close();
   }
 }
 
@@ -49,15 +50,19 @@ export function residentPages(path: string): number {
   return pages;
 }
 
-const MEMORY_FS_TYPES = new Set([0x01021994 /* tmpfs */, 0x858458f6 /* ramfs */]);
-
 /**
  * A directory for files that must live on a disk file system (with a page cache in front of it):
  * the OS temp dir, else /var/tmp. Throws when neither is on one, so such a test fails with the reason.
  */
 export function diskScratchParent(): string {
   for (const dir of [tmpdir(), '/var/tmp']) {
-    if (existsSync(dir) && !MEMORY_FS_TYPES.has(statfsSync(dir).type)) return dir;
+    if (!existsSync(dir)) continue;
+    const fd = openSync(dir, 'r');
+    try {
+      if (!loadedNative().memoryBackedFile(fd)) return dir;
+    } finally {
+      closeSync(fd);
+    }
   }
   throw new Error(`neither ${tmpdir()} nor /var/tmp is on a disk file system: this test needs a page cache in front of a disk`);
 }
