@@ -179,6 +179,18 @@ export interface NativeAddon {
   pwritevInline(fd: number, views: readonly Uint8Array[], offset: number, noWait: boolean): number;
   /** The file lives in memory (tmpfs, ramfs, hugetlbfs): its reads and writes never wait for a disk. */
   memoryBackedFile(fd: number): boolean;
+  /**
+   * statx(STATX_DIOALIGN): the alignment of memory addresses and of file offsets and lengths that
+   * O_DIRECT transfers on `fd` need; 0 and 0 where the file system does not say (tmpfs).
+   */
+  directIoAlignment(fd: number): { memory: number; offset: number };
+  /**
+   * Whether each view's address is a multiple of `memory` and its length a multiple of `length`
+   * (both powers of two): what O_DIRECT needs of every buffer. False for a detached view.
+   */
+  alignedForDirectIo(views: readonly Uint8Array[], memory: number, length: number): boolean;
+  /** `size` zeroed bytes at an address that is a multiple of `alignment` (a power of two): a bounce buffer. */
+  alignedBuffer(size: number, alignment: number): ArrayBuffer;
 }
 
 /** What preadvInline/pwritevInline return instead of a byte count. */

@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <linux/magic.h>
+#include <sys/stat.h>
 #include <sys/statfs.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -12,6 +13,8 @@
 #include <cerrno>
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <utility>
 
@@ -152,6 +155,64 @@ Napi::Value MemoryBackedFile(const Napi::CallbackInfo& info) {
   return Napi::Boolean::New(info.Env(), type == TMPFS_MAGIC || type == RAMFS_MAGIC || type == HUGETLBFS_MAGIC);
 }
 
+// statx(STATX_DIOALIGN), Linux 6.1: what O_DIRECT transfers on `fd` must align to, memory
+// addresses and file offsets (and lengths). Zeros where the file system does not say (tmpfs, whose
+// O_DIRECT is a plain copy, or an older kernel).
+Napi::Value DirectIoAlignment(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = ArgFd(info, 0, "fd");
+  struct statx st;
+  if (statx(fd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &st) != 0) throw ErrnoError(env, errno, "statx");
+  bool known = (st.stx_mask & STATX_DIOALIGN) != 0;
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("memory", Napi::Number::New(env, known ? st.stx_dio_mem_align : 0));
+  out.Set("offset", Napi::Number::New(env, known ? st.stx_dio_offset_align : 0));
+  return out;
+}
+
+uint32_t ArgPowerOfTwo(const Napi::CallbackInfo& info, size_t i, const char* name) {
+  int64_t value = ArgNonNegative(info, i, name);
+  if (value == 0 || value > (1 << 20) || (value & (value - 1)) != 0) {
+    throw Napi::RangeError::New(info.Env(), std::string(name) + " must be a power of two up to 1 MiB");
+  }
+  return static_cast<uint32_t>(value);
+}
+
+// Whether every view starts at an address that is a multiple of `memory` and is a multiple of
+// `length` bytes long, as O_DIRECT needs of each buffer (JS cannot see the addresses). A detached
+// view counts as misaligned: the caller then copies, and the copy finds it empty.
+Napi::Value AlignedForDirectIo(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsArray()) throw Napi::TypeError::New(env, "views must be an array");
+  uint32_t memory = ArgPowerOfTwo(info, 1, "memory");
+  uint32_t length = ArgPowerOfTwo(info, 2, "length");
+  Napi::Array views = info[0].As<Napi::Array>();
+  for (uint32_t i = 0; i < views.Length(); i++) {
+    Napi::Value v = views.Get(i);
+    if (!v.IsTypedArray()) throw Napi::TypeError::New(env, "views must be Uint8Arrays");
+    Napi::TypedArray t = v.As<Napi::TypedArray>();
+    auto* base = static_cast<uint8_t*>(t.ArrayBuffer().Data());
+    if (base == nullptr) return Napi::Boolean::New(env, false);
+    auto address = reinterpret_cast<uintptr_t>(base + t.ByteOffset());
+    if ((address & (memory - 1)) != 0 || (t.ByteLength() & (length - 1)) != 0) return Napi::Boolean::New(env, false);
+  }
+  return Napi::Boolean::New(env, true);
+}
+
+// A zeroed ArrayBuffer of `size` bytes whose memory starts at a multiple of `alignment`: the bounce
+// buffer of an O_DIRECT transfer whose guest buffers are not aligned. Freed when collected.
+Napi::Value AlignedBuffer(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int64_t size = ArgNonNegative(info, 0, "size");
+  uint32_t alignment = std::max<uint32_t>(ArgPowerOfTwo(info, 1, "alignment"), sizeof(void*));
+  if (size == 0 || size > (int64_t{1} << 30)) throw Napi::RangeError::New(env, "size must be 1 byte to 1 GiB");
+  void* memory = nullptr;
+  int err = posix_memalign(&memory, alignment, static_cast<size_t>(size));
+  if (err != 0) throw ErrnoError(env, err, "posix_memalign");
+  std::memset(memory, 0, static_cast<size_t>(size));
+  return Napi::ArrayBuffer::New(env, memory, static_cast<size_t>(size), [](Napi::Env, void* data) { std::free(data); });
+}
+
 }  // namespace
 
 void InitFile(Napi::Env env, Napi::Object exports) {
@@ -160,6 +221,9 @@ void InitFile(Napi::Env env, Napi::Object exports) {
   exports.Set("preadvInline", Napi::Function::New(env, PreadvInline, "preadvInline"));
   exports.Set("pwritevInline", Napi::Function::New(env, PwritevInline, "pwritevInline"));
   exports.Set("memoryBackedFile", Napi::Function::New(env, MemoryBackedFile, "memoryBackedFile"));
+  exports.Set("directIoAlignment", Napi::Function::New(env, DirectIoAlignment, "directIoAlignment"));
+  exports.Set("alignedForDirectIo", Napi::Function::New(env, AlignedForDirectIo, "alignedForDirectIo"));
+  exports.Set("alignedBuffer", Napi::Function::New(env, AlignedBuffer, "alignedBuffer"));
 }
 
 }  // namespace vfio

@@ -366,6 +366,29 @@ describe('dropPageCache', () => {
   });
 });
 
+describe('O_DIRECT helpers', () => {
+  it('alignedBuffer gives zeroed memory at the asked alignment, as alignedForDirectIo sees it', () => {
+    for (const alignment of [512, 4096, 65536]) {
+      const bytes = new Uint8Array(native.alignedBuffer(3 * alignment, alignment));
+      expect(bytes.every((b) => b === 0)).toBe(true);
+      expect(native.alignedForDirectIo([bytes, bytes.subarray(alignment)], alignment, 512)).toBe(true);
+      // An address one byte past, and a length that is not whole 512-byte blocks, are both refused.
+      expect(native.alignedForDirectIo([bytes.subarray(1, 1 + 512)], 2, 512)).toBe(false);
+      expect(native.alignedForDirectIo([bytes.subarray(0, 1000)], alignment, 512)).toBe(false);
+    }
+    expect(native.alignedForDirectIo([], 512, 512)).toBe(true);
+  });
+
+  it('refuse bad arguments with a clear error', () => {
+    expect(() => native.alignedBuffer(4096, 3)).toThrow(/power of two/);
+    expect(() => native.alignedBuffer(0, 4096)).toThrow(RangeError);
+    expect(() => native.alignedForDirectIo([new Uint8Array(8)], 0, 512)).toThrow(/power of two/);
+    expect(() => native.alignedForDirectIo(['x' as unknown as Uint8Array], 512, 512)).toThrow(TypeError);
+    expect(() => native.directIoAlignment(-1)).toThrow();
+    expect(() => native.directIoAlignment(9999)).toThrow(expect.objectContaining({ code: 'EBADF' }));
+  });
+});
+
 describe('IoRing', () => {
   it('refuses bad arguments with a clear error, and a closed ring', () => {
     const thrown = (fn: () => unknown): Error => {
