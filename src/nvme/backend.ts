@@ -9,9 +9,14 @@
 // CPU: ext4 cannot write to the page cache without blocking, so io_uring hands every write to one
 // kernel worker per file, in series, where the threadpool runs four. So writes go through the ring
 // only on file systems that take RWF_NOWAIT writes (the inline attempt tells), else the threadpool.
+// With cache=none or directsync a file is opened O_DIRECT: its transfers bypass this host's page
+// cache (as QEMU's cache modes do), so they always go through the ring or the threadpool, and guest
+// buffers that O_DIRECT cannot take go through an aligned bounce buffer.
+//
 // A RAM backend's reads and writes are a memcpy: they complete before readv/writev return, so a
 // command on it needs no promise and no threadpool hop.
 
+import { constants as fsConstants } from 'node:fs';
 import { open, stat, type FileHandle } from 'node:fs/promises';
 import { loadedNative, NOWAIT_UNSUPPORTED, NOWAIT_WOULD_BLOCK } from '../native.js';
 import { IoRing } from './io-ring.js';
@@ -179,13 +184,39 @@ export class RamBackend extends VectoredBackend {
 export type FileAio = 'threads' | 'io_uring';
 export const FILE_AIO_MODES: readonly FileAio[] = ['threads', 'io_uring'];
 
+/** QEMU's -drive cache= modes. */
+export type FileCache = 'writeback' | 'none' | 'writethrough' | 'directsync';
+
+/**
+ * Per cache mode, as QEMU's cache.direct and cache.writeback: whether transfers bypass this host's
+ * page cache (O_DIRECT), and whether a write may complete before it is durable (a volatile write
+ * cache the guest flushes) rather than each write being synchronous (O_DSYNC).
+ */
+export const FILE_CACHE_MODES: Readonly<Record<FileCache, { readonly direct: boolean; readonly writeCache: boolean }>> = {
+  writeback: { direct: false, writeCache: true },
+  none: { direct: true, writeCache: true },
+  writethrough: { direct: false, writeCache: false },
+  directsync: { direct: true, writeCache: false },
+};
+export const FILE_CACHES = Object.keys(FILE_CACHE_MODES) as readonly FileCache[];
+
 export interface FileBackendOptions {
   /** Bytes. Required when the file does not exist (it is created sparse); grows a smaller file. */
   size?: number;
   readOnly?: boolean;
   /** Default 'io_uring' where the kernel offers it, else 'threads'. */
   aio?: FileAio;
+  /** Default 'writeback'. */
+  cache?: FileCache;
+  /**
+   * The namespace's logical block in bytes (default 512): every transfer is a multiple of it. With
+   * O_DIRECT it must be a multiple of the file system's alignment, or the file is refused.
+   */
+  blockSize?: number;
 }
+
+/** Where the file system does not say what O_DIRECT needs: the largest logical block in use. */
+const DIRECT_IO_FALLBACK_ALIGNMENT = 4096;
 
 /**
  * A file in memory is always copied on this thread; elsewhere RWF_NOWAIT takes what the page cache
@@ -200,9 +231,12 @@ type InlineMode = 'always' | 'no-wait' | 'never';
  */
 const INLINE_MAX_BYTES = 256 * 1024;
 
-/** A raw image file. Writes land in the page cache (a volatile write cache); flush() is fdatasync. */
+/**
+ * A raw image file. Writes land in the page cache (a volatile write cache; flush() is fdatasync),
+ * or with O_DIRECT in the disk's own cache, unless the cache mode makes every write synchronous.
+ */
 export class FileBackend extends VectoredBackend {
-  readonly volatileCache = true;
+  readonly volatileCache: boolean;
   /** Cleared the first time the file system refuses hole punching. */
   private punchHoles = true;
   /** Set by the first fdatasync that failed: see writeBack(). */
@@ -212,6 +246,10 @@ export class FileBackend extends VectoredBackend {
   /** Per direction: how a transfer is tried on this thread before the threadpool. */
   private inlineReads: InlineMode;
   private inlineWrites: InlineMode;
+  /** Writes that may wait go through the ring, unless it would run them in series (see above). */
+  private ringWrites = true;
+  /** With O_DIRECT on a disk file system: what each buffer's address and length must be a multiple of. */
+  private readonly directAlignment: { memory: number; length: number } | null;
   /** The addon itself, not the lazy `native` Proxy: every inline transfer calls it. */
   private readonly addon = loadedNative();
 
@@ -221,10 +259,27 @@ export class FileBackend extends VectoredBackend {
     readonly size: number,
     /** With aio 'io_uring': what may wait for a disk goes through it. */
     private readonly ring: IoRing | null,
+    readonly cache: FileCache,
+    blockSize: number,
   ) {
     super();
+    const mode = FILE_CACHE_MODES[cache];
+    this.volatileCache = mode.writeCache;
     this.inMemory = this.addon.memoryBackedFile(handle.fd);
-    this.inlineReads = this.inlineWrites = this.inMemory ? 'always' : 'no-wait';
+    // tmpfs takes O_DIRECT as a plain copy: nothing to align, nothing that waits.
+    this.directAlignment = mode.direct && !this.inMemory ? FileBackend.directAlignmentOf(handle.fd, path, cache, blockSize) : null;
+    // An O_DIRECT read or write waits for the disk even with RWF_NOWAIT: never on this thread.
+    this.inlineReads = this.inlineWrites = this.inMemory ? 'always' : this.directAlignment ? 'never' : 'no-wait';
+  }
+
+  private static directAlignmentOf(fd: number, path: string, cache: FileCache, blockSize: number): { memory: number; length: number } {
+    const reported = loadedNative().directIoAlignment(fd);
+    const memory = reported.memory || DIRECT_IO_FALLBACK_ALIGNMENT;
+    const length = reported.offset || DIRECT_IO_FALLBACK_ALIGNMENT;
+    if (blockSize % length !== 0) {
+      throw new Error(`${path}: cache=${cache} needs blocks of ${length} bytes or more here (its file system's O_DIRECT alignment); use lbads=${length} or cache=writeback`);
+    }
+    return { memory, length };
   }
 
   static async open(path: string, options: FileBackendOptions = {}): Promise<FileBackend> {
@@ -233,7 +288,19 @@ export class FileBackend extends VectoredBackend {
       throw err;
     });
     if (!existing && options.size === undefined) throw new Error(`${path} does not exist and no size was given`);
-    const handle = await open(path, existing ? (options.readOnly ? 'r' : 'r+') : 'w+');
+    const cache = options.cache ?? 'writeback';
+    const mode = FILE_CACHE_MODES[cache];
+    const flags =
+      (options.readOnly && existing ? fsConstants.O_RDONLY : fsConstants.O_RDWR) |
+      (existing ? 0 : fsConstants.O_CREAT) |
+      (mode.direct ? fsConstants.O_DIRECT : 0) |
+      (mode.writeCache ? 0 : fsConstants.O_DSYNC);
+    const handle = await open(path, flags, 0o666).catch((err: NodeJS.ErrnoException) => {
+      if (mode.direct && err.code === 'EINVAL') throw new Error(`${path}: its file system does not take O_DIRECT (cache=${cache}); use cache=writeback or writethrough`, { cause: err });
+      throw err;
+    });
+    // Widened on purpose: TypeScript would narrow it to null in the catch below.
+    let ring = null as IoRing | null;
     try {
       let size = existing?.size ?? 0;
       if (options.size !== undefined && options.size > size) {
@@ -242,7 +309,6 @@ export class FileBackend extends VectoredBackend {
         size = options.size;
       }
       if (size <= 0) throw new Error(`${path} is empty`);
-      let ring: IoRing | null = null;
       if (options.aio !== 'threads') {
         try {
           ring = new IoRing();
@@ -251,8 +317,9 @@ export class FileBackend extends VectoredBackend {
           if (options.aio === 'io_uring') throw new Error(`${path}: aio=io_uring is not available here (${(err as Error).message}); use aio=threads`, { cause: err });
         }
       }
-      return new FileBackend(handle, path, size, ring);
+      return new FileBackend(handle, path, size, ring, cache, options.blockSize ?? 512);
     } catch (err) {
+      await ring?.close();
       await handle.close();
       throw err;
     }
@@ -271,6 +338,8 @@ export class FileBackend extends VectoredBackend {
    * for long; the rest, or all of it, on the threadpool.
    */
   private transfer(write: boolean, offset: number, views: readonly Uint8Array[]): MaybePromise<void> {
+    const direct = this.directAlignment;
+    if (direct && !this.addon.alignedForDirectIo(views, direct.memory, direct.length)) return this.bounce(write, offset, views, direct.memory);
     const mode = write ? this.inlineWrites : this.inlineReads;
     let done = 0;
     if (mode !== 'never') {
@@ -280,8 +349,12 @@ export class FileBackend extends VectoredBackend {
         const noWait = mode === 'no-wait';
         const n = write ? this.addon.pwritevInline(fd, views, offset, noWait) : this.addon.preadvInline(fd, views, offset, noWait);
         if (n === NOWAIT_UNSUPPORTED) {
-          if (write) this.inlineWrites = 'never';
-          else this.inlineReads = 'never';
+          if (write) {
+            this.inlineWrites = 'never';
+            this.ringWrites = false;
+          } else {
+            this.inlineReads = 'never';
+          }
         } else if (n !== NOWAIT_WOULD_BLOCK) {
           if (n === total) return;
           done = n; // short: the threadpool continues (past EOF it reads zeros)
@@ -299,7 +372,7 @@ export class FileBackend extends VectoredBackend {
 
   private async pwritev(views: readonly Uint8Array[], pos: number): Promise<number> {
     // A file that refuses RWF_NOWAIT writes would have them run one by one on a kernel worker.
-    const ring = this.inlineWrites === 'never' ? null : this.ring;
+    const ring = this.ringWrites ? this.ring : null;
     return (await ring?.writev(this.handle.fd, views, pos)) ?? (await this.handle.writev(views, pos)).bytesWritten;
   }
 
@@ -330,6 +403,29 @@ export class FileBackend extends VectoredBackend {
     }
   }
 
+  /**
+   * An O_DIRECT transfer whose buffers are not aligned (a guest PRP list may start anywhere on a
+   * 4-byte boundary) goes through an aligned copy. The namespace keeps offsets and lengths whole
+   * blocks, which the open checked are aligned.
+   */
+  private async bounce(write: boolean, offset: number, views: readonly Uint8Array[], alignment: number): Promise<void> {
+    const copy = new Uint8Array(this.addon.alignedBuffer(totalLength(views), alignment));
+    let at = 0;
+    if (write) {
+      for (const v of views) {
+        copy.set(v, at);
+        at += v.length;
+      }
+      await this.writevQueued(offset, [copy]);
+      return;
+    }
+    await this.readvQueued(offset, [copy]);
+    for (const v of views) {
+      v.set(copy.subarray(at, at + v.length));
+      at += v.length;
+    }
+  }
+
   /** How transfers that may wait for a disk are done. */
   get aio(): FileAio {
     return this.ring ? 'io_uring' : 'threads';
@@ -345,7 +441,8 @@ export class FileBackend extends VectoredBackend {
    * its pages would only push them to swap.
    */
   async dropCache(): Promise<void> {
-    if (this.inMemory) return;
+    // O_DIRECT kept nothing in this host's page cache (QEMU skips this step for it too).
+    if (this.inMemory || this.directAlignment) return;
     await this.writeBack(() => this.addon.dropPageCache(this.handle.fd));
   }
 
@@ -388,7 +485,9 @@ export class FileBackend extends VectoredBackend {
   }
 
   async writeZeroes(offset: number, length: number): Promise<void> {
-    const zeros = new Uint8Array(Math.min(ZERO_CHUNK, length));
+    const size = Math.min(ZERO_CHUNK, length);
+    // Aligned for O_DIRECT, so the zeros need no bounce copy.
+    const zeros = this.directAlignment ? new Uint8Array(this.addon.alignedBuffer(size, this.directAlignment.memory)) : new Uint8Array(size);
     for (let done = 0; done < length; ) {
       const n = Math.min(zeros.length, length - done);
       await this.write(offset + done, zeros.subarray(0, n));

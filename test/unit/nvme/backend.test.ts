@@ -1,13 +1,14 @@
 import { afterEach, describe, expect, it } from 'vitest';
 import { randomBytes } from 'node:crypto';
-import { closeSync, mkdtempSync, openSync, rmSync, writeFileSync } from 'node:fs';
+import { closeSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { FileBackend, type FileAio } from '../../../src/nvme/backend.js';
+import { FILE_CACHES, FileBackend, type FileAio, type FileCache } from '../../../src/nvme/backend.js';
+import { loadedNative } from '../../../src/native.js';
 import { IoRing } from '../../../src/nvme/io-ring.js';
 import { Namespace } from '../../../src/nvme/namespace.js';
-import { NvmOpcode, Status } from '../../../src/nvme/spec.js';
+import { AdminOpcode, NvmOpcode, Status } from '../../../src/nvme/spec.js';
 import { DATA, TestHost, code, pattern } from './helpers.js';
 import { diskScratchParent, ioUringAvailable, residentPages } from '../../support/files.js';
 
@@ -46,7 +47,7 @@ const bytes = (n: number): Uint8Array => new Uint8Array(randomBytes(n));
 /** A file system that accepts writes without storing a byte and without an error (seen on some FUSE/NFS setups). */
 function storeNothing(backend: FileBackend): void {
   // Through the threadpool only, where the handle's writev is what stores.
-  (backend as unknown as { inlineWrites: string }).inlineWrites = 'never';
+  Object.assign(backend as unknown as object, { inlineWrites: 'never', ringWrites: false });
   const handle = (backend as unknown as { handle: FileHandle }).handle;
   handle.writev = (async (buffers: NodeJS.ArrayBufferView[]) => {
     await new Promise((resolve) => setImmediate(resolve)); // like real I/O: a threadpool round trip
@@ -147,6 +148,133 @@ describe('FileBackend', () => {
     await expect(backend.flush()).rejects.toThrow(/an earlier fdatasync failed/);
     await expect(backend.dropCache()).rejects.toThrow(/an earlier fdatasync failed/);
     await backend.close();
+  });
+});
+
+/** The open flags of `backend`'s file, as the kernel holds them (/proc/self/fdinfo, octal). */
+function openFlags(backend: FileBackend): number {
+  const fd = (backend as unknown as { handle: FileHandle }).handle.fd;
+  const line = /^flags:\s*([0-7]+)$/m.exec(readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8'));
+  if (!line) throw new Error(`no flags in /proc/self/fdinfo/${fd}`);
+  return parseInt(line[1]!, 8);
+}
+const O_DIRECT = 0o40000;
+const O_DSYNC = 0o10000;
+
+/** `n` random bytes at a page-aligned address, as guest RAM is. */
+function alignedBytes(n: number): Uint8Array {
+  const out = new Uint8Array(loadedNative().alignedBuffer(n, 4096));
+  out.set(randomBytes(n));
+  return out;
+}
+
+async function cachedBackend(cache: FileCache, aio?: FileAio, parent = diskScratchParent()): Promise<FileBackend> {
+  return FileBackend.open(join(scratchDir(parent), 'disk.img'), { size: 1 << 20, cache, ...(aio ? { aio } : {}) });
+}
+
+describe('FileBackend cache modes (QEMU cache=)', () => {
+  it('open flags and the volatile write cache follow the mode: O_DIRECT for none/directsync, O_DSYNC without a write cache', async () => {
+    const expected: Record<FileCache, { direct: boolean; dsync: boolean }> = {
+      writeback: { direct: false, dsync: false },
+      none: { direct: true, dsync: false },
+      writethrough: { direct: false, dsync: true },
+      directsync: { direct: true, dsync: true },
+    };
+    for (const cache of FILE_CACHES) {
+      const backend = await cachedBackend(cache);
+      const flags = openFlags(backend);
+      expect({ cache, direct: (flags & O_DIRECT) !== 0, dsync: (flags & O_DSYNC) !== 0 }).toEqual({ cache, ...expected[cache] });
+      expect(backend.volatileCache).toBe(!expected[cache].dsync);
+      expect(backend.cache).toBe(cache);
+      await backend.close();
+    }
+    const byDefault = await fileBackend(diskScratchParent());
+    expect(byDefault.cache).toBe('writeback');
+    expect(openFlags(byDefault) & (O_DIRECT | O_DSYNC)).toBe(0);
+    await byDefault.close();
+  });
+
+  it('cache=none on a disk file leaves none of its pages in the page cache, through the ring and the threadpool', async () => {
+    for (const aio of ['io_uring', 'threads'] as const) {
+      if (aio === 'io_uring' && !ioUringAvailable()) continue;
+      const backend = await cachedBackend('none', aio);
+      const written = alignedBytes(256 * 1024);
+      await backend.writev(64 * 1024, [written.subarray(0, 4096), written.subarray(4096)]);
+      const back = new Uint8Array(loadedNative().alignedBuffer(written.length, 4096));
+      await backend.readv(64 * 1024, [back]);
+      expect(Buffer.from(back).equals(Buffer.from(written))).toBe(true);
+      // Buffered, the write alone would leave 64 pages here.
+      expect(residentPages(backend.path)).toBe(0);
+      await backend.flush();
+      await backend.close();
+    }
+  });
+
+  it('guest buffers O_DIRECT cannot take (any address, any length) go through an aligned copy', async () => {
+    const backend = await cachedBackend('directsync');
+    const memory = alignedBytes(64 * 1024);
+    // A PRP list may start at any dword: views at +4 with lengths that are not whole blocks.
+    const sources = [memory.subarray(4, 4 + 1000), memory.subarray(8192 + 12, 8192 + 12 + 7192)];
+    await backend.writev(4096, sources);
+    const targets = [new Uint8Array(3000), memory.subarray(40_000 + 4, 40_000 + 4 + 5192)];
+    await backend.readv(4096, targets);
+    expect(Buffer.concat(targets).equals(Buffer.concat(sources))).toBe(true);
+    expect(residentPages(backend.path)).toBe(0);
+    // The same through read()/write(), whose buffers come from Node's allocator.
+    const data = bytes(8192);
+    await backend.write(0, data);
+    expect(Buffer.from(await backend.read(0, 8192)).equals(Buffer.from(data))).toBe(true);
+    await backend.close();
+  });
+
+  it('write zeroes and discard on an O_DIRECT file read back as zeros', async () => {
+    const backend = await cachedBackend('none');
+    await backend.writev(0, [alignedBytes(128 * 1024)]);
+    await backend.writeZeroes(4096, 16 * 1024);
+    await backend.discard(64 * 1024, 8192);
+    const back = Buffer.from(await backend.read(0, 128 * 1024));
+    expect(back.subarray(4096, 20 * 1024).every((b) => b === 0)).toBe(true);
+    expect(back.subarray(64 * 1024, 72 * 1024).every((b) => b === 0)).toBe(true);
+    expect(back.subarray(0, 4096).some((b) => b !== 0)).toBe(true);
+    await backend.close();
+  });
+
+  it('a block smaller than what O_DIRECT needs on the file system is refused with the fix', async () => {
+    const path = join(scratchDir(diskScratchParent()), 'small.img');
+    writeFileSync(path, new Uint8Array(1 << 20));
+    const fd = openSync(path, 'r');
+    const needs = loadedNative().directIoAlignment(fd).offset || 4096;
+    closeSync(fd);
+    await expect(FileBackend.open(path, { cache: 'none', blockSize: needs / 2 })).rejects.toThrow(
+      new RegExp(`cache=none needs blocks of ${needs} bytes or more here .*use lbads=${needs} or cache=writeback`),
+    );
+  });
+
+  it('in tmpfs, O_DIRECT is a plain copy: transfers stay on this thread and nothing is bounced', async () => {
+    const backend = await cachedBackend('none', undefined, '/dev/shm');
+    const seen = forbidThreadpool(backend);
+    const written = bytes(4096 + 3);
+    expect(isPromise(backend.writev(512, [written]))).toBe(false);
+    const back = new Uint8Array(written.length);
+    expect(isPromise(backend.readv(512, [back]))).toBe(false);
+    expect(Buffer.from(back).equals(Buffer.from(written))).toBe(true);
+    expect(seen.calls).toEqual([]);
+    await backend.close();
+  });
+
+  it('Identify reports no volatile write cache when every file namespace writes through', async () => {
+    for (const [cache, vwc] of [['directsync', 0], ['writethrough', 0], ['none', 1]] as const) {
+      const backend = await cachedBackend(cache);
+      const h = new TestHost({ namespaces: [new Namespace({ nsid: 1, backend })] }).start();
+      expect((await h.admin({ opcode: AdminOpcode.IDENTIFY, prp1: DATA, cdw10: 1 })).status).toBe(0);
+      expect({ cache, vwc: h.memory.slice(DATA, 4096)[525]! & 1 }).toEqual({ cache, vwc });
+      // A Write through the controller lands, bounced or not.
+      await h.createIoQueuePair(1);
+      h.memory.fill(DATA, pattern(8192, 7));
+      expect(code((await h.io(1, { opcode: NvmOpcode.WRITE, nsid: 1, prp1: DATA, prp2: DATA + 4096, cdw12: 15 })).status)).toBe(0);
+      expect(Buffer.from(await backend.read(0, 8192)).equals(Buffer.from(pattern(8192, 7)))).toBe(true);
+      await backend.close();
+    }
   });
 });
 
