@@ -59,10 +59,15 @@ serve options:
   --namespace SPEC    A namespace; repeat for more. SPEC is
                         file=PATH[,size=SIZE][,lbads=512|4096][,nsid=N]
                              [,aio=io_uring|threads]
+                             [,cache=writeback|none|writethrough|directsync]
                         ram,size=SIZE[,lbads=512|4096][,nsid=N]
                       A missing file is created sparse (size= required).
                       aio: how reads and writes that wait for the disk
                       are done (default io_uring where the kernel allows).
+                      cache: as QEMU's -drive cache= (default writeback);
+                      none and directsync bypass the host's page cache
+                      (O_DIRECT), writethrough and directsync make every
+                      write durable before it completes.
                       SIZE takes K/M/G/T suffixes. Default: one 1 GiB RAM
                       namespace.
   --config FILE       JSON file with any of: device, sockets, namespaces

@@ -5,7 +5,7 @@ import { readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, isAbsolute, join, resolve } from 'node:path';
 import { INTERRUPT_OFFERS, type InterruptOffer } from '../nvme/controller.js';
-import { FILE_AIO_MODES, type FileAio } from '../nvme/backend.js';
+import { FILE_AIO_MODES, FILE_CACHES, type FileAio, type FileCache } from '../nvme/backend.js';
 import { emptyProvisioning, parseProvisioning, type Provisioning } from './provisioning.js';
 
 export class ConfigError extends Error {
@@ -28,6 +28,8 @@ export interface NamespaceConfig {
   nsid?: number;
   /** A file's transfers that may wait for a disk: an io_uring (the default where the kernel allows) or libuv's threadpool. */
   aio?: FileAio;
+  /** QEMU's cache= modes: 'none' and 'directsync' bypass the host's page cache (O_DIRECT). Default 'writeback'. */
+  cache?: FileCache;
 }
 
 export interface ServerConfig {
@@ -105,7 +107,12 @@ function parseAio(value: string, what: string): FileAio {
   return value as FileAio;
 }
 
-/** `file=PATH,size=1G,lbads=4096,nsid=2,aio=io_uring` or `ram,size=256M`. */
+function parseCache(value: string, what: string): FileCache {
+  if (!(FILE_CACHES as readonly string[]).includes(value)) throw new ConfigError(`${what}: cache must be ${FILE_CACHES.join(', ')}, got '${value}'`);
+  return value as FileCache;
+}
+
+/** `file=PATH,size=1G,lbads=4096,nsid=2,aio=io_uring,cache=none` or `ram,size=256M`. */
 export function parseNamespaceSpec(spec: string, baseDir = process.cwd()): NamespaceConfig {
   const ns: Partial<NamespaceConfig> & { ram?: boolean } = {};
   for (const part of spec.split(',')) {
@@ -133,8 +140,11 @@ export function parseNamespaceSpec(spec: string, baseDir = process.cwd()): Names
       case 'aio':
         ns.aio = parseAio(value ?? '', `namespace '${spec}'`);
         break;
+      case 'cache':
+        ns.cache = parseCache(value ?? '', `namespace '${spec}'`);
+        break;
       default:
-        throw new ConfigError(`namespace '${spec}': unknown key '${key}' (expected file, ram, size, lbads, nsid, aio)`);
+        throw new ConfigError(`namespace '${spec}': unknown key '${key}' (expected file, ram, size, lbads, nsid, aio, cache)`);
     }
   }
   const { ram, ...rest } = ns;
@@ -146,6 +156,7 @@ function checkNamespace(ns: NamespaceConfig, ram: boolean, what: string): Namesp
   if (!ram && !ns.file) throw new ConfigError(`namespace '${what}': needs file=PATH or ram`);
   if (ram && ns.size === undefined) throw new ConfigError(`namespace '${what}': a RAM namespace needs size=`);
   if (ram && ns.aio !== undefined) throw new ConfigError(`namespace '${what}': aio= is for file namespaces`);
+  if (ram && ns.cache !== undefined) throw new ConfigError(`namespace '${what}': cache= is for file namespaces`);
   if (ns.size !== undefined && ns.size % ns.lbads !== 0) {
     throw new ConfigError(`namespace '${what}': size ${ns.size} is not a multiple of the ${ns.lbads}-byte block`);
   }
@@ -276,13 +287,14 @@ function namespaceFromJson(entry: unknown, what: string, baseDir: string): Names
   if (typeof entry !== 'object' || entry === null) throw new ConfigError(`${what}: expected an object or a spec string`);
   const e = entry as Record<string, unknown>;
   for (const key of Object.keys(e)) {
-    if (!['file', 'ram', 'size', 'lbads', 'nsid', 'aio'].includes(key)) throw new ConfigError(`${what}: unknown key '${key}'`);
+    if (!['file', 'ram', 'size', 'lbads', 'nsid', 'aio', 'cache'].includes(key)) throw new ConfigError(`${what}: unknown key '${key}'`);
   }
   const ns: NamespaceConfig = { lbads: e.lbads === undefined ? 512 : parseBlockSize(String(e.lbads), what) };
   if (e.file !== undefined) ns.file = resolve(baseDir, String(e.file));
   if (e.size !== undefined) ns.size = typeof e.size === 'number' ? parsePositive(String(e.size), `${what} size`, Number.MAX_SAFE_INTEGER) : parseSize(String(e.size), `${what} size`);
   if (e.nsid !== undefined) ns.nsid = parsePositive(String(e.nsid), `${what} nsid`);
   if (e.aio !== undefined) ns.aio = parseAio(String(e.aio), what);
+  if (e.cache !== undefined) ns.cache = parseCache(String(e.cache), what);
   return checkNamespace(ns, e.ram === true, what);
 }
 

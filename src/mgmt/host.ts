@@ -7,7 +7,7 @@ import { createHash } from 'node:crypto';
 import { hostname } from 'node:os';
 import { dirname, resolve } from 'node:path';
 import type { Logger } from '../log.js';
-import { FILE_AIO_MODES, FileBackend, RamBackend, type BlockBackend, type FileAio } from '../nvme/backend.js';
+import { FILE_AIO_MODES, FILE_CACHES, FileBackend, RamBackend, type BlockBackend, type FileAio, type FileCache } from '../nvme/backend.js';
 import type { AdminCommandSet } from '../nvme/context.js';
 import { NvmeController } from '../nvme/controller.js';
 import { Namespace } from '../nvme/namespace.js';
@@ -44,7 +44,12 @@ export function defaultIdentity(anchor: string): { nqn: string; serial: string }
 
 async function openBackend(ns: NamespaceConfig): Promise<BlockBackend> {
   if (ns.file === undefined) return new RamBackend(ns.size!);
-  return FileBackend.open(ns.file, { ...(ns.size === undefined ? {} : { size: ns.size }), ...(ns.aio ? { aio: ns.aio } : {}) });
+  return FileBackend.open(ns.file, {
+    ...(ns.size === undefined ? {} : { size: ns.size }),
+    ...(ns.aio ? { aio: ns.aio } : {}),
+    ...(ns.cache ? { cache: ns.cache } : {}),
+    blockSize: ns.lbads,
+  });
 }
 
 interface Export {
@@ -188,12 +193,16 @@ export class ServerHost implements ControlTarget {
     const aio = request.aio || undefined;
     if (aio !== undefined && !request.file) throw new ControlError('aio is for file namespaces');
     if (aio !== undefined && !(FILE_AIO_MODES as readonly string[]).includes(aio)) throw new ControlError(`aio ${aio} (${FILE_AIO_MODES.join(' or ')})`);
+    const cache = request.cache || undefined;
+    if (cache !== undefined && !request.file) throw new ControlError('cache is for file namespaces');
+    if (cache !== undefined && !(FILE_CACHES as readonly string[]).includes(cache)) throw new ControlError(`cache ${cache} (${FILE_CACHES.join(', ')})`);
     const config: NamespaceConfig = {
       nsid,
       lbads: blockSize,
       ...(request.file ? { file: resolve(request.file) } : {}),
       ...(size !== undefined ? { size } : {}),
       ...(aio !== undefined ? { aio: aio as FileAio } : {}),
+      ...(cache !== undefined ? { cache: cache as FileCache } : {}),
     };
     try {
       await this.openNamespace(config, request.attachAll === true);
@@ -334,6 +343,7 @@ export class ServerHost implements ControlTarget {
         size: ns.backend.size,
         blockSize: ns.blockSize,
         aio: ns.backend instanceof FileBackend ? ns.backend.aio : '',
+        cache: ns.backend instanceof FileBackend ? ns.backend.cache : '',
       })),
       virtualSubsystems: (cf?.vsubsystems.list() ?? []).map((v) => ({
         nqn: v.definition.nqn,
@@ -439,8 +449,8 @@ export class ServerHost implements ControlTarget {
       throw error;
     }
     this.namespaceConfigs.set(config.nsid!, { ...config, size: backend.size });
-    const aio = backend instanceof FileBackend ? `, aio=${backend.aio}` : '';
-    this.log.info(`namespace ${config.nsid}: ${backend.describe()}${aio}, ${config.lbads}-byte blocks`);
+    const fileModes = backend instanceof FileBackend ? `, aio=${backend.aio}, cache=${backend.cache}` : '';
+    this.log.info(`namespace ${config.nsid}: ${backend.describe()}${fileModes}, ${config.lbads}-byte blocks`);
   }
 
   private startPeerServers(): void {

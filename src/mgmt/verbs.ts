@@ -11,7 +11,7 @@ import { IDENTIFY_SIZE, NamespaceAttachSelect, PrimaryOpcode, VirtAction, VirtRe
 import { encodeDefinition, encodeNqn, MAX_NAMESPACE_MAPPINGS, VendorOpcode, VsubsysLayout, decodeDefinition } from '../nvme/virt/vendor-commands.js';
 import { NARROWING_TEXT, type NamespaceMapping } from '../nvme/virt/vsubsys.js';
 import { ConfigError, DEFAULT_SOCKET, parsePositive, parseSize } from './config.js';
-import { FILE_AIO_MODES } from '../nvme/backend.js';
+import { FILE_AIO_MODES, FILE_CACHES } from '../nvme/backend.js';
 import { ControlClient, parseControlAddress } from './control/client.js';
 import type { AdminResultMessage, ControlRequest, ControlResponse, ServerStatus } from './control/messages.js';
 import { receiveState as receive, sendState as send } from '../lm/state-transfer.js';
@@ -301,8 +301,8 @@ const VERBS: Record<string, Verb> = {
     },
   },
   'ns add': {
-    summary: '(--file PATH [--size SIZE] [--aio io_uring|threads] | --ram --size SIZE) [--block-size 512|4096] [--nsid N] [--attach-all]',
-    options: { file: { type: 'string' }, ram: { type: 'boolean' }, size: { type: 'string' }, 'block-size': { type: 'string' }, nsid: { type: 'string' }, 'attach-all': { type: 'boolean' }, aio: { type: 'string' } },
+    summary: '(--file PATH [--size SIZE] [--aio io_uring|threads] [--cache writeback|none|writethrough|directsync] | --ram --size SIZE) [--block-size 512|4096] [--nsid N] [--attach-all]',
+    options: { file: { type: 'string' }, ram: { type: 'boolean' }, size: { type: 'string' }, 'block-size': { type: 'string' }, nsid: { type: 'string' }, 'attach-all': { type: 'boolean' }, aio: { type: 'string' }, cache: { type: 'string' } },
     async run(s, p) {
       const file = p.values.file as string | undefined;
       if ((file === undefined) === (p.values.ram !== true)) throw new UsageError(`${s.verb}: give either --file PATH or --ram`);
@@ -319,6 +319,9 @@ const VERBS: Record<string, Verb> = {
       const aio = p.values.aio as string | undefined;
       if (aio !== undefined && file === undefined) throw new UsageError(`${s.verb}: --aio is for --file namespaces`);
       if (aio !== undefined && !(FILE_AIO_MODES as readonly string[]).includes(aio)) throw new UsageError(`${s.verb}: --aio must be ${FILE_AIO_MODES.join(' or ')}`);
+      const cache = p.values.cache as string | undefined;
+      if (cache !== undefined && file === undefined) throw new UsageError(`${s.verb}: --cache is for --file namespaces`);
+      if (cache !== undefined && !(FILE_CACHES as readonly string[]).includes(cache)) throw new UsageError(`${s.verb}: --cache must be ${FILE_CACHES.join(', ')}`);
       const response = await s.request({
         namespaceAdd: {
           ...(p.values.nsid !== undefined ? { nsid: Number(p.values.nsid) } : {}),
@@ -327,6 +330,7 @@ const VERBS: Record<string, Verb> = {
           blockSize,
           attachAll: p.values['attach-all'] === true,
           ...(aio !== undefined ? { aio } : {}),
+          ...(cache !== undefined ? { cache } : {}),
         },
       });
       s.print(`namespace ${response.nsid} added${p.values['attach-all'] ? ' and attached to every controller' : ' (attach it with `ns attach`)'}`, { nsid: response.nsid });
@@ -526,7 +530,7 @@ function describeStatus(status: ServerStatus): string {
     c.namespaces.join(',') || '-',
     c.socket ? `${c.socket}${c.clientConnected ? ' (client)' : ''}` : '-',
   ]);
-  const namespaces = status.namespaces.map((n) => `  ${n.nsid}: ${n.backend}${n.aio ? `, aio=${n.aio}` : ''}, ${n.blockSize}-byte blocks`);
+  const namespaces = status.namespaces.map((n) => `  ${n.nsid}: ${n.backend}${n.aio ? `, aio=${n.aio}` : ''}${n.cache ? `, cache=${n.cache}` : ''}, ${n.blockSize}-byte blocks`);
   return [
     `subsystem ${status.nqn}   control ${status.control}`,
     table(['CNTLID', 'ROLE', 'STATE', 'VQ/VI', 'VIRTUAL IDENTITY', 'RUN', 'NS', 'SOCKET'], rows),

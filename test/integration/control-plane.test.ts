@@ -229,7 +229,7 @@ describe('namespaces added through the control socket', () => {
       await cli(['ns', 'add', ...control, '--file', join(dir, 'default.img'), '--size', '16M']);
       const status = await statusOf(control);
       expect(status.namespaces.map((n) => [n.nsid, n.aio])).toEqual([[1, ''], [2, 'threads'], [3, ioUringAvailable() ? 'io_uring' : 'threads']]);
-      expect(await cli(['list', ...control])).toMatch(/2: file:\S+threads\.img, aio=threads, 512-byte blocks/);
+      expect(await cli(['list', ...control])).toMatch(/2: file:\S+threads\.img, aio=threads, cache=writeback, 512-byte blocks/);
       for (const bad of [['--ram', '--size', '16M', '--aio', 'threads'], ['--file', join(dir, 'x.img'), '--size', '16M', '--aio', 'native']]) {
         const refused = await runCli(['ns', 'add', ...control, ...bad]);
         expect({ code: refused.code, lines: refused.stderr.trim().split('\n').length }).toEqual({ code: 2, lines: 1 });
@@ -238,6 +238,33 @@ describe('namespaces added through the control socket', () => {
       const [answer] = await raw(control[1]!, [encodeRequest({ version: CONTROL_PROTOCOL_VERSION, id: 9, namespaceAdd: { file: join(dir, 'y.img'), size: 16 << 20, aio: 'native' } })], 1);
       expect(answer!.error).toMatch(/aio native \(threads or io_uring\)/);
       expect((await statusOf(control)).namespaces).toHaveLength(3);
+    } finally {
+      await server.stop('SIGTERM');
+    }
+  }, 60_000);
+
+  it('take --cache as QEMU names it, report it, keep it in --state-dir, and refuse it for RAM or a bad value', async () => {
+    const control = ['--control', join(dir, 'cache-control.sock')];
+    const state = ['--state-dir', join(dir, 'cache-state')];
+    const serve = (): Promise<Served> => spawnServe(['--secondaries', '1', '--namespace', 'ram,size=16M', ...control, ...state, '--log-level', 'warn'], 'control on ');
+    let server = await serve();
+    try {
+      await cli(['ns', 'add', ...control, '--file', join(dir, 'direct.img'), '--size', '16M', '--cache', 'none']);
+      await cli(['ns', 'add', ...control, '--file', join(dir, 'sync.img'), '--size', '16M', '--cache', 'directsync', '--block-size', '4096']);
+      await cli(['ns', 'add', ...control, '--file', join(dir, 'cached.img'), '--size', '16M']);
+      const modes = (status: ServerStatus): unknown => status.namespaces.map((n) => [n.nsid, n.cache]);
+      const expected = [[1, ''], [2, 'none'], [3, 'directsync'], [4, 'writeback']];
+      expect(modes(await statusOf(control))).toEqual(expected);
+      expect(await cli(['list', ...control])).toMatch(/2: file:\S+direct\.img, aio=\w+, cache=none, 512-byte blocks/);
+      for (const bad of [['--ram', '--size', '16M', '--cache', 'none'], ['--file', join(dir, 'x.img'), '--size', '16M', '--cache', 'unsafe']]) {
+        const refused = await runCli(['ns', 'add', ...control, ...bad]);
+        expect({ code: refused.code, lines: refused.stderr.trim().split('\n').length }).toEqual({ code: 2, lines: 1 });
+      }
+      const [answer] = await raw(control[1]!, [encodeRequest({ version: CONTROL_PROTOCOL_VERSION, id: 9, namespaceAdd: { file: join(dir, 'y.img'), size: 16 << 20, cache: 'unsafe' } })], 1);
+      expect(answer!.error).toMatch(/cache unsafe \(writeback, none, writethrough, directsync\)/);
+      expect(await server.stop('SIGTERM')).toBe(0);
+      server = await serve();
+      expect(modes(await statusOf(control))).toEqual(expected);
     } finally {
       await server.stop('SIGTERM');
     }

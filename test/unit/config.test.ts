@@ -25,6 +25,8 @@ describe('namespace specs', () => {
     expect(parseNamespaceSpec('ram=64M')).toEqual({ size: 64 << 20, lbads: 512 });
     expect(parseNamespaceSpec('file=/d/a.img,aio=threads')).toEqual({ file: '/d/a.img', lbads: 512, aio: 'threads' });
     expect(parseNamespaceSpec('file=/d/a.img,aio=io_uring')).toEqual({ file: '/d/a.img', lbads: 512, aio: 'io_uring' });
+    expect(parseNamespaceSpec('file=/d/a.img,cache=none,lbads=4096')).toEqual({ file: '/d/a.img', lbads: 4096, cache: 'none' });
+    expect(parseNamespaceSpec('file=/d/a.img,cache=directsync')).toEqual({ file: '/d/a.img', lbads: 512, cache: 'directsync' });
   });
 
   it.each([
@@ -38,6 +40,8 @@ describe('namespace specs', () => {
     ['ram,size=1M,nsid=0', /nsid/],
     ['file=a,aio=native', /aio must be threads or io_uring, got 'native'/],
     ['ram,size=1M,aio=io_uring', /aio= is for file namespaces/],
+    ['file=a,cache=unsafe', /cache must be writeback, none, writethrough, directsync, got 'unsafe'/],
+    ['ram,size=1M,cache=none', /cache= is for file namespaces/],
   ])('refuses %j', (spec, message) => expect(() => parseNamespaceSpec(spec)).toThrow(message));
 });
 
@@ -62,7 +66,7 @@ describe('JSON config files', () => {
     const path = join(dir, 'cfg.json');
     writeFileSync(path, JSON.stringify({
       sockets: ['c0.sock', '/abs/c1.sock'],
-      namespaces: [{ file: 'disk.img', size: '1G', lbads: 4096, aio: 'threads' }, 'ram,size=8M'],
+      namespaces: [{ file: 'disk.img', size: '1G', lbads: 4096, aio: 'threads', cache: 'none' }, 'ram,size=8M'],
       nqn: 'nqn.2026-11.test:x',
       ioQueues: 4,
       mdts: 5,
@@ -72,7 +76,7 @@ describe('JSON config files', () => {
     }));
     const c = loadConfigFile(path);
     expect(c.sockets).toEqual([join(dir, 'c0.sock'), '/abs/c1.sock']);
-    expect(c.namespaces).toEqual([{ file: join(dir, 'disk.img'), size: 1 << 30, lbads: 4096, aio: 'threads' }, { size: 8 << 20, lbads: 512 }]);
+    expect(c.namespaces).toEqual([{ file: join(dir, 'disk.img'), size: 1 << 30, lbads: 4096, aio: 'threads', cache: 'none' }, { size: 8 << 20, lbads: 512 }]);
     expect(c.nqn).toBe('nqn.2026-11.test:x');
     expect([c.ioQueues, c.mdts, c.interrupts, c.pollUs, c.batchMs]).toEqual([4, 5, 'msi', 150, 0.25]);
   });
@@ -94,6 +98,7 @@ describe('JSON config files', () => {
     expect(() => loadConfigFile(bad('{"batchMs":0.0005}'))).toThrow(/batchMs '0.0005'/);
     expect(() => loadConfigFile(bad('{"namespaces":[{"file":"a","lbads":7}]}'))).toThrow(/512 or 4096/);
     expect(() => loadConfigFile(bad('{"namespaces":[{"file":"a","aio":"uring"}]}'))).toThrow(/aio must be threads or io_uring/);
+    expect(() => loadConfigFile(bad('{"namespaces":[{"file":"a","cache":"direct"}]}'))).toThrow(/cache must be writeback, none/);
     expect(() => loadConfigFile(join(dir, 'missing.json'))).toThrow(/ENOENT/);
   });
 });

@@ -22,6 +22,8 @@ export interface NamespaceAddRequest {
   attachAll?: boolean;
   /** 'io_uring' or 'threads'; absent: the server's default. */
   aio?: string;
+  /** 'writeback', 'none', 'writethrough' or 'directsync'; absent: 'writeback'. */
+  cache?: string;
 }
 
 export interface ControlRequest {
@@ -74,6 +76,8 @@ export interface NamespaceStatus {
   blockSize: number;
   /** A file namespace's aio; empty for RAM. */
   aio: string;
+  /** A file namespace's cache mode; empty for RAM. */
+  cache: string;
 }
 
 export interface VirtualSubsystemStatus {
