@@ -1,9 +1,10 @@
 // A stock Linux guest uses our controller as its disk: the in-kernel nvme driver binds, nvme-cli
 // reports sane values, fio verifies data, the backing files hold exactly what the guest wrote,
 // discard punches holes, resets and reboots recover, and two controllers share two namespaces.
-// The backing files live on a disk file system and their pages are dropped from the page cache
-// while the guest runs, so reads also take the path that waits for the disk (aio=io_uring by
-// default).
+// The backing files live on a disk file system. The first namespace's pages are dropped from the
+// page cache while the guest runs, so reads also take the path that waits for the disk
+// (aio=io_uring by default); the second is opened with cache=none (O_DIRECT), so none of its
+// pages ever enter the page cache.
 
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createHash } from 'node:crypto';
@@ -14,7 +15,7 @@ import { join } from 'node:path';
 import { ensureHarness, runGuest, type GuestRun } from './guest.js';
 import { startServerProcess, type ServerProcess } from '../support/server-process.js';
 import { mappedDoorbellCounts } from '../support/doorbell-log.js';
-import { dropFromPageCache, fileRange, ioUringAvailable } from '../support/files.js';
+import { dropFromPageCache, fileRange, ioUringAvailable, residentPages } from '../support/files.js';
 import { fields } from './shell.js';
 
 const MiB = 1 << 20;
@@ -98,13 +99,15 @@ describe('one controller, two namespaces (512 B and 4 KiB blocks) on files', () 
   let run: GuestRun & { serverSurvived: boolean };
   let f: Map<string, string>;
   let evictions: number;
+  /** ns2's pages in the host's page cache once the guest is done (nothing but the guest touched it). */
+  let ns2Resident: number;
   const disk1 = () => join(dir, 'ns1.img');
   const disk2 = () => join(dir, 'ns2.img');
 
   beforeAll(async () => {
     server = await startServerProcess(join(dir, 'c0.sock'), [
       '--namespace', `file=${disk1()},size=256M`,
-      '--namespace', `file=${disk2()},size=128M,lbads=4096`,
+      '--namespace', `file=${disk2()},size=128M,lbads=4096,cache=none`,
     ]);
     const script = `${GUEST_HELPERS}
 d1=$(wait_dev 0 1) && d2=$(wait_dev 0 2) || exit 10
@@ -145,12 +148,13 @@ sleep 1
 dd if=$d1 bs=64k skip=1600 count=16 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1 | sed 's/^/after-reset.sha=/'
 nvme flush $d1; echo flush.rc=$?
 `;
-    const stopEvicting = keepEvicting([disk1(), disk2()]);
+    const stopEvicting = keepEvicting([disk1()]);
     try {
       run = await runAgainst(server, { script, vfioUserSockets: [server.socketPath], memMiB: 768, timeoutMs: 420_000 });
     } finally {
       evictions = await stopEvicting();
     }
+    ns2Resident = residentPages(disk2());
     f = fields(run.scriptOutput);
   }, 480_000);
 
@@ -160,8 +164,14 @@ nvme flush $d1; echo flush.rc=$?
     const TMPFS_MAGIC = 0x01021994;
     expect(statfsSync(dir).type).not.toBe(TMPFS_MAGIC);
     const aio = ioUringAvailable() ? 'io_uring' : 'threads';
-    expect(server.log()).toMatch(new RegExp(`namespace 1: file:\\S+ns1\\.img, aio=${aio}`));
+    expect(server.log()).toMatch(new RegExp(`namespace 1: file:\\S+ns1\\.img, aio=${aio}, cache=writeback`));
     expect(evictions).toBeGreaterThan(5);
+  });
+
+  it('with cache=none, keeps none of the namespace in the page cache (O_DIRECT), for all the guest wrote and read there', () => {
+    expect(server.log()).toMatch(/namespace 2: file:\S+ns2\.img, aio=\w+, cache=none, 4096-byte blocks/);
+    // fio wrote and verified 16 MiB there and dd 256 KiB: buffered, thousands of pages would stay.
+    expect(ns2Resident).toBe(0);
   });
 
   it('nvme-cli reports a sane controller and namespaces', () => {
