@@ -9,7 +9,8 @@
 // another checkout (e.g. `git archive main`), interleaved A B B A, so before/after share the
 // machine's conditions. --poll-us passes `serve --poll-us` (shadow-tail polling); two values compare
 // them the same way, interleaved, on this checkout, and so do two --aio values (the file
-// namespaces' aio=) and two --batch-ms values (`serve --batch-ms`: a driver that reaps at once, as
+// namespaces' aio=), two --cache values (their cache=, e.g. writeback,none: the page cache against
+// O_DIRECT) and two --batch-ms values (`serve --batch-ms`: a driver that reaps at once, as
 // a KVM guest does, shows what batching costs it). The disk namespace is a file on a disk file system (--disk-dir, default the
 // temporary directory), where writes cannot be done inline; --evict drops its pages from the page
 // cache before every read point, so reads wait for the disk too. --completions poll makes the driver find its
@@ -21,7 +22,8 @@
 // Usage: npx tsx bench/device.ts [--runtime 3] [--warmup 0.5] [--reps 1] [--qd 1,32,128]
 //          [--queues 1,4] [--ns ram,file,disk] [--rw randread,randwrite] [--region 256]
 //          [--doorbells shadow|mmio] [--coalescing CDW11] [--poll-us N[,M]] [--completions irq|poll]
-//          [--aio threads|io_uring[,…]] [--batch-ms N[,M]] [--disk-dir DIR] [--evict]
+//          [--aio threads|io_uring[,…]] [--cache writeback|none|…[,…]] [--batch-ms N[,M]]
+//          [--disk-dir DIR] [--evict]
 //          [--baseline DIR] [--cpu-prof]
 //          [--profile-qd 32] [--out bench/results/device]
 // See bench/README.md.
@@ -34,6 +36,7 @@ import { performance } from 'node:perf_hooks';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { AdminOpcode, NvmOpcode, Sqe, SQE_SIZE, CQE_SIZE, FeatureId } from '../src/nvme/spec.js';
+import { FILE_CACHES, type FileCache } from '../src/nvme/backend.js';
 import { HostQueue, NvmeHost, PAGE } from '../test/support/nvme-host.js';
 import { startServerProcess, type ServerProcess } from '../test/support/server-process.js';
 import { dropFromPageCache } from '../test/support/files.js';
@@ -68,6 +71,8 @@ interface Options {
   pollUs: number[];
   /** The file namespaces' aio= values (none: the server's default); two of them are compared like a baseline. */
   aio: Aio[];
+  /** The file namespaces' cache= values (none: writeback); two of them are compared like a baseline. */
+  cache: FileCache[];
   /** `serve --batch-ms` values; two of them are compared like a baseline. */
   batchMs: number[];
   /** Where the disk namespace's image lives (not a file system in memory). */
@@ -115,6 +120,7 @@ function parseOptions(argv: string[]): Options {
       coalescing: { type: 'string' },
       'poll-us': { type: 'string', default: '0' },
       aio: { type: 'string' },
+      cache: { type: 'string' },
       'batch-ms': { type: 'string', default: '0' },
       'disk-dir': { type: 'string', default: os.tmpdir() },
       evict: { type: 'boolean', default: false },
@@ -144,9 +150,11 @@ function parseOptions(argv: string[]): Options {
   if (pollUs.length > 2 || pollUs.some((v) => !Number.isInteger(v) || v < 0)) throw new Error('--poll-us takes one or two whole numbers of µs');
   const aio = values.aio === undefined ? [] : list('aio', values.aio, ['threads', 'io_uring'] as const);
   if (aio.length > 2) throw new Error('--aio takes one or two values');
+  const cache = values.cache === undefined ? [] : list('cache', values.cache, FILE_CACHES);
+  if (cache.length > 2) throw new Error('--cache takes one or two values');
   const batchMs = values['batch-ms'].split(',').map(Number);
   if (batchMs.length > 2 || batchMs.some((v) => !Number.isFinite(v) || v < 0)) throw new Error('--batch-ms takes one or two numbers of milliseconds');
-  if ([pollUs, aio, batchMs].filter((given) => given.length === 2).length + (values.baseline ? 1 : 0) > 1) throw new Error('compare one thing at a time: two values of one of --poll-us, --aio, --batch-ms, or --baseline');
+  if ([pollUs, aio, cache, batchMs].filter((given) => given.length === 2).length + (values.baseline ? 1 : 0) > 1) throw new Error('compare one thing at a time: two values of one of --poll-us, --aio, --cache, --batch-ms, or --baseline');
   const diskDir = path.resolve(values['disk-dir']);
   const diskDirType = fs.statfsSync(diskDir).type;
   if (diskDirType === TMPFS_MAGIC || diskDirType === RAMFS_MAGIC) throw new Error(`--disk-dir ${diskDir} is a file system in memory: give a directory on a disk`);
@@ -163,6 +171,7 @@ function parseOptions(argv: string[]): Options {
     coalescing: values.coalescing === undefined ? null : Number(values.coalescing),
     pollUs,
     aio,
+    cache,
     batchMs,
     diskDir,
     evict: values.evict,
@@ -488,6 +497,8 @@ interface ServerUnderTest {
   pollUs: number;
   /** null: the server's default. */
   aio: Aio | null;
+  /** null: the server's default (writeback). */
+  cache: FileCache | null;
   batchMs: number;
 }
 
@@ -505,7 +516,7 @@ async function startServer(sut: ServerUnderTest, ns: NamespaceKind, o: Options, 
   const imageDir = ns === 'file' ? '/dev/shm' : ns === 'disk' ? o.diskDir : null;
   const imagePath = imageDir ? path.join(imageDir, `nvu-device-bench-${tag}.img`) : null;
   if (imagePath) fs.rmSync(imagePath, { force: true });
-  const spec = imagePath ? `file=${imagePath},size=${NAMESPACE_BYTES},lbads=${BLOCK_BYTES}${sut.aio ? `,aio=${sut.aio}` : ''}` : `ram,size=${NAMESPACE_BYTES},lbads=${BLOCK_BYTES}`;
+  const spec = imagePath ? `file=${imagePath},size=${NAMESPACE_BYTES},lbads=${BLOCK_BYTES}${sut.aio ? `,aio=${sut.aio}` : ''}${sut.cache ? `,cache=${sut.cache}` : ''}` : `ram,size=${NAMESPACE_BYTES},lbads=${BLOCK_BYTES}`;
   const maxQueues = Math.max(...o.queueCounts);
   const command = builtServerCommand(sut.root, nodeFlags);
   const polling = [...(sut.pollUs > 0 ? ['--poll-us', String(sut.pollUs)] : []), ...(sut.batchMs > 0 ? ['--batch-ms', String(sut.batchMs)] : [])];
@@ -585,7 +596,7 @@ function report(results: PointResult[], points: Point[], servers: ServerUnderTes
       `QD is per queue. Latency is from placing the command to the driver seeing its completion ${o.completions === 'irq' ? 'after the interrupt' : 'by polling its CQ (I/O CQs created with interrupts off, as Linux\'s poll queues)'}. A range is min–max over repetitions.` +
       (o.namespaces.includes('disk') ? ` The disk namespace is an image in ${o.diskDir} (${fileSystemName(o.diskDir)})${o.evict ? ', its pages dropped from the page cache before every read point (sync, then dd iflag=nocache), so reads wait for the disk' : ''}.` : ''),
     '',
-    `Servers: ${servers.map((s) => `${s.label} = ${path.relative(REPO, s.root) || '.'}${meta[`rev:${s.label}`] ? ` (${meta[`rev:${s.label}`]})` : ''}${s.pollUs > 0 ? ` with --poll-us ${s.pollUs}` : ''}${s.aio ? ` with aio=${s.aio}` : ''}${s.batchMs > 0 ? ` with --batch-ms ${s.batchMs}` : ''}`).join('; ')}.`,
+    `Servers: ${servers.map((s) => `${s.label} = ${path.relative(REPO, s.root) || '.'}${meta[`rev:${s.label}`] ? ` (${meta[`rev:${s.label}`]})` : ''}${s.pollUs > 0 ? ` with --poll-us ${s.pollUs}` : ''}${s.aio ? ` with aio=${s.aio}` : ''}${s.cache ? ` with cache=${s.cache}` : ''}${s.batchMs > 0 ? ` with --batch-ms ${s.batchMs}` : ''}`).join('; ')}.`,
     '',
     resultTable(results, points, servers),
     '',
@@ -624,13 +635,15 @@ async function profileRun(o: Options, workDir: string, me: ServerUnderTest): Pro
 async function main(): Promise<void> {
   const o = parseUsage(() => parseOptions(process.argv.slice(2)));
   const workDir = fs.mkdtempSync(path.join(os.tmpdir(), 'nvu-device-bench-'));
-  const me: ServerUnderTest = { label: o.baseline ? 'new' : 'ours', root: REPO, pollUs: o.pollUs[0]!, aio: o.aio[0] ?? null, batchMs: o.batchMs[0]! };
+  const me: ServerUnderTest = { label: o.baseline ? 'new' : 'ours', root: REPO, pollUs: o.pollUs[0]!, aio: o.aio[0] ?? null, cache: o.cache[0] ?? null, batchMs: o.batchMs[0]! };
   const servers: ServerUnderTest[] = o.baseline
     ? [{ ...me, label: 'base', root: o.baseline }, me]
     : o.pollUs.length === 2
       ? o.pollUs.map((pollUs) => ({ ...me, label: `poll${pollUs}`, pollUs }))
       : o.aio.length === 2
         ? o.aio.map((aio) => ({ ...me, label: aio, aio }))
+        : o.cache.length === 2
+          ? o.cache.map((cache) => ({ ...me, label: `cache-${cache}`, cache }))
         : o.batchMs.length === 2
           ? o.batchMs.map((batchMs) => ({ ...me, label: `batch${batchMs}`, batchMs }))
         : [me];
