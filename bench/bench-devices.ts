@@ -6,6 +6,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { qemuBinary } from '../test/e2e/guest.js';
 import { freshImage, qemuDeviceProperties } from './host-stats.js';
+import type { FileCache } from '../src/nvme/backend.js';
 
 export type DeviceKind = 'ours' | 'ours-poll' | 'ours-batch' | 'ours-mapped' | 'ours-mapped-batch' | 'qemu-nvme' | 'qemu-nvme-ioeventfd' | 'virtio-blk' | 'virtio-blk-iothread' | 'qemu-nvme-null';
 
@@ -33,10 +34,10 @@ const OUR_FLAGS: Partial<Record<DeviceKind, readonly string[]>> = {
 
 export const isOurs = (kind: DeviceKind): boolean => OUR_FLAGS[kind] !== undefined;
 
-/** `serve` arguments beyond the socket for one of our devices. */
-export function ourServeArgs(kind: DeviceKind, image: string): string[] {
+/** `serve` arguments beyond the socket for one of our devices; `cache`: its namespace's cache= (none: the default). */
+export function ourServeArgs(kind: DeviceKind, image: string, cache?: FileCache): string[] {
   // warn: per-command info logging would be measured as device overhead.
-  return ['--namespace', `file=${image},size=1G`, '--log-level', 'warn', ...(OUR_FLAGS[kind] ?? [])];
+  return ['--namespace', `file=${image},size=1G${cache ? `,cache=${cache}` : ''}`, '--log-level', 'warn', ...(OUR_FLAGS[kind] ?? [])];
 }
 
 /** Every ratio in the reports is device / this one, measured in the same run. */

@@ -20,8 +20,13 @@
 //
 // --scaling adds the scaling tables of scaling.ts (controllers of one server, I/O queues).
 //
+// --image-dir puts the images on another file system than /dev/shm (a disk, where reads and writes
+// wait for it), and --cache sets our namespaces' cache= (QEMU's drives are always cache=none), e.g.
+// `--image-dir /var/tmp --cache none` to compare O_DIRECT with O_DIRECT.
+//
 // Usage: npx tsx bench/fio-compare.ts [--runtime 10] [--reps 2] [--size 256] [--devices a,b,…]
-//          [--jobs randread-4k-qd32,…] [--out bench/results/latest.md] [--scaling [--scaling-only] [--scaling-runtime S]
+//          [--jobs randread-4k-qd32,…] [--image-dir /dev/shm] [--cache writeback|none|…]
+//          [--out bench/results/latest.md] [--scaling [--scaling-only] [--scaling-runtime S]
 //          [--scaling-controllers 1,2,3,4] [--scaling-queues 1,2,4,8] [--queue-vcpus]]
 // Raw results go to the .json beside --out. See bench/README.md.
 
@@ -39,6 +44,7 @@ import { migrationSection, readMigrationJson, summarizeMigration } from './migra
 import { runsTable, summarize, summaryTables, workloadTables, type DeviceRun, type JobResult } from './report.js';
 import { runScaling, scalingReport, type ScalePoint, type ScalingOptions } from './scaling.js';
 import { useBuiltServer } from './server-build.js';
+import { FILE_CACHES, type FileCache } from '../src/nvme/backend.js';
 import { parseUsage, positiveWhole, runBench } from './cli.js';
 
 const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
@@ -55,6 +61,10 @@ interface Options {
   /** The fio jobs to run (guest-fio.ts WORKLOADS, all by default), in that order. */
   workloads: Workload[];
   out: string;
+  /** Where the images live. */
+  imageDir: string;
+  /** Our namespaces' cache= (undefined: the server's default). */
+  cache: FileCache | undefined;
   scaling: boolean;
   scalingOnly: boolean;
   scalingRuntimeSec: number;
@@ -75,6 +85,8 @@ function parseOptions(argv: string[]): Options {
       devices: { type: 'string', default: ALL_DEVICES.join(',') },
       jobs: { type: 'string', default: WORKLOADS.map((w) => w.id).join(',') },
       out: { type: 'string', default: path.join(REPO, 'bench', 'results', 'latest.md') },
+      'image-dir': { type: 'string', default: '/dev/shm' },
+      cache: { type: 'string' },
       scaling: { type: 'boolean', default: false },
       'scaling-only': { type: 'boolean', default: false },
       'scaling-runtime': { type: 'string' },
@@ -97,6 +109,9 @@ function parseOptions(argv: string[]): Options {
   // The scaling table's GO block sits 1 MiB past the region, inside the 1 GiB namespace.
   if (sizeMiB > 1000) throw new Error('--size must be at most 1000 (MiB of the 1 GiB namespace)');
   const runtimeSec = positiveWhole('runtime', values.runtime);
+  if (values.cache !== undefined && !(FILE_CACHES as readonly string[]).includes(values.cache)) throw new Error(`--cache: expected ${FILE_CACHES.join(', ')}`);
+  const imageDir = path.resolve(values['image-dir']);
+  if (!fs.statSync(imageDir, { throwIfNoEntry: false })?.isDirectory()) throw new Error(`--image-dir ${imageDir} is not a directory`);
   return {
     runtimeSec,
     reps: positiveWhole('reps', values.reps),
@@ -105,6 +120,8 @@ function parseOptions(argv: string[]): Options {
     devices,
     workloads,
     out: path.resolve(values.out),
+    imageDir,
+    cache: values.cache as FileCache | undefined,
     scaling: values.scaling || values['scaling-only'],
     scalingOnly: values['scaling-only'],
     scalingRuntimeSec: values['scaling-runtime'] !== undefined ? positiveWhole('scaling-runtime', values['scaling-runtime']) : runtimeSec,
@@ -175,13 +192,13 @@ interface BenchContext {
 async function runDevice(device: DeviceKind, rep: number, ctx: BenchContext): Promise<DeviceRun> {
   const { opts } = ctx;
   const label = DEVICES[device].label;
-  const image = `/dev/shm/nvu-bench-${process.pid}-${device}.img`;
+  const image = path.join(opts.imageDir, `nvu-bench-${process.pid}-${device}.img`);
   fs.rmSync(image, { force: true });
   let server: ServerProcess | undefined;
   const vfioUserSockets: string[] = [];
   if (isOurs(device)) {
     const sock = path.join(ctx.workDir, `${device}-${rep}.sock`);
-    server = await startServerProcess(sock, ourServeArgs(device, image));
+    server = await startServerProcess(sock, ourServeArgs(device, image, opts.cache));
     vfioUserSockets.push(sock);
   } else if (usesImage(device)) {
     freshImage(image);
@@ -254,6 +271,11 @@ interface Meta {
   foreignQemuMax: number;
 }
 
+/** How a device was attached in this run: our namespace's image directory and cache= as given. */
+function attachText(device: DeviceKind, o: Options): string {
+  return DEVICES[device].attach.replace('file=/dev/shm/…,size=1G', `file=${o.imageDir}/…,size=1G${o.cache ? `,cache=${o.cache}` : ''}`);
+}
+
 function header(o: Options, meta: Meta): string[] {
   const busy = meta.foreignQemuMax > 0 || Number(meta.loadBefore.split(' ')[0]) >= 1;
   return [
@@ -261,7 +283,7 @@ function header(o: Options, meta: Meta): string[] {
     `- host: ${os.cpus().length} CPUs (${cpuModel()}), kernel ${os.release()}; ${qemuVersion()}`,
     `- accelerator: **${meta.accels}**${meta.accels.includes('tcg') ? ' (no working KVM: the guest CPU is emulated and dominates every number)' : ''}`,
     `- guest: 2 vCPUs, ${o.memMiB} MiB, guest RAM a shared memfd for all devices`,
-    `- backing: 1 GiB sparse files on /dev/shm; QEMU drives \`format=raw,cache=none,aio=${meta.aio}\``,
+    `- backing: 1 GiB sparse files on ${o.imageDir}; QEMU drives \`format=raw,cache=none,aio=${meta.aio}\`; ours \`cache=${o.cache ?? 'writeback'}\``,
     // The benchmark itself keeps ~2-3 threads busy; load already there before it started is someone else's.
     `- load average before / after: ${meta.loadBefore} / ${meta.loadAfter}; other QEMU processes seen (max): ${meta.foreignQemuMax}` +
       (busy ? ' — **other work shared the CPUs: numbers are noisy**' : ' — the 2-core host is shared: expect noise of 5-15 % between runs'),
@@ -274,7 +296,7 @@ function deviceSection(runs: DeviceRun[], o: Options): string {
   return [
     `${o.reps} boot(s) per device, devices interleaved (${o.devices.map((d) => DEVICES[d].label).join(', ')}, then again). Devices:`,
     '',
-    ...o.devices.map((d) => `- **${DEVICES[d].label}**: ${DEVICES[d].attach}`),
+    ...o.devices.map((d) => `- **${DEVICES[d].label}**: ${attachText(d, o)}`),
     '',
     `fio 3.39 in the guest: \`${fioCommon(o.sizeMiB)} --runtime=${o.runtimeSec} --time_based\`; the ${o.sizeMiB} MiB region is first filled with a 1 MiB sequential write in the same boot.`,
     '',
@@ -366,7 +388,7 @@ async function main(): Promise<void> {
     const json = {
       meta: { ...meta, startedAt: startedAt.toISOString(), finishedAt: meta.finishedAt.toISOString(), qemu: qemuVersion(), cpus: os.cpus().length, cpuModel: cpuModel(), kernel: os.release() },
       options: opts,
-      devices: Object.fromEntries(opts.devices.map((d) => [d, { label: DEVICES[d].label, attach: DEVICES[d].attach }])),
+      devices: Object.fromEntries(opts.devices.map((d) => [d, { label: DEVICES[d].label, attach: attachText(d, opts) }])),
       workloads: opts.workloads,
       baseline: BASELINE,
       summary: opts.scalingOnly ? undefined : summarize(runs, opts.devices, opts.workloads),

@@ -179,8 +179,9 @@ uint32_t ArgPowerOfTwo(const Napi::CallbackInfo& info, size_t i, const char* nam
 }
 
 // Whether every view starts at an address that is a multiple of `memory` and is a multiple of
-// `length` bytes long, as O_DIRECT needs of each buffer (JS cannot see the addresses). A detached
-// view counts as misaligned: the caller then copies, and the copy finds it empty.
+// `length` bytes long, as O_DIRECT needs of each buffer (JS cannot see the addresses). An empty
+// view transfers nothing and does not count; a detached one counts as misaligned: the caller then
+// copies, and the copy finds it empty.
 Napi::Value AlignedForDirectIo(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (info.Length() < 1 || !info[0].IsArray()) throw Napi::TypeError::New(env, "views must be an array");
@@ -193,6 +194,7 @@ Napi::Value AlignedForDirectIo(const Napi::CallbackInfo& info) {
     Napi::TypedArray t = v.As<Napi::TypedArray>();
     auto* base = static_cast<uint8_t*>(t.ArrayBuffer().Data());
     if (base == nullptr) return Napi::Boolean::New(env, false);
+    if (t.ByteLength() == 0) continue;
     auto address = reinterpret_cast<uintptr_t>(base + t.ByteOffset());
     if ((address & (memory - 1)) != 0 || (t.ByteLength() & (length - 1)) != 0) return Napi::Boolean::New(env, false);
   }

@@ -409,9 +409,11 @@ export class FileBackend extends VectoredBackend {
    * blocks, which the open checked are aligned.
    */
   private async bounce(write: boolean, offset: number, views: readonly Uint8Array[], alignment: number): Promise<void> {
-    const copy = new Uint8Array(this.addon.alignedBuffer(totalLength(views), alignment));
-    let at = 0;
+    const total = totalLength(views);
+    if (total === 0) return;
+    const copy = new Uint8Array(this.addon.alignedBuffer(total, alignment));
     if (write) {
+      let at = 0;
       for (const v of views) {
         copy.set(v, at);
         at += v.length;
@@ -419,11 +421,15 @@ export class FileBackend extends VectoredBackend {
       await this.writevQueued(offset, [copy]);
       return;
     }
-    await this.readvQueued(offset, [copy]);
+    // Where each view starts, taken now: one whose mapping goes away meanwhile reads as empty.
+    const starts: number[] = [];
+    let at = 0;
     for (const v of views) {
-      v.set(copy.subarray(at, at + v.length));
+      starts.push(at);
       at += v.length;
     }
+    await this.readvQueued(offset, [copy]);
+    views.forEach((v, i) => v.set(copy.subarray(starts[i]!, starts[i]! + v.length)));
   }
 
   /** How transfers that may wait for a disk are done. */
