@@ -55,8 +55,10 @@ async function migrateBackAndForth(
   // The MSI-X VM's B side offers its doorbells as a mapped page: every hop then moves the
   // controller between a trapped and a mapped doorbell page, one way or the other.
   const mappedOnB = interrupts === 'msix' && !network ? ['--doorbells', 'mapped'] : [];
-  const a = await side(dir, 'a', 1, disk, extra, network?.a);
-  const b = await side(dir, 'b', 2, disk, [...extra, ...mappedOnB], network?.b);
+  // Between hosts the namespace is O_DIRECT, as QEMU users run shared storage (cache=none).
+  const cache = network ? 'none' : undefined;
+  const a = await side(dir, 'a', 1, disk, extra, network?.a, cache);
+  const b = await side(dir, 'b', 2, disk, [...extra, ...mappedOnB], network?.b, cache);
   const stopMarker = `NVU-STOP-${label}`;
   const script = workload(stopMarker);
   const lines: string[] = [];
@@ -344,7 +346,8 @@ describe('across two hosts (network namespaces): control and QMP over TCP with a
 
   afterAll(() => hosts?.remove());
 
-  it('moves the VM there and back with every round verified', () => {
+  it('moves the VM there and back with every round verified, its namespace O_DIRECT (cache=none) on both hosts', () => {
+    for (const s of result.sides) expect([s.name, /namespace 1: file:\S+, aio=\w+, cache=none/.test(s.server.log())]).toEqual([s.name, true]);
     const output = result.lines.join('\n');
     const rounds = [...output.matchAll(/^round\.\d+=(\d+),(\d*),\d+$/gm)].map((m) => [m[1], m[2]]);
     expect(result.hops).toHaveLength(2);

@@ -8,6 +8,7 @@ import { join } from 'node:path';
 import { HELPERS } from './shell.js';
 import { startServe, type Served } from '../support/serve.js';
 import { cli } from '../support/cli.js';
+import type { FileCache } from '../../src/nvme/backend.js';
 
 export const VNQN = 'nqn.2026-11.io.example:migrating-vm';
 export const DISK_MIB = 128;
@@ -68,13 +69,14 @@ export interface Placement {
   migrationAddress: string;
 }
 
-export async function side(dir: string, name: 'a' | 'b', cntlid: number, disk: string, extra: string[], placement?: Placement): Promise<Side> {
+/** `cache`: the namespace's cache= (absent: the default, writeback). */
+export async function side(dir: string, name: 'a' | 'b', cntlid: number, disk: string, extra: string[], placement?: Placement, cache?: FileCache): Promise<Side> {
   const control = placement ? `tcp:${placement.managementAddress}:${7000 + cntlid}` : join(dir, `${name}-control.sock`);
   const socket = join(dir, `${name}-vm.sock`);
   const tokenFile = join(dir, 'control.token');
   if (placement && !existsSync(tokenFile)) writeFileSync(tokenFile, `${randomBytes(24).toString('hex')}\n`, { mode: 0o600 });
   const controlArgs = ['--control', control, ...(placement ? ['--control-token', tokenFile] : [])];
-  const server = await startServe(['--secondaries', '2', ...controlArgs, '--namespace', `file=${disk},size=${DISK_MIB}M`, ...extra], 'control on ', 15_000, placement?.netns);
+  const server = await startServe(['--secondaries', '2', ...controlArgs, '--namespace', `file=${disk},size=${DISK_MIB}M${cache ? `,cache=${cache}` : ''}`, ...extra], 'control on ', 15_000, placement?.netns);
   await cli(['vsubsys', 'create', ...controlArgs, '--virtual-nqn', VNQN]);
   await cli(['vsubsys', 'add', ...controlArgs, '--virtual-nqn', VNQN, '--ctrl', String(cntlid), '--vcid', '1']);
   await cli(['ctrl', 'assign', ...controlArgs, '--ctrl', String(cntlid), '--vq', '3', '--vi', '3']);
