@@ -165,6 +165,11 @@ export interface NativeAddon {
    */
   punchHole(fd: number, offset: number, length: number): Promise<void>;
   /**
+   * fallocate(ZERO_RANGE | KEEP_SIZE) on the libuv threadpool: [offset, offset+length) reads as
+   * zeros, no data written, blocks kept allocated. Rejects with `.code` ('EOPNOTSUPP' on tmpfs).
+   */
+  zeroRange(fd: number, offset: number, length: number): Promise<void>;
+  /**
    * fdatasync, then posix_fadvise(DONTNEED) over the whole file, on the libuv threadpool: the next
    * reads of the file come from storage, not from this host's page cache. Rejects with `.code`.
    */

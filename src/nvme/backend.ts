@@ -237,8 +237,8 @@ const INLINE_MAX_BYTES = 256 * 1024;
  */
 export class FileBackend extends VectoredBackend {
   readonly volatileCache: boolean;
-  /** Cleared the first time the file system refuses hole punching. */
-  private punchHoles = true;
+  /** The fallocate modes this file system refused once (EOPNOTSUPP): not tried again. */
+  private readonly refusedFallocate = new Set<'punchHole' | 'zeroRange'>();
   /** Set by the first fdatasync that failed: see writeBack(). */
   private writeBackFailed: Error | null = null;
   /** The file lives in memory (tmpfs, ramfs, hugetlbfs): its pages are its storage. */
@@ -477,20 +477,33 @@ export class FileBackend extends VectoredBackend {
    */
   async discard(offset: number, length: number): Promise<void> {
     if (length === 0) return;
-    if (this.punchHoles) {
-      try {
-        await this.addon.punchHole(this.handle.fd, offset, length);
-        return;
-      } catch (err) {
-        const code = (err as NodeJS.ErrnoException).code;
-        if (code !== 'EOPNOTSUPP' && code !== 'ENOSYS' && code !== 'EINVAL') throw err;
-        this.punchHoles = false;
-      }
-    }
-    await this.writeZeroes(offset, length);
+    if (!(await this.fallocate('punchHole', offset, length))) await this.writeZeroes(offset, length);
   }
 
+  /**
+   * fallocate(ZERO_RANGE) where the file system takes it (ext4, XFS: no data written, the blocks
+   * stay allocated, as QEMU does); zeros written in bounded chunks elsewhere (tmpfs).
+   */
   async writeZeroes(offset: number, length: number): Promise<void> {
+    if (length === 0) return;
+    if (!(await this.fallocate('zeroRange', offset, length))) await this.writeZeroChunks(offset, length);
+  }
+
+  /** The addon's fallocate call (on the threadpool): false when this file system does not offer the mode. */
+  private async fallocate(mode: 'punchHole' | 'zeroRange', offset: number, length: number): Promise<boolean> {
+    if (this.refusedFallocate.has(mode)) return false;
+    try {
+      await this.addon[mode](this.handle.fd, offset, length);
+      return true;
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      if (code !== 'EOPNOTSUPP' && code !== 'ENOSYS' && code !== 'EINVAL') throw err;
+      this.refusedFallocate.add(mode);
+      return false;
+    }
+  }
+
+  private async writeZeroChunks(offset: number, length: number): Promise<void> {
     const size = Math.min(ZERO_CHUNK, length);
     // Aligned for O_DIRECT, so the zeros need no bounce copy.
     const zeros = this.directAlignment ? new Uint8Array(this.addon.alignedBuffer(size, this.directAlignment.memory)) : new Uint8Array(size);

@@ -343,6 +343,26 @@ describe('punchHole', () => {
   });
 });
 
+describe('zeroRange', () => {
+  it('zeroes a range of a disk file in place, keeping its size; a bad fd rejects with its errno', async () => {
+    const { mkdtempSync, openSync, writeSync, readSync, fstatSync, closeSync, rmSync } = await import('node:fs');
+    const dir = mkdtempSync(join(tmpdir(), 'nvu-zero-'));
+    try {
+      const fd = openSync(join(dir, 'disk.img'), 'w+');
+      writeSync(fd, Buffer.alloc(65536, 0xcd), 0, 65536, 0);
+      await native.zeroRange(fd, 4096, 8192);
+      const back = Buffer.alloc(65536);
+      readSync(fd, back, 0, 65536, 0);
+      expect([back.subarray(4096, 12288).every((b) => b === 0), back[4095], back[12288], fstatSync(fd).size]).toEqual([true, 0xcd, 0xcd, 65536]);
+      closeSync(fd);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+    await expect(native.zeroRange(9999, 0, 4096)).rejects.toMatchObject({ code: 'EBADF' });
+    expect(() => native.zeroRange(3, 0, 0)).toThrow(RangeError);
+  });
+});
+
 describe('dropPageCache', () => {
   it('rejects a bad fd with its errno, and a fd that is not a number with a TypeError', async () => {
     await expect(native.dropPageCache(9999)).rejects.toMatchObject({ code: 'EBADF' });

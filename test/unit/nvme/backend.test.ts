@@ -1,6 +1,6 @@
 import { afterEach, describe, expect, it } from 'vitest';
 import { randomBytes } from 'node:crypto';
-import { closeSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { closeSync, mkdtempSync, openSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -137,6 +137,31 @@ describe('FileBackend', () => {
     expect(residentPages(inMemory.path)).toBe(16);
     await inMemory.close();
   });
+  it('write zeroes is fallocate(ZERO_RANGE) on a disk file (no data written, blocks kept), zeros written in tmpfs', async () => {
+    for (const parent of [diskScratchParent(), '/dev/shm']) {
+      const backend = await fileBackend(parent);
+      await backend.writev(0, [bytes(256 * 1024)]);
+      await backend.flush();
+      const blocksBefore = statSync(backend.path).blocks;
+      let writes = 0;
+      const writev = backend.writev.bind(backend);
+      backend.writev = (offset, sources) => {
+        writes++;
+        return writev(offset, sources);
+      };
+      await backend.writeZeroes(64 * 1024, 128 * 1024);
+      const back = Buffer.from(await backend.read(0, 256 * 1024));
+      expect(back.subarray(64 * 1024, 192 * 1024).every((b) => b === 0)).toBe(true);
+      expect(back.subarray(0, 64 * 1024).some((b) => b !== 0)).toBe(true);
+      expect(back.subarray(192 * 1024).some((b) => b !== 0)).toBe(true);
+      const inMemory = parent === '/dev/shm';
+      // tmpfs refuses ZERO_RANGE: the zeros are written, once per bounded chunk.
+      expect({ parent, writes }).toEqual({ parent, writes: inMemory ? 1 : 0 });
+      expect(statSync(backend.path).blocks).toBe(blocksBefore);
+      await backend.close();
+    }
+  });
+
   it('after one failed fdatasync every later flush fails too: Linux reports a writeback error once, and the data is gone', async () => {
     const backend = await fileBackend(diskScratchParent(), 'threads');
     const handle = (backend as unknown as { handle: FileHandle }).handle;
