@@ -34,7 +34,7 @@ const OUR_FLAGS: Partial<Record<DeviceKind, readonly string[]>> = {
 
 export const isOurs = (kind: DeviceKind): boolean => OUR_FLAGS[kind] !== undefined;
 
-/** `serve` arguments beyond the socket for one of our devices; `cache`: its namespace's cache= (none: the default). */
+/** `serve` arguments beyond the socket for one of our devices; `cache`: its namespace's cache= (omitted: the server's default, writeback). */
 export function ourServeArgs(kind: DeviceKind, image: string, cache?: FileCache): string[] {
   // warn: per-command info logging would be measured as device overhead.
   return ['--namespace', `file=${image},size=1G${cache ? `,cache=${cache}` : ''}`, '--log-level', 'warn', ...(OUR_FLAGS[kind] ?? [])];

@@ -194,8 +194,7 @@ uint32_t ArgPowerOfTwo(const Napi::CallbackInfo& info, size_t i, const char* nam
 
 // Whether every view starts at an address that is a multiple of `memory` and is a multiple of
 // `length` bytes long, as O_DIRECT needs of each buffer (JS cannot see the addresses). An empty
-// view transfers nothing and does not count; a detached one counts as misaligned: the caller then
-// copies, and the copy finds it empty.
+// view (a detached one is empty) transfers nothing and does not count.
 Napi::Value AlignedForDirectIo(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (info.Length() < 1 || !info[0].IsArray()) throw Napi::TypeError::New(env, "views must be an array");
@@ -206,9 +205,9 @@ Napi::Value AlignedForDirectIo(const Napi::CallbackInfo& info) {
     Napi::Value v = views.Get(i);
     if (!v.IsTypedArray()) throw Napi::TypeError::New(env, "views must be Uint8Arrays");
     Napi::TypedArray t = v.As<Napi::TypedArray>();
+    if (t.ByteLength() == 0) continue;
     auto* base = static_cast<uint8_t*>(t.ArrayBuffer().Data());
     if (base == nullptr) return Napi::Boolean::New(env, false);
-    if (t.ByteLength() == 0) continue;
     auto address = reinterpret_cast<uintptr_t>(base + t.ByteOffset());
     if ((address & (memory - 1)) != 0 || (t.ByteLength() & (length - 1)) != 0) return Napi::Boolean::New(env, false);
   }

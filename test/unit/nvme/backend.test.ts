@@ -1,6 +1,6 @@
 import { afterEach, describe, expect, it } from 'vitest';
 import { randomBytes } from 'node:crypto';
-import { closeSync, mkdtempSync, openSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { closeSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -264,6 +264,40 @@ describe('FileBackend cache modes (QEMU cache=)', () => {
     await backend.close();
   });
 
+  it('without a volatile write cache, zeroed and deallocated ranges are made durable before they complete', async () => {
+    for (const [cache, durable] of [['directsync', true], ['writethrough', true], ['none', false], ['writeback', false]] as const) {
+      const backend = await cachedBackend(cache);
+      let flushes = 0;
+      const flush = backend.flush.bind(backend);
+      backend.flush = () => {
+        flushes++;
+        return flush();
+      };
+      await backend.writeZeroes(0, 8192);
+      await backend.discard(8192, 8192);
+      expect({ cache, flushes }).toEqual({ cache, flushes: durable ? 2 : 0 });
+      await backend.close();
+    }
+  });
+
+  it('writethrough writes (O_DSYNC, each an fdatasync) go through the threadpool, never inline or through the ring', async () => {
+    const backend = await cachedBackend('writethrough', ioUringAvailable() ? 'io_uring' : 'threads');
+    // Not even tried inline: where a file system takes RWF_NOWAIT buffered writes (XFS) the O_DSYNC
+    // fdatasync would run on the event loop.
+    expect((backend as unknown as { inlineWrites: string }).inlineWrites).toBe('never');
+    const seen = forbidThreadpool(backend);
+    await expect(Promise.resolve(backend.writev(0, [bytes(4096)]))).rejects.toThrow(/threadpool writev was used/);
+    expect(seen.calls).toEqual(['writev']);
+    await backend.close();
+  });
+
+  it('an unknown cache mode (a hand-edited state record) is refused with the modes, and a refused new file is not left behind', async () => {
+    const dir = scratchDir(diskScratchParent());
+    await expect(FileBackend.open(join(dir, 'a.img'), { size: 1 << 20, cache: 'unsafe' as FileCache })).rejects.toThrow(/cache must be writeback, none, writethrough, directsync, got 'unsafe'/);
+    await expect(FileBackend.open(join(dir, 'b.img'), { size: 1 << 20, cache: 'none', blockSize: 256 })).rejects.toThrow(/cache=none needs blocks/);
+    expect(readdirSync(dir)).toEqual([]);
+  });
+
   it('a block smaller than what O_DIRECT needs on the file system is refused with the fix', async () => {
     const path = join(scratchDir(diskScratchParent()), 'small.img');
     writeFileSync(path, new Uint8Array(1 << 20));
@@ -271,7 +305,7 @@ describe('FileBackend cache modes (QEMU cache=)', () => {
     const needs = loadedNative().directIoAlignment(fd).offset || 4096;
     closeSync(fd);
     await expect(FileBackend.open(path, { cache: 'none', blockSize: needs / 2 })).rejects.toThrow(
-      new RegExp(`cache=none needs blocks of ${needs} bytes or more here .*use lbads=${needs} or cache=writeback`),
+      new RegExp(`cache=none needs blocks of ${needs} bytes or more here .*use lbads=4096 \\(ns add: --block-size 4096\\) or cache=writeback`),
     );
   });
 
