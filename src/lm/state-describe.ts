@@ -21,7 +21,7 @@ export function describeState(bytes: Uint8Array): { text: string; json: unknown 
     const s = vendor.state;
     const r = s.registers;
     lines.push(
-      `  identity: ${vendor.identity.nqn}, controller ${vendor.identity.cntlid}, serial ${vendor.identity.serial}`,
+      `  identity: ${vendor.identity.nqn}, controller ${vendor.identity.cntlid}, serial ${vendor.identity.serial}${vendor.identity.noVolatileWriteCache ? ', no volatile write cache' : ''}`,
       `  registers: CC 0x${r.cc.toString(16)} CSTS 0x${r.csts.toString(16)} AQA 0x${r.aqa.toString(16)} ASQ 0x${r.asq.toString(16)} ACQ 0x${r.acq.toString(16)} INTMS 0x${r.intms.toString(16)}`,
       `  admin queues: ${s.submissionQueues[0] ? `SQ head ${s.submissionQueues[0].head} tail ${s.submissionQueues[0].tail}, CQ head ${s.completionQueues[0]?.head} tail ${s.completionQueues[0]?.tail} phase ${s.completionQueues[0]?.phase}` : 'none'}`,
       `  held completions: ${s.heldCompletions.length}; outstanding Asynchronous Event Requests: ${s.asyncEvents.outstanding.length} (CIDs ${s.asyncEvents.outstanding.join(',') || '-'}); queued events: ${s.asyncEvents.queued.length}`,

@@ -14,6 +14,8 @@ export interface StateIdentity {
   nqn: string;
   cntlid: number;
   serial: string;
+  /** Identify VWC said there is none: the host never flushes, so every write must be durable on completion. */
+  noVolatileWriteCache: boolean;
 }
 
 /** A namespace attached to the controller, under the NSID its host uses. */
