@@ -53,7 +53,7 @@ export function snapshotOf(c: NvmeController): MigrationSnapshot {
   return {
     state: c.saveState(),
     pci: c.saveFunctionState(),
-    identity: { nqn: identity.nqn, cntlid: identity.cntlid, serial: identity.serial, noVolatileWriteCache: !c.volatileWriteCachePresent },
+    identity: { nqn: identity.nqn, cntlid: identity.cntlid, serial: identity.serial, noVolatileWriteCache: c.hostToldNoVolatileWriteCache },
     namespaces: c.namespaces.list().map((a) => ({ nsid: a.nsid, lbaFormat: a.namespace.lbaFormat, blocks: a.namespace.blockCount, nguid: a.ids.nguid })),
   };
 }
@@ -250,9 +250,6 @@ function loadVerified(target: NvmeController, bytes: Uint8Array, named: boolean)
     const describe = (list: { nsid: number }[]): string => list.map((n) => n.nsid).join(',') || 'none';
     throw fail(Status.INVALID_FIELD, `the state's namespaces (${describe(snapshot.namespaces)}) differ from this controller's (${describe(here)}) in number, LBA format, size or identifiers`);
   }
-  if (claimed.noVolatileWriteCache && target.volatileWriteCachePresent) {
-    throw fail(Status.INVALID_FIELD, 'the host was told every write is durable when it completes (no volatile write cache) and never flushes, but this controller\'s namespaces cache writes: give them cache=writethrough or directsync here too');
-  }
   // Base §5.1.17: an NVMe controller state may not land on a controller that has I/O queues. A
   // vendor-only state replaces the suspended controller's whole state, queues included.
   if (standard && target.queues.hasIoQueues()) throw fail(Status.INVALID_FIELD, 'the target already has I/O queues');
@@ -265,6 +262,9 @@ function loadVerified(target: NvmeController, bytes: Uint8Array, named: boolean)
   state.attachedNamespaces = [...target.state.attachedNamespaces];
   target.loadState(state);
   target.loadFunctionState(snapshot.pci);
+  // A host told there is no volatile write cache never flushes: this controller's namespaces that
+  // cache writes make each one durable until the host identifies it again.
+  target.hostToldNoVolatileWriteCache = claimed.noVolatileWriteCache;
 }
 
 /** Every queue, vector and address against the target's limits and the state's own consistency. */

@@ -14,7 +14,7 @@ export interface StateIdentity {
   nqn: string;
   cntlid: number;
   serial: string;
-  /** Identify VWC said there is none: the host never flushes, so every write must be durable on completion. */
+  /** Identify VWC last said there is none: the host never flushes, so every write must be durable on completion. */
   noVolatileWriteCache: boolean;
 }
 

@@ -99,6 +99,13 @@ export interface ControllerContext {
   readonly maxTransferBytes: number;
   /** Whether any active namespace sits behind a volatile cache (Identify VWC bit 0). */
   readonly volatileWriteCachePresent: boolean;
+  /**
+   * Identify Controller last told the host there is no volatile write cache, so it never flushes:
+   * a namespace that caches writes must then make each one durable itself (attached later, or
+   * after a migration to a server whose namespaces cache writes). Set by Identify, carried by
+   * the migration state; kept across resets, after which a host identifies again.
+   */
+  hostToldNoVolatileWriteCache: boolean;
   /** Current feature values: Set Features changes them here. */
   readonly features: FeatureValues;
   readonly smart: SmartCounters;

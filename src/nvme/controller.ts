@@ -370,6 +370,8 @@ export class NvmeController extends PciFunction implements ControllerContext, Su
     return this.namespaces.list().some((a) => a.namespace.backend.volatileCache);
   }
 
+  hostToldNoVolatileWriteCache = false;
+
   override interruptMode(): InterruptMode {
     return super.interruptMode();
   }

@@ -61,7 +61,9 @@ export function identifyController(c: ControllerContext): Uint8Array {
   w.u32(516, c.namespaces.maxNsid);
   w.u16(520, ONCS);
   // VWC: bit 0 present; bits 2:1 = 11b, Flush with NSID FFFFFFFFh flushes every namespace.
-  w.u8(525, c.volatileWriteCachePresent ? 0x7 : 0x6);
+  const volatileWriteCache = c.volatileWriteCachePresent;
+  c.hostToldNoVolatileWriteCache = !volatileWriteCache;
+  w.u8(525, volatileWriteCache ? 0x7 : 0x6);
   w.u32(536, Sgls.SUPPORTED | Sgls.LONGER_THAN_DATA);
   w.cstring(768, 256, id.nqn);
   // Power state 0: 25 W max, entry/exit latency not reported.

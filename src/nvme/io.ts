@@ -55,9 +55,12 @@ function media<T>(c: ControllerContext, status: number, fn: () => MaybePromise<T
   });
 }
 
-/** Writes must be durable at completion with FUA, or always when the host disabled the write cache. */
+/**
+ * Writes must be durable at completion with FUA, or always when the host disabled the write cache
+ * or was told there is none (then it never flushes).
+ */
 function mustFlush(c: ControllerContext, ns: Namespace, cmd: Command): boolean {
-  return ns.backend.volatileCache && ((cmd.cdw12 & CmdBits.RW_FUA) !== 0 || !c.features.volatileWriteCache);
+  return ns.backend.volatileCache && ((cmd.cdw12 & CmdBits.RW_FUA) !== 0 || !c.features.volatileWriteCache || c.hostToldNoVolatileWriteCache);
 }
 
 // Reads and writes complete synchronously when the transfer and the backend do (a RAM namespace

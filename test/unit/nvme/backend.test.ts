@@ -321,6 +321,22 @@ describe('FileBackend cache modes (QEMU cache=)', () => {
     await backend.close();
   });
 
+  it('a write-back namespace attached after the host was told there is no volatile write cache flushes each write itself', async () => {
+    const h = new TestHost().start(); // a RAM namespace: no volatile write cache
+    expect((await h.admin({ opcode: AdminOpcode.IDENTIFY, prp1: DATA, cdw10: 1 })).status).toBe(0);
+    expect(h.memory.slice(DATA, 4096)[525]! & 1).toBe(0);
+    const backend = await cachedBackend('writeback');
+    let flushes = 0;
+    const flush = backend.flush.bind(backend);
+    backend.flush = () => (flushes++, flush());
+    h.subsystem.addNamespace(new Namespace({ nsid: 2, backend }));
+    await h.createIoQueuePair(1);
+    h.memory.fill(DATA, pattern(4096, 3));
+    expect(code((await h.io(1, { opcode: NvmOpcode.WRITE, nsid: 2, prp1: DATA, cdw12: 7 })).status)).toBe(0);
+    expect(flushes).toBe(1);
+    await backend.close();
+  });
+
   it('Identify reports no volatile write cache when every file namespace writes through', async () => {
     for (const [cache, vwc] of [['directsync', 0], ['writethrough', 0], ['none', 1]] as const) {
       const backend = await cachedBackend(cache);
