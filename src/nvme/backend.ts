@@ -516,16 +516,16 @@ export class FileBackend extends VectoredBackend {
     if (this.refusedFallocate.has(mode)) return false;
     try {
       await this.addon[mode](this.handle.fd, offset, length);
-      // Without a volatile write cache the guest never flushes: the new extents must be durable now
-      // (O_DSYNC covers only writes), or a power loss could bring the old data back.
-      if (!this.volatileCache) await this.flush();
-      return true;
     } catch (err) {
       const code = (err as NodeJS.ErrnoException).code;
       if (code !== 'EOPNOTSUPP' && code !== 'ENOSYS' && code !== 'EINVAL') throw err;
       this.refusedFallocate.add(mode);
       return false;
     }
+    // Without a volatile write cache the guest never flushes: the new extents must be durable now
+    // (O_DSYNC covers only writes), or a power loss could bring the old data back.
+    if (!this.volatileCache) await this.flush();
+    return true;
   }
 
   private async writeZeroChunks(offset: number, length: number): Promise<void> {
