@@ -10,6 +10,7 @@
 //    of the same guest running verified writes, once on our device moved by `nvme-vfio-user
 //    migrate`, once on QEMU's virtio-blk over the same kind of shared image moved by QEMU alone,
 //    interleaved, in one run. --device-only skips it and rewrites only the device section.
+// --cache MODE sets our namespaces' cache= in both parts (e.g. none, as the virtio-blk drive has).
 // The servers and `migrate` run as installed (compiled into dist/ first: bench/server-build.ts).
 // Results: stdout and bench/results/migration.md (and .json).
 
@@ -32,6 +33,7 @@ import { seededRandom } from '../test/support/nvme-workload.js';
 import { DEPTHS, refreshCombinedReport, type DeviceDepth, type DeviceFigures, type DeviceHop, type DevicePath, type MigrationJson } from './migration-summary.js';
 import { useBuiltServer } from './server-build.js';
 import { parseOrExit, positiveWhole } from './cli.js';
+import { FILE_CACHES, type FileCache } from '../src/nvme/backend.js';
 
 const REPO = path.join(path.dirname(fileURLToPath(import.meta.url)), '..');
 const values = parseOrExit('migration', import.meta.url, () => {
@@ -43,13 +45,16 @@ const values = parseOrExit('migration', import.meta.url, () => {
       primary: { type: 'boolean', default: false },
       'downtime-limit': { type: 'string' },
       out: { type: 'string', default: path.join(REPO, 'bench', 'results', 'migration.md') },
+      cache: { type: 'string' },
     },
   });
+  if (v.cache !== undefined && !(FILE_CACHES as readonly string[]).includes(v.cache)) throw new Error(`--cache: expected ${FILE_CACHES.join(', ')}`);
   return {
     ...v,
     reps: positiveWhole('reps', v.reps),
     deviceReps: positiveWhole('device-reps', v['device-reps']),
     downtimeLimit: v['downtime-limit'] !== undefined ? positiveWhole('downtime-limit', v['downtime-limit']) : undefined,
+    cache: v.cache as FileCache | undefined,
   };
 });
 const REPS = values.reps;
@@ -59,6 +64,8 @@ const DEVICE_REPS = values.deviceReps;
 const DEVICE_PATHS: DevicePath[] = values.primary ? ['control', 'primary'] : ['control'];
 /** QEMU's downtime-limit for both devices' migrations (ms); QEMU's default (300) unless given. */
 const DOWNTIME_LIMIT = values.downtimeLimit;
+/** Our namespaces' cache= (undefined: the server's default, writeback). */
+const CACHE = values.cache;
 
 const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 
@@ -159,7 +166,7 @@ async function deviceHop(guest: Guest, source: MigrationServer, target: Migratio
 
 /** One pair of `serve` processes managed through `via`; `reps` hops (after one not counted) per depth, alternating A→B→A. */
 async function deviceFigures(via: DevicePath, fua: boolean, reps: number): Promise<DeviceDepth[]> {
-  const pair = await startPair({ managementHost: via === 'primary' });
+  const pair = await startPair({ managementHost: via === 'primary', ...(CACHE ? { cache: CACHE } : {}) });
   try {
     const guest = await pair.startGuest(seededRandom(1));
     // The pair's Workload stays frozen (it would reap on interrupts): the hops submit and reap their own WRITEs.
@@ -262,8 +269,8 @@ const stamp = (e: { timestamp: { seconds: number; microseconds: number } }): num
 
 async function oursOnce(dir: string, rep: number): Promise<VmMigration> {
   const disk = path.join(dir, `ours-${rep}.img`);
-  const a = await side(dir, 'a', 1, disk, []);
-  const b = await side(dir, 'b', 2, disk, []);
+  const a = await side(dir, 'a', 1, disk, [], undefined, CACHE);
+  const b = await side(dir, 'b', 2, disk, [], undefined, CACHE);
   const marker = `NVU-BENCH-${rep}`;
   const script = workload(marker);
   const vm = await Vm.start({ name: 'bench-ours-a', script, vfioUserSockets: [a.socket], memMiB: 384 });
@@ -339,7 +346,7 @@ const out = values.out!;
 // The VM part needs the QEMU harness: fail before the device part if it is missing.
 if (!values['device-only']) ensureHarness();
 useBuiltServer();
-const deviceRun: DeviceFigures = { when: new Date().toISOString(), reps: DEVICE_REPS, backing: requireDiskTmpdir(), paths: [] };
+const deviceRun: DeviceFigures = { when: new Date().toISOString(), reps: DEVICE_REPS, backing: `${requireDiskTmpdir()}${CACHE ? `, namespaces cache=${CACHE}` : ''}`, paths: [] };
 for (const via of DEVICE_PATHS) for (const fua of [false, true]) deviceRun.paths.push({ via, fua, depths: await deviceFigures(via, fua, DEVICE_REPS) });
 fs.mkdirSync(path.dirname(out), { recursive: true });
 
@@ -369,7 +376,7 @@ try {
   }
   const of = (d: VmMigration['device'], key: 'totalMs' | 'downtimeMs'): number[] => vms.filter((v) => v.device === d).map((v) => v[key]);
   const md = [
-    `# Live migration figures (${new Date().toISOString()}, ${REPS} repetitions, TCG guests, QEMU downtime-limit ${DOWNTIME_LIMIT ?? '300 (its default)'} ms, bandwidth unthrottled)`,
+    `# Live migration figures (${new Date().toISOString()}, ${REPS} repetitions, TCG guests, QEMU downtime-limit ${DOWNTIME_LIMIT ?? '300 (its default)'} ms, bandwidth unthrottled, our namespaces cache=${CACHE ?? 'writeback'})`,
     '',
     deviceSection(deviceRun).trimEnd(),
     '',

@@ -14,6 +14,7 @@ import { MigrationHost } from './migration-host.js';
 import { NvmeHost, type HostQueue } from './nvme-host.js';
 import { pageOf, Workload, type WindowRecord } from './nvme-workload.js';
 import { startServe, type Served } from './serve.js';
+import type { FileCache } from '../../src/nvme/backend.js';
 
 export const GUEST_RAM = { base: 0x10_0000, bytes: 16 << 20 };
 const DISK_BYTES = 32 << 20;
@@ -53,6 +54,8 @@ interface ServerOptions {
   disk: string;
   /** Export the primary and manage migration through its admin queue (else through the control socket). */
   managementHost: boolean;
+  /** The namespace's cache= (absent: the server's default, writeback). */
+  cache?: FileCache;
 }
 
 export interface MigrationPair {
@@ -67,7 +70,7 @@ export interface MigrationPair {
 }
 
 /** Both servers of a pair, provisioned, in a fresh directory. */
-export async function startPair(options: { managementHost: boolean }): Promise<MigrationPair> {
+export async function startPair(options: { managementHost: boolean; cache?: FileCache }): Promise<MigrationPair> {
   const dir = mkdtempSync(join(tmpdir(), 'nvu-lm-'));
   const disk = join(dir, 'disk.img');
   const servers: MigrationServer[] = [];
@@ -82,7 +85,7 @@ export async function startPair(options: { managementHost: boolean }): Promise<M
     }
   };
   try {
-    for (const [name, cntlid] of [['A', 1], ['B', 2]] as const) servers.push(await startMigrationServer({ dir, name, cntlid, disk, managementHost: options.managementHost }));
+    for (const [name, cntlid] of [['A', 1], ['B', 2]] as const) servers.push(await startMigrationServer({ dir, name, cntlid, disk, managementHost: options.managementHost, ...(options.cache ? { cache: options.cache } : {}) }));
   } catch (error) {
     await close();
     throw error;
@@ -106,7 +109,7 @@ async function startMigrationServer(options: ServerOptions): Promise<MigrationSe
   const controlPath = join(dir, `${name}-control.sock`);
   const primarySocket = join(dir, `${name}-primary.sock`);
   const socket = join(dir, `${name}-secondary${cntlid}.sock`);
-  const args = ['--secondaries', '2', '--io-queues', String(IO_QUEUES), '--control', controlPath, '--namespace', `file=${options.disk},size=${DISK_BYTES}`];
+  const args = ['--secondaries', '2', '--io-queues', String(IO_QUEUES), '--control', controlPath, '--namespace', `file=${options.disk},size=${DISK_BYTES}${options.cache ? `,cache=${options.cache}` : ''}`];
   if (options.managementHost) args.push('--primary-socket', primarySocket);
   args.push('--log-level', process.env.TEST_LOG ? 'debug' : 'warn');
   const served = await startServe(args, `control on ${controlPath}`);
