@@ -77,31 +77,25 @@ int64_t ArgNonNegative(const Napi::CallbackInfo& info, size_t i, const char* nam
   return static_cast<int64_t>(value);
 }
 
-Napi::Value PunchHole(const Napi::CallbackInfo& info) {
+// fallocate(mode | KEEP_SIZE) over [offset, offset + length) on the threadpool. KEEP_SIZE: what a
+// namespace does to its blocks must never change its size.
+Napi::Value FallocateRange(const Napi::CallbackInfo& info, int mode) {
   int fd = ArgFd(info, 0, "fd");
   int64_t offset = ArgNonNegative(info, 1, "offset");
   int64_t length = ArgNonNegative(info, 2, "length");
   if (length == 0) throw Napi::RangeError::New(info.Env(), "length must be positive");
-  return FileOpWorker::Queue(info.Env(), fd, [offset, length](int own) -> std::pair<int, const char*> {
-    // KEEP_SIZE: discarding blocks must never change the namespace's size.
-    if (fallocate(own, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0) return {errno, "fallocate"};
+  return FileOpWorker::Queue(info.Env(), fd, [mode, offset, length](int own) -> std::pair<int, const char*> {
+    if (fallocate(own, mode | FALLOC_FL_KEEP_SIZE, offset, length) != 0) return {errno, "fallocate"};
     return {0, nullptr};
   });
 }
 
-// Zeroes a range without writing data (FALLOC_FL_ZERO_RANGE: unwritten extents on ext4 and XFS),
-// as QEMU's file driver serves Write Zeroes; the file keeps its size and the blocks stay allocated,
-// so a later write to them cannot fail for lack of space.
-Napi::Value ZeroRange(const Napi::CallbackInfo& info) {
-  int fd = ArgFd(info, 0, "fd");
-  int64_t offset = ArgNonNegative(info, 1, "offset");
-  int64_t length = ArgNonNegative(info, 2, "length");
-  if (length == 0) throw Napi::RangeError::New(info.Env(), "length must be positive");
-  return FileOpWorker::Queue(info.Env(), fd, [offset, length](int own) -> std::pair<int, const char*> {
-    if (fallocate(own, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length) != 0) return {errno, "fallocate"};
-    return {0, nullptr};
-  });
-}
+// Deallocates a range (Dataset Management, Write Zeroes with DEAC): it then reads as zeros.
+Napi::Value PunchHole(const Napi::CallbackInfo& info) { return FallocateRange(info, FALLOC_FL_PUNCH_HOLE); }
+
+// Zeroes a range without writing data (unwritten extents on ext4 and XFS), as QEMU's file driver
+// serves Write Zeroes; the blocks stay allocated, so a later write to them cannot fail for lack of space.
+Napi::Value ZeroRange(const Napi::CallbackInfo& info) { return FallocateRange(info, FALLOC_FL_ZERO_RANGE); }
 
 // Writes the file's dirty pages back, then drops its clean pages from the page cache, so the next
 // reads come from storage: after a migration another host may have written the file (shared

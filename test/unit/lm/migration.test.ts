@@ -22,6 +22,16 @@ import { diskScratchParent, residentPages } from '../../support/files.js';
 
 const VNQN = 'nqn.2026-11.io.example:migrating';
 
+/** A backing file's path in a fresh directory on a disk file system, removed with it when `body` ends. */
+async function withSharedFile(body: (path: string) => Promise<void>): Promise<void> {
+  const dir = mkdtempSync(join(diskScratchParent(), 'nvme-lm-'));
+  try {
+    await body(join(dir, 'shared.img'));
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
 function server(name: string, backend: BlockBackend, scid: number, vcid = 3, vq = 5, ioQueues = 4): ControllingFunction {
   const subsystem = new Subsystem({ nqn: `nqn.2026-11.host:${name}`, serial: `SER-${name}` });
   subsystem.addNamespace(new Namespace({ nsid: 1, backend, idSeed: `${subsystem.nqn}#1` }));
@@ -130,9 +140,7 @@ describe('Migration Send and Receive', () => {
   });
 
   it('on shared storage: the source writes back when notified and makes its writes durable when suspended, the target drops its page cache before it loads the state', async () => {
-    const dir = mkdtempSync(join(diskScratchParent(), 'nvme-lm-'));
-    try {
-      const path = join(dir, 'shared.img');
+    await withSharedFile(async (path) => {
       const backend = await FileBackend.open(path, { size: 16 << 20 });
       const steps: string[] = [];
       const flush = backend.flush.bind(backend);
@@ -183,15 +191,11 @@ describe('Migration Send and Receive', () => {
       expect(Buffer.from(encodeStateOf(a.controller(1)!, true, true)).equals(Buffer.from(before))).toBe(true);
       expect((await resume(b, 2)).status).toBe(0);
       await backend.close();
-    } finally {
-      rmSync(dir, { recursive: true, force: true });
-    }
+    });
   });
 
   it('a host told there is no volatile write cache never flushes: after a move to write-back namespaces, each write is flushed until it identifies again', async () => {
-    const dir = mkdtempSync(join(diskScratchParent(), 'nvme-lm-'));
-    try {
-      const path = join(dir, 'shared.img');
+    await withSharedFile(async (path) => {
       const source = await FileBackend.open(path, { size: 16 << 20, cache: 'directsync' });
       const a = server('a', source, 1);
       const memory = new GuestMemory();
@@ -225,15 +229,12 @@ describe('Migration Send and Receive', () => {
       expect(flushes).toBe(1);
       await cached.close();
       await source.close();
-    } finally {
-      rmSync(dir, { recursive: true, force: true });
-    }
+    });
   });
 
   it('a write-back that failed in the background after a Suspend Notification fails the suspend that follows', async () => {
-    const dir = mkdtempSync(join(diskScratchParent(), 'nvme-lm-'));
-    try {
-      const backend = await FileBackend.open(join(dir, 'shared.img'), { size: 16 << 20 });
+    await withSharedFile(async (path) => {
+      const backend = await FileBackend.open(path, { size: 16 << 20 });
       const internals = backend as unknown as { addon: NativeAddon };
       const addon = internals.addon;
       let failed!: () => void;
@@ -253,9 +254,7 @@ describe('Migration Send and Receive', () => {
       expect(suspended.status).toBe(Status.INTERNAL_ERROR);
       expect(a.controller(1)!.runState).toBe('suspended');
       await backend.close();
-    } finally {
-      rmSync(dir, { recursive: true, force: true });
-    }
+    });
   });
 
   it('loading a state and taking it again gives the same bytes', async () => {
