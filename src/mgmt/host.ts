@@ -42,6 +42,22 @@ export function defaultIdentity(anchor: string): { nqn: string; serial: string }
   return { nqn: `nqn.2014-08.org.nvmexpress:uuid:${uuid}`, serial: `NVU${digest.slice(32, 49).toUpperCase()}` };
 }
 
+/**
+ * The state directory's namespaces win over --namespace flags (they hold what `ns add|remove`
+ * changed since). A file given by a flag that the state lacks, or with other modes, is named, so a
+ * changed cache= or aio= on a restart is not dropped without a word.
+ */
+function warnIgnoredNamespaceFlags(flags: readonly NamespaceConfig[], saved: readonly NamespaceConfig[], stateFile: string, log: Logger): void {
+  const modes = (ns: NamespaceConfig): string => `lbads=${ns.lbads},aio=${ns.aio ?? 'default'},cache=${ns.cache ?? 'writeback'}`;
+  for (const flag of flags) {
+    if (flag.file === undefined) continue;
+    const kept = saved.find((ns) => ns.file === flag.file);
+    if (kept && modes(kept) === modes(flag)) continue;
+    const why = kept ? `it keeps ${modes(kept)}, not ${modes(flag)}` : 'it does not hold this file';
+    log.warn(`--namespace file=${flag.file} is not applied: the namespaces come from ${stateFile}, and ${why} (change them with ns add / ns remove)`);
+  }
+}
+
 async function openBackend(ns: NamespaceConfig): Promise<BlockBackend> {
   if (ns.file === undefined) return new RamBackend(ns.size!);
   return FileBackend.open(ns.file, {
@@ -91,6 +107,7 @@ export class ServerHost implements ControlTarget {
     const store = config.stateDir ? new StateStore(config.stateDir) : null;
     const saved = store?.load() ?? null;
     const namespaces = saved?.namespaces ?? config.namespaces;
+    if (saved) warnIgnoredNamespaceFlags(config.namespaces, saved.namespaces, store!.file, log);
     const identity = defaultIdentity(config.sockets[0] ?? config.control ?? config.primarySocket ?? 'nvme-vfio-user');
     const subsystem = new Subsystem({
       logger: log.child('subsystem'),

@@ -246,7 +246,7 @@ describe('namespaces added through the control socket', () => {
   it('take --cache as QEMU names it, report it, keep it in --state-dir, and refuse it for RAM or a bad value', async () => {
     const control = ['--control', join(dir, 'cache-control.sock')];
     const state = ['--state-dir', join(dir, 'cache-state')];
-    const serve = (): Promise<Served> => spawnServe(['--secondaries', '1', '--namespace', 'ram,size=16M', ...control, ...state, '--log-level', 'warn'], 'control on ');
+    const serve = (namespace = 'ram,size=16M'): Promise<Served> => spawnServe(['--secondaries', '1', '--namespace', namespace, ...control, ...state, '--log-level', 'warn'], 'control on ');
     let server = await serve();
     try {
       await cli(['ns', 'add', ...control, '--file', join(dir, 'direct.img'), '--size', '16M', '--cache', 'none']);
@@ -263,8 +263,10 @@ describe('namespaces added through the control socket', () => {
       const [answer] = await raw(control[1]!, [encodeRequest({ version: CONTROL_PROTOCOL_VERSION, id: 9, namespaceAdd: { file: join(dir, 'y.img'), size: 16 << 20, cache: 'unsafe' } })], 1);
       expect(answer!.error).toMatch(/cache unsafe \(writeback, none, writethrough, directsync\)/);
       expect(await server.stop('SIGTERM')).toBe(0);
-      server = await serve();
+      // The state wins over a flag that asks for another mode, and the server says so.
+      server = await serve(`file=${join(dir, 'direct.img')},size=16M,cache=writeback`);
       expect(modes(await statusOf(control))).toEqual(expected);
+      expect(server.log()).toMatch(/--namespace file=\S+direct\.img is not applied: .* it keeps lbads=512,aio=default,cache=none, not lbads=512,aio=default,cache=writeback/);
     } finally {
       await server.stop('SIGTERM');
     }
