@@ -410,12 +410,18 @@ dmesg | grep -q 'nobody cared' && echo irq.storm=yes || echo irq.storm=no
     expect(Number(f.get('irq.total'))).toBeGreaterThan(0);
   }, 300_000);
 
-  it('guest RAM without an fd: every DMA travels as DMA_READ/DMA_WRITE messages and data still verifies', async () => {
-    const server = await startServerProcess(join(dir, 'noshm.sock'), ['--namespace', 'ram,size=64M']);
-    const run = await runAgainst(server, { script: verifyScript('msgdma'), vfioUserSockets: [server.socketPath], privateRam: true, timeoutMs: 240_000 });
+  it('guest RAM without an fd: every DMA travels as DMA_READ/DMA_WRITE messages and data still verifies, on a cache=directsync file', async () => {
+    // The messages land in buffers O_DIRECT cannot take, so every transfer goes through the bounce
+    // copy; directsync also tells the guest there is no volatile write cache.
+    const image = join(dir, 'noshm.img');
+    const server = await startServerProcess(join(dir, 'noshm.sock'), ['--namespace', `file=${image},size=64M,cache=directsync`]);
+    const script = `${verifyScript('msgdma')}echo msgdma.write_cache=$(tr ' ' _ < /sys/block/\${d#/dev/}/queue/write_cache)\n`;
+    const run = await runAgainst(server, { script, vfioUserSockets: [server.socketPath], privateRam: true, timeoutMs: 240_000 });
     expectClean(run, server);
     const f = fields(run.scriptOutput);
     expect([f.get('msgdma.rc'), f.get('msgdma.errors')]).toEqual(['0', '0']);
     expect(f.get('irq.kind')).toBe('PCI-MSIX-0000:00:01.0');
+    expect(f.get('msgdma.write_cache')).toBe('write_through');
+    expect(residentPages(image)).toBe(0);
   }, 300_000);
 });
