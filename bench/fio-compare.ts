@@ -44,7 +44,7 @@ import { migrationSection, readMigrationJson, summarizeMigration } from './migra
 import { runsTable, summarize, summaryTables, workloadTables, type DeviceRun, type JobResult } from './report.js';
 import { runScaling, scalingReport, type ScalePoint, type ScalingOptions } from './scaling.js';
 import { useBuiltServer } from './server-build.js';
-import { FILE_CACHES, type FileCache } from '../src/nvme/backend.js';
+import { FILE_CACHES, isFileCache, type FileCache } from '../src/nvme/backend.js';
 import { parseUsage, positiveWhole, runBench } from './cli.js';
 
 const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
@@ -109,7 +109,7 @@ function parseOptions(argv: string[]): Options {
   // The scaling table's GO block sits 1 MiB past the region, inside the 1 GiB namespace.
   if (sizeMiB > 1000) throw new Error('--size must be at most 1000 (MiB of the 1 GiB namespace)');
   const runtimeSec = positiveWhole('runtime', values.runtime);
-  if (values.cache !== undefined && !(FILE_CACHES as readonly string[]).includes(values.cache)) throw new Error(`--cache: expected ${FILE_CACHES.join(', ')}`);
+  if (values.cache !== undefined && !isFileCache(values.cache)) throw new Error(`--cache: expected ${FILE_CACHES.join(', ')}`);
   const imageDir = path.resolve(values['image-dir']);
   if (!fs.statSync(imageDir, { throwIfNoEntry: false })?.isDirectory()) throw new Error(`--image-dir ${imageDir} is not a directory`);
   return {

@@ -33,7 +33,7 @@ import { seededRandom } from '../test/support/nvme-workload.js';
 import { DEPTHS, refreshCombinedReport, type DeviceDepth, type DeviceFigures, type DeviceHop, type DevicePath, type MigrationJson } from './migration-summary.js';
 import { useBuiltServer } from './server-build.js';
 import { parseOrExit, positiveWhole } from './cli.js';
-import { FILE_CACHES, type FileCache } from '../src/nvme/backend.js';
+import { FILE_CACHES, isFileCache, type FileCache } from '../src/nvme/backend.js';
 
 const REPO = path.join(path.dirname(fileURLToPath(import.meta.url)), '..');
 const values = parseOrExit('migration', import.meta.url, () => {
@@ -48,7 +48,7 @@ const values = parseOrExit('migration', import.meta.url, () => {
       cache: { type: 'string' },
     },
   });
-  if (v.cache !== undefined && !(FILE_CACHES as readonly string[]).includes(v.cache)) throw new Error(`--cache: expected ${FILE_CACHES.join(', ')}`);
+  if (v.cache !== undefined && !isFileCache(v.cache)) throw new Error(`--cache: expected ${FILE_CACHES.join(', ')}`);
   return {
     ...v,
     reps: positiveWhole('reps', v.reps),

@@ -5,7 +5,7 @@ import { readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, isAbsolute, join, resolve } from 'node:path';
 import { INTERRUPT_OFFERS, type InterruptOffer } from '../nvme/controller.js';
-import { FILE_AIO_MODES, FILE_CACHES, type FileAio, type FileCache } from '../nvme/backend.js';
+import { FILE_AIO_MODES, FILE_CACHES, isFileAio, isFileCache, type FileAio, type FileCache } from '../nvme/backend.js';
 import { emptyProvisioning, parseProvisioning, type Provisioning } from './provisioning.js';
 
 export class ConfigError extends Error {
@@ -103,13 +103,13 @@ export function parseSize(text: string, what = 'size'): number {
 }
 
 function parseAio(value: string, what: string): FileAio {
-  if (!(FILE_AIO_MODES as readonly string[]).includes(value)) throw new ConfigError(`${what}: aio must be ${FILE_AIO_MODES.join(' or ')}, got '${value}'`);
-  return value as FileAio;
+  if (!isFileAio(value)) throw new ConfigError(`${what}: aio must be ${FILE_AIO_MODES.join(' or ')}, got '${value}'`);
+  return value;
 }
 
 function parseCache(value: string, what: string): FileCache {
-  if (!(FILE_CACHES as readonly string[]).includes(value)) throw new ConfigError(`${what}: cache must be ${FILE_CACHES.join(', ')}, got '${value}'`);
-  return value as FileCache;
+  if (!isFileCache(value)) throw new ConfigError(`${what}: cache must be ${FILE_CACHES.join(', ')}, got '${value}'`);
+  return value;
 }
 
 /** `file=PATH,size=1G,lbads=4096,nsid=2,aio=io_uring,cache=none` or `ram,size=256M`. */

@@ -7,7 +7,7 @@ import { createHash } from 'node:crypto';
 import { hostname } from 'node:os';
 import { dirname, resolve } from 'node:path';
 import type { Logger } from '../log.js';
-import { FILE_AIO_MODES, FILE_CACHES, FileBackend, RamBackend, type BlockBackend, type FileAio, type FileCache } from '../nvme/backend.js';
+import { FILE_AIO_MODES, FILE_CACHES, FileBackend, isFileAio, isFileCache, RamBackend, type BlockBackend, type FileAio, type FileCache } from '../nvme/backend.js';
 import type { AdminCommandSet } from '../nvme/context.js';
 import { NvmeController } from '../nvme/controller.js';
 import { Namespace } from '../nvme/namespace.js';
@@ -209,10 +209,10 @@ export class ServerHost implements ControlTarget {
     if (!request.file && size === undefined) throw new ControlError('a RAM namespace needs a size');
     const aio = request.aio || undefined;
     if (aio !== undefined && !request.file) throw new ControlError('aio is for file namespaces');
-    if (aio !== undefined && !(FILE_AIO_MODES as readonly string[]).includes(aio)) throw new ControlError(`aio ${aio} (${FILE_AIO_MODES.join(' or ')})`);
+    if (aio !== undefined && !isFileAio(aio)) throw new ControlError(`aio ${aio} (${FILE_AIO_MODES.join(' or ')})`);
     const cache = request.cache || undefined;
     if (cache !== undefined && !request.file) throw new ControlError('cache is for file namespaces');
-    if (cache !== undefined && !(FILE_CACHES as readonly string[]).includes(cache)) throw new ControlError(`cache ${cache} (${FILE_CACHES.join(', ')})`);
+    if (cache !== undefined && !isFileCache(cache)) throw new ControlError(`cache ${cache} (${FILE_CACHES.join(', ')})`);
     const config: NamespaceConfig = {
       nsid,
       lbads: blockSize,

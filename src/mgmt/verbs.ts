@@ -11,7 +11,7 @@ import { IDENTIFY_SIZE, NamespaceAttachSelect, PrimaryOpcode, VirtAction, VirtRe
 import { encodeDefinition, encodeNqn, MAX_NAMESPACE_MAPPINGS, VendorOpcode, VsubsysLayout, decodeDefinition } from '../nvme/virt/vendor-commands.js';
 import { NARROWING_TEXT, type NamespaceMapping } from '../nvme/virt/vsubsys.js';
 import { ConfigError, DEFAULT_SOCKET, parsePositive, parseSize } from './config.js';
-import { FILE_AIO_MODES, FILE_CACHES } from '../nvme/backend.js';
+import { FILE_AIO_MODES, FILE_CACHES, isFileAio, isFileCache } from '../nvme/backend.js';
 import { ControlClient, parseControlAddress } from './control/client.js';
 import type { AdminResultMessage, ControlRequest, ControlResponse, ServerStatus } from './control/messages.js';
 import { receiveState as receive, sendState as send } from '../lm/state-transfer.js';
@@ -318,10 +318,10 @@ const VERBS: Record<string, Verb> = {
       if (blockSize !== 512 && blockSize !== 4096) throw new UsageError(`${s.verb}: --block-size must be 512 or 4096`);
       const aio = p.values.aio as string | undefined;
       if (aio !== undefined && file === undefined) throw new UsageError(`${s.verb}: --aio is for --file namespaces`);
-      if (aio !== undefined && !(FILE_AIO_MODES as readonly string[]).includes(aio)) throw new UsageError(`${s.verb}: --aio must be ${FILE_AIO_MODES.join(' or ')}`);
+      if (aio !== undefined && !isFileAio(aio)) throw new UsageError(`${s.verb}: --aio must be ${FILE_AIO_MODES.join(' or ')}`);
       const cache = p.values.cache as string | undefined;
       if (cache !== undefined && file === undefined) throw new UsageError(`${s.verb}: --cache is for --file namespaces`);
-      if (cache !== undefined && !(FILE_CACHES as readonly string[]).includes(cache)) throw new UsageError(`${s.verb}: --cache must be ${FILE_CACHES.join(', ')}`);
+      if (cache !== undefined && !isFileCache(cache)) throw new UsageError(`${s.verb}: --cache must be ${FILE_CACHES.join(', ')}`);
       const response = await s.request({
         namespaceAdd: {
           ...(p.values.nsid !== undefined ? { nsid: Number(p.values.nsid) } : {}),

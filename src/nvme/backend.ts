@@ -200,6 +200,10 @@ export const FILE_CACHE_MODES: Readonly<Record<FileCache, { readonly direct: boo
 };
 export const FILE_CACHES = Object.keys(FILE_CACHE_MODES) as readonly FileCache[];
 
+/** For values from outside (flags, config, control requests, a state record): is it a mode we have? */
+export const isFileAio = (value: unknown): value is FileAio => (FILE_AIO_MODES as readonly unknown[]).includes(value);
+export const isFileCache = (value: unknown): value is FileCache => (FILE_CACHES as readonly unknown[]).includes(value);
+
 export interface FileBackendOptions {
   /** Bytes. Required when the file does not exist (it is created sparse); grows a smaller file. */
   size?: number;
@@ -297,8 +301,8 @@ export class FileBackend extends VectoredBackend {
     if (!existing && options.size === undefined) throw new Error(`${path} does not exist and no size was given`);
     const cache = options.cache ?? 'writeback';
     // Checked here too: a hand-edited --state-dir record reaches this without the config's checks.
-    if (!Object.hasOwn(FILE_CACHE_MODES, cache)) throw new Error(`${path}: cache must be ${FILE_CACHES.join(', ')}, got '${String(cache)}'`);
-    if (options.aio !== undefined && !FILE_AIO_MODES.includes(options.aio)) throw new Error(`${path}: aio must be ${FILE_AIO_MODES.join(' or ')}, got '${String(options.aio)}'`);
+    if (!isFileCache(cache)) throw new Error(`${path}: cache must be ${FILE_CACHES.join(', ')}, got '${String(cache)}'`);
+    if (options.aio !== undefined && !isFileAio(options.aio)) throw new Error(`${path}: aio must be ${FILE_AIO_MODES.join(' or ')}, got '${String(options.aio)}'`);
     const mode = FILE_CACHE_MODES[cache];
     const flags =
       (options.readOnly && existing ? fsConstants.O_RDONLY : fsConstants.O_RDWR) |
