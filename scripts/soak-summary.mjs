@@ -1,4 +1,6 @@
 // Summarizes a soak log (scripts/soak.sh): every hop's VM downtime and total time, and the verdict.
+// Exits 1 when the log shows fewer hops than asked or an unclean round: vitest passes a run whose
+// name filter matched no test, and a soak of no hops must not pass.
 import { readFileSync } from 'node:fs';
 
 const [logPath, wanted, status] = process.argv.slice(2);
@@ -21,3 +23,10 @@ console.log(`# Migration soak (${new Date().toISOString().slice(0, 10)})
 - total time per hop (ms): ${stats(hops.map((h) => h.total))}
 
 Full log: bench/results/soak.log.`);
+const missing = [];
+if (hops.length !== Number(wanted)) missing.push(`${hops.length} of ${wanted} hops completed`);
+if (rounds.length === 0 || cleanRounds !== rounds.length) missing.push(`${cleanRounds} of ${rounds.length} rounds of verified I/O clean`);
+if (missing.length > 0) {
+  console.log(`\nThe soak FAILED: ${missing.join('; ')}.`);
+  process.exit(1);
+}
