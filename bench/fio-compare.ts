@@ -39,7 +39,7 @@ import { ensureHarness, runGuest, type GuestRun } from '../test/e2e/guest.js';
 import { startServerProcess, type ServerProcess } from '../test/support/server-process.js';
 import { ALL_DEVICES, BASELINE, checkQemuSupports, DEVICES, isOurs, ourServeArgs, probeAio, qemuDeviceArgs, usesImage, type DeviceKind } from './bench-devices.js';
 import { extractFioResults, fioCommon, fioJobArgs, guestHwQueues, guestPrelude, WORKLOADS, type Workload } from './guest-fio.js';
-import { cpuModel, cpuSeconds, findQemuPid, freshImage, loadavg, qemuVersion, watchForeignQemu } from './host-stats.js';
+import { cpuModel, cpuSeconds, findQemuPid, freshImage, loadavg, mainThreadSleeps, qemuVersion, watchForeignQemu } from './host-stats.js';
 import { migrationSection, readMigrationJson, summarizeMigration } from './migration-summary.js';
 import { runsTable, summarize, summaryTables, workloadTables, type DeviceRun, type JobResult } from './report.js';
 import { runScaling, scalingReport, type ScalePoint, type ScalingOptions } from './scaling.js';
@@ -150,16 +150,19 @@ exit 0
 
 // ---------------------------------------------------------------- CPU accounting
 
-/** Records CPU times on the guest's START/END markers (the serial line arrives within ms). */
-function cpuRecorder(serverPid: number | undefined): { onLine(line: string): void; byJob: Map<string, { serverS?: number; qemuS?: number }> } {
-  const byJob = new Map<string, { serverS?: number; qemuS?: number }>();
-  const started = new Map<string, { server?: number; qemu?: number }>();
+type JobCpu = Pick<JobResult, 'serverS' | 'qemuS' | 'serverSleeps'>;
+
+/** Records CPU times (and our server's sleeps) on the guest's START/END markers (the serial line arrives within ms). */
+function cpuRecorder(serverPid: number | undefined): { onLine(line: string): void; byJob: Map<string, JobCpu> } {
+  const byJob = new Map<string, JobCpu>();
+  const started = new Map<string, { server?: number; qemu?: number; sleeps?: number }>();
   let qemuPid: number | undefined;
-  const sample = (): { server?: number; qemu?: number } => {
+  const sample = (): { server?: number; qemu?: number; sleeps?: number } => {
     qemuPid ??= findQemuPid();
     return {
       server: serverPid !== undefined ? cpuSeconds(serverPid) : undefined,
       qemu: qemuPid !== undefined ? cpuSeconds(qemuPid) : undefined,
+      sleeps: serverPid !== undefined ? mainThreadSleeps(serverPid) : undefined,
     };
   };
   const delta = (a?: number, b?: number): number | undefined => (a !== undefined && b !== undefined ? b - a : undefined);
@@ -176,7 +179,7 @@ function cpuRecorder(serverPid: number | undefined): { onLine(line: string): voi
       const begin = started.get(job);
       if (!begin) return;
       const end = sample();
-      byJob.set(job, { serverS: delta(begin.server, end.server), qemuS: delta(begin.qemu, end.qemu) });
+      byJob.set(job, { serverS: delta(begin.server, end.server), qemuS: delta(begin.qemu, end.qemu), serverSleeps: delta(begin.sleeps, end.sleeps) });
     },
   };
 }

@@ -25,6 +25,19 @@ export function cpuSeconds(pid: number): number | undefined {
   }
 }
 
+/**
+ * How many times the main thread of a process slept (voluntary context switches: each one a
+ * wake-up later), or undefined once it is gone. For a Node server that is its event loop.
+ */
+export function mainThreadSleeps(pid: number): number | undefined {
+  try {
+    const m = /^voluntary_ctxt_switches:\s+(\d+)$/m.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
+    return m ? Number(m[1]) : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
 function ppidOf(pid: number | string): number | undefined {
   try {
     const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');

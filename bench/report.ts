@@ -10,6 +10,8 @@ export interface JobResult extends FioResult {
   serverS?: number;
   /** user+sys CPU seconds of the guest's QEMU. */
   qemuS?: number;
+  /** Times our server's event loop slept (ours only): each sleep costs a wake-up (bench/wake-floor.ts). */
+  serverSleeps?: number;
 }
 
 export interface DeviceRun {
@@ -73,6 +75,7 @@ const GET = {
   latUs: (r: JobResult) => (Number.isFinite(r.latUs) ? r.latUs : undefined),
   p99Us: (r: JobResult) => r.p99Us,
   serverCpuUs: (r: JobResult) => cpuPerIo(r).server,
+  serverSleepsPerIo: (r: JobResult) => (r.serverSleeps !== undefined && r.ios > 0 ? r.serverSleeps / r.ios : undefined),
   qemuCpuUs: (r: JobResult) => cpuPerIo(r).qemu,
   hostCpuUs: (r: JobResult) => cpuPerIo(r).total,
 } satisfies Record<string, Getter>;
@@ -153,6 +156,7 @@ export function workloadTables(runs: DeviceRun[], devices: DeviceKind[], workloa
         perRun(d, w.id, GET.p99Us, 0),
         r(GET.iops), r(GET.clatUs), r(GET.latUs), r(GET.p99Us),
         isOurs(d) ? perRun(d, w.id, GET.serverCpuUs, 1) : '—',
+        isOurs(d) ? perRun(d, w.id, GET.serverSleepsPerIo, 2) : '—',
         perRun(d, w.id, GET.qemuCpuUs, 1),
         fmt(mean(valuesOf(runs, d, w.id, GET.hostCpuUs)), 1),
         r(GET.hostCpuUs),
@@ -160,7 +164,7 @@ export function workloadTables(runs: DeviceRun[], devices: DeviceKind[], workloa
     });
     parts.push(`### ${w.label} (\`--rw=${w.rw} --bs=${w.bs} --iodepth=${w.iodepth} --numjobs=${w.numjobs}\`)\n\n` + markdownTable(
       ['device', 'IOPS', 'MiB/s (mean)', 'mean clat µs', 'mean total lat µs', 'p99 clat µs', 'IOPS ×', 'mean clat ×', 'mean total lat ×', 'p99 ×',
-        'server CPU µs/IO', 'QEMU CPU µs/IO', 'host CPU µs/IO (mean)', 'CPU ×'],
+        'server CPU µs/IO', 'server sleeps/IO', 'QEMU CPU µs/IO', 'host CPU µs/IO (mean)', 'CPU ×'],
       rows,
     ));
   }
