@@ -13,6 +13,7 @@ import { andThen, isPromise, runRounds, type MaybePromise } from './maybe-async.
 import { AsyncEventInfo } from './spec.js';
 import type { CompletionQueueState, ControllerState, SubmissionQueueState } from './state.js';
 import { STARVED_REST_MS, TailPolling } from './tail-polling.js';
+import { setTimeoutUs, usTimersAwake, type UsTimer } from './us-timer.js';
 
 export interface DoorbellHost {
   readonly state: ControllerState;
@@ -41,7 +42,13 @@ export interface DoorbellHost {
 }
 
 /** How often watched shadow doorbells are looked at again (watchHead, watchTail). */
-const SHADOW_CHECK_MS = 1;
+const SHADOW_CHECK_US = 1000;
+/**
+ * How much earlier a check may run when the process is awake anyway (us-timer.ts): a busy queue's
+ * checks then ride on its doorbells' or batches' wake-ups instead of waking the process every
+ * millisecond on their own.
+ */
+const SHADOW_CHECK_SLACK_US = 500;
 
 export class Doorbells {
   /** CQs whose shadow head is being read, and whether to read it again when done. */
@@ -50,7 +57,7 @@ export class Doorbells {
   private readonly quietHeads = new Set<number>();
   /** SQs whose shadow tail is read once more at the next check (watchTail). */
   private readonly tailChecks = new Set<number>();
-  private shadowTimer: NodeJS.Timeout | null = null;
+  private shadowTimer: UsTimer | null = null;
   private readonly polling: TailPolling;
   /** SQ ids whose batching was logged: once per id, not at every deep spell. */
   private readonly batchingLogged = new Set<number>();
@@ -96,6 +103,8 @@ export class Doorbells {
   /** A write to doorbell register `index` (SQ tails even, CQ heads odd). */
   write(index: number, value: number): void {
     const host = this.host;
+    // A trapped doorbell woke the process (or came with others that did): checks due soon run now.
+    usTimersAwake();
     if (!host.acceptsDoorbells()) return;
     const qid = index >>> 1;
     const state = host.state;
@@ -273,7 +282,7 @@ export class Doorbells {
   /**
    * Completions went to `cq`, or the host rang its head doorbell with nothing waiting for room:
    * its head is taken and published as EventIdx once the host has stopped moving it, checked
-   * every SHADOW_CHECK_MS. While completions flow the host's head runs past a stale EventIdx and
+   * every SHADOW_CHECK_US. While completions flow the host's head runs past a stale EventIdx and
    * rings no CQ doorbell (a VM exit and a socket message each); a CQ that looks full reads the
    * shadow head at once (completionHeld), and an idle one ends with EventIdx equal to the shadow.
    */
@@ -297,18 +306,17 @@ export class Doorbells {
 
   private armShadowCheck(): void {
     if (this.shadowTimer) return;
-    this.shadowTimer = setTimeout(() => this.checkShadows(), SHADOW_CHECK_MS);
-    // Nothing here must keep a stopping process alive.
-    this.shadowTimer.unref();
+    // Like every µs timer, it does not keep a stopping process alive.
+    this.shadowTimer = setTimeoutUs(this.checkShadows, SHADOW_CHECK_US, SHADOW_CHECK_SLACK_US);
   }
 
-  private checkShadows(): void {
+  private readonly checkShadows = (): void => {
     this.shadowTimer = null;
     const tails = [...this.tailChecks];
     this.tailChecks.clear();
     for (const qid of tails) this.host.kick(qid);
     this.publishQuietHeads();
-  }
+  };
 
   private publishQuietHeads(): void {
     for (const qid of [...this.quietHeads]) {

@@ -6,6 +6,7 @@
 
 import { constants } from 'node:os';
 import { loadedNative, type FdWatcher, type IoRingHandle } from '../native.js';
+import { usTimersAwake } from './us-timer.js';
 
 /** The addon's operation codes (RingOp in native/src/uring.cc). */
 const enum RingOp {
@@ -138,6 +139,8 @@ export class IoRing {
   };
 
   private readonly reap = (): void => {
+    // Completions woke the process: checks due soon run now rather than wake it again.
+    usTimersAwake();
     for (;;) {
       const n = this.ring.reap(this.completions);
       for (let i = 0; i < n; i++) {

@@ -2,7 +2,8 @@ import { describe, expect, it } from 'vitest';
 import { spawnSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { performance } from 'node:perf_hooks';
-import { clearTimeoutUs, setTimeoutUs } from '../../../src/nvme/us-timer.js';
+import * as fs from 'node:fs';
+import { clearTimeoutUs, setTimeoutUs, usTimersAwake } from '../../../src/nvme/us-timer.js';
 
 const after = (us: number): Promise<number> => new Promise((resolve) => {
   const start = performance.now();
@@ -42,6 +43,47 @@ describe('µs timers', () => {
     expect(fired).toEqual(['first']);
   });
 
+  it('with slack, a timer runs when the process is awake anyway within it, and no wake-up is left armed for it', async () => {
+    const ran: Array<{ which: string; at: number }> = [];
+    const start = performance.now();
+    const slack = setTimeoutUs(() => ran.push({ which: 'slack', at: performance.now() - start }), 20_000, 10_000);
+    // Awake before the slack begins: nothing runs.
+    usTimersAwake();
+    await Promise.resolve();
+    expect(ran).toEqual([]);
+    await new Promise((resolve) => setTimeout(resolve, 12));
+    usTimersAwake();
+    // It runs once the callback that was awake returns (a microtask), not inside usTimersAwake().
+    expect(ran).toEqual([]);
+    await Promise.resolve();
+    expect(ran.map((r) => r.which)).toEqual(['slack']);
+    expect(ran[0]!.at).toBeGreaterThanOrEqual(10);
+    expect(ran[0]!.at).toBeLessThan(20);
+    // Run early, it must not still wake the process at its due: the module's timerfd is disarmed.
+    expect(timerfdArmed()).toEqual([false]);
+    clearTimeoutUs(slack);
+  });
+
+  it('a timer without slack is not run by a wake-up of another kind, even when overdue: its own fires it', async () => {
+    let ran = false;
+    setTimeoutUs(() => (ran = true), 1000);
+    const start = performance.now();
+    while (performance.now() - start < 2) {
+      // Busy past its due, so that its timerfd cannot have been read yet.
+    }
+    usTimersAwake();
+    await Promise.resolve();
+    expect(ran).toBe(false);
+    await new Promise((resolve) => setTimeout(resolve, 5));
+    expect(ran).toBe(true);
+  });
+
+  it('with slack and nothing awake, a timer still fires at its due', async () => {
+    const start = performance.now();
+    const at = await new Promise<number>((resolve) => setTimeoutUs(() => resolve(performance.now() - start), 3000, 2000));
+    expect(at).toBeGreaterThanOrEqual(3);
+  });
+
   it('a pending timer does not keep the process alive', () => {
     const module = fileURLToPath(new URL('../../../src/nvme/us-timer.ts', import.meta.url));
     const script = `import { setTimeoutUs } from ${JSON.stringify(module)}; setTimeoutUs(() => console.log('fired'), 10_000_000); console.log('armed');`;
@@ -52,3 +94,20 @@ describe('µs timers', () => {
     expect(performance.now() - started).toBeLessThan(8000);
   });
 });
+
+/** For each timerfd this process holds: whether it is armed (/proc/self/fdinfo's it_value). */
+function timerfdArmed(): boolean[] {
+  const armed: boolean[] = [];
+  for (const fd of fs.readdirSync('/proc/self/fd')) {
+    let target = '';
+    try {
+      target = fs.readlinkSync(`/proc/self/fd/${fd}`);
+    } catch {
+      continue;
+    }
+    if (target !== 'anon_inode:[timerfd]') continue;
+    const info = fs.readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8');
+    armed.push(!/it_value: \(0, 0\)/.test(info));
+  }
+  return armed;
+}
