@@ -103,7 +103,7 @@ export class Doorbells {
   /** A write to doorbell register `index` (SQ tails even, CQ heads odd). */
   write(index: number, value: number): void {
     const host = this.host;
-    // A trapped doorbell woke the process (or came with others that did): checks due soon run now.
+    // The process is awake for this doorbell (a message, or the mapped page's poll): checks due soon run now.
     usTimersAwake();
     if (!host.acceptsDoorbells()) return;
     const qid = index >>> 1;

@@ -22,7 +22,7 @@ export interface UsTimer {
 }
 
 /** Timers due within this much of the earliest fire with it: one wake-up instead of several. */
-const SLACK_MS = 0.01;
+const FIRE_TOGETHER_MS = 0.01;
 
 class TimerWheel {
   private readonly pending = new Set<UsTimer>();
@@ -79,7 +79,7 @@ class TimerWheel {
   private readonly fire = (): void => {
     this.addon.eventfdRead(this.fd);
     this.armedFor = Infinity;
-    this.run(performance.now() + SLACK_MS, false);
+    this.run(performance.now() + FIRE_TOGETHER_MS, false);
   };
 
   /**
