@@ -3,6 +3,7 @@
 // authoritative: posted MMIO writes can arrive after newer shadow values (qemu-11-facts §7) and
 // must never move a queue backwards.
 
+import { performance } from 'node:perf_hooks';
 import type { Logger } from '../log.js';
 import type { InterruptMode } from '../pci/function.js';
 import { DmaError, type DmaSpace } from '../vfio-user/device.js';
@@ -55,8 +56,12 @@ export class Doorbells {
   private readonly headRefresh = new Map<number, { again: boolean }>();
   /** CQs whose head EventIdx is published once the host stops moving the head (watchHead). */
   private readonly quietHeads = new Set<number>();
-  /** SQs whose shadow tail is read once more at the next check (watchTail). */
-  private readonly tailChecks = new Set<number>();
+  /**
+   * SQs whose shadow tail is read once more at a check (watchTail), and when each was last fetched
+   * (performance.now() ms): the re-read comes at least SHADOW_CHECK_SLACK_US after that, even when
+   * a check runs sooner.
+   */
+  private readonly tailChecks = new Map<number, number>();
   private shadowTimer: UsTimer | null = null;
   private readonly polling: TailPolling;
   /** SQ ids whose batching was logged: once per id, not at every deep spell. */
@@ -300,7 +305,7 @@ export class Doorbells {
   watchTail(qid: number): void {
     if (!this.usesShadow(qid)) return;
     if (this.polling.enabled && this.peekTail(qid) !== 'gone' && this.polling.took(qid)) return;
-    this.tailChecks.add(qid);
+    this.tailChecks.set(qid, performance.now());
     this.armShadowCheck();
   }
 
@@ -312,10 +317,14 @@ export class Doorbells {
 
   private readonly checkShadows = (): void => {
     this.shadowTimer = null;
-    const tails = [...this.tailChecks];
-    this.tailChecks.clear();
+    // A check may run the moment after a fetch asked for one (slack): a tail gets its re-read only
+    // once the host had time to move it, or it would be read once, too early, and then forgotten.
+    const readFrom = performance.now() - SHADOW_CHECK_SLACK_US / 1000;
+    const tails = [...this.tailChecks].filter(([, since]) => since <= readFrom).map(([qid]) => qid);
+    for (const qid of tails) this.tailChecks.delete(qid);
     for (const qid of tails) this.host.kick(qid);
     this.publishQuietHeads();
+    if (this.tailChecks.size > 0) this.armShadowCheck();
   };
 
   private publishQuietHeads(): void {

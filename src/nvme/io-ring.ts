@@ -139,8 +139,6 @@ export class IoRing {
   };
 
   private readonly reap = (): void => {
-    // Completions woke the process: checks due soon run now rather than wake it again.
-    usTimersAwake();
     for (;;) {
       const n = this.ring.reap(this.completions);
       for (let i = 0; i < n; i++) {
@@ -158,6 +156,9 @@ export class IoRing {
     }
     // Entries the kernel refused for the moment (EAGAIN, EBUSY) go again now that room was made.
     this.submit();
+    // Completions woke the process: checks due soon run now rather than wake it again, after the
+    // continuations of the transfers just resolved (queued first) have posted their completions.
+    usTimersAwake();
     if (this.count === 0 && this.drained) {
       this.drained();
       this.drained = null;

@@ -54,7 +54,8 @@ class TimerWheel {
 
   /** This process is awake for something else: timers whose slack has begun run before it sleeps (only those). */
   awake(): void {
-    if (this.awakeQueued || performance.now() < this.earliestRunnable) return;
+    // Not from a timer's callback: one that re-adds itself with all its time as slack would loop.
+    if (this.awakeQueued || this.running || performance.now() < this.earliestRunnable) return;
     this.awakeQueued = true;
     // After the callback that woke us (a socket's, a ring's) returns, not inside it.
     queueMicrotask(this.runAwake);
@@ -66,8 +67,10 @@ class TimerWheel {
   };
 
   delete(timer: UsTimer): void {
-    // The timerfd stays armed: a wake-up that finds nothing due re-arms for what is left.
-    this.pending.delete(timer);
+    if (!this.pending.delete(timer)) return;
+    // The timerfd armed for this one would wake the process for nothing: a syscall now is cheaper.
+    // (From a callback, run() re-arms once its callbacks are done.)
+    if (!this.running && timer.due === this.armedFor) this.rearm();
   }
 
   /** Arms the timerfd for `due`, or disarms it (Infinity). */
