@@ -14,12 +14,13 @@
 //          [--out bench/results/wake-floor]
 // See bench/README.md.
 
-import { spawn, spawnSync } from 'node:child_process';
+import { spawn, spawnSync, type ChildProcessByStdio } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { fileURLToPath } from 'node:url';
+import type { Readable } from 'node:stream';
 import { parseArgs } from 'node:util';
 import { loadedNative } from '../src/native.js';
 import { setTimeoutUs } from '../src/nvme/us-timer.js';
@@ -133,8 +134,14 @@ function compiledHelper(): string {
   const stamp = Math.floor(fs.statSync(source).mtimeMs);
   const binary = path.join(os.tmpdir(), `nvme-vfio-user-wake-floor-${stamp}`);
   if (fs.existsSync(binary)) return binary;
-  const r = spawnSync('g++', ['-O2', '-o', binary, source], { encoding: 'utf8' });
-  if (r.status !== 0) throw new Error(`g++ ${source} failed: ${r.error?.message ?? r.stderr.trim()}`);
+  // Built beside it and renamed into place: an interrupted g++ leaves no half binary to reuse.
+  const building = `${binary}.${process.pid}`;
+  const r = spawnSync('g++', ['-O2', '-o', building, source], { encoding: 'utf8' });
+  if (r.status !== 0) {
+    fs.rmSync(building, { force: true });
+    throw new Error(`g++ ${source} failed: ${r.error?.message ?? r.stderr.trim()}`);
+  }
+  fs.renameSync(building, binary);
   return binary;
 }
 
@@ -161,19 +168,21 @@ function runToEnd(file: string, args: string[]): Promise<string> {
 async function echoOnce(language: Language, placement: Placement, roundTrips: number, rep: number): Promise<Sample> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'wake-floor-'));
   const socketPath = path.join(dir, 'echo.sock');
+  let server: ChildProcessByStdio<null, Readable, null> | undefined;
   try {
     const serverCmd = command(language, ['echo', socketPath, String(MESSAGE_BYTES)], placement === 'two CPUs' ? 1 : 0);
-    const server = spawn(serverCmd.file, serverCmd.args, { stdio: ['ignore', 'pipe', 'inherit'] });
+    const echo = spawn(serverCmd.file, serverCmd.args, { stdio: ['ignore', 'pipe', 'inherit'] });
+    server = echo;
     let serverOut = '';
     const listening = new Promise<void>((resolve, reject) => {
-      server.stdout.on('data', (d: Buffer) => {
+      echo.stdout.on('data', (d: Buffer) => {
         serverOut += d.toString();
         if (serverOut.includes('listening')) resolve();
       });
-      server.on('error', reject);
-      server.on('close', (code) => reject(new Error(`the ${language} echo exited with ${code} before it listened`)));
+      echo.on('error', reject);
+      echo.on('close', (code) => reject(new Error(`the ${language} echo exited with ${code} before it listened`)));
     });
-    const ended = new Promise<void>((resolve) => server.on('close', () => resolve()));
+    const ended = new Promise<void>((resolve) => echo.on('close', () => resolve()));
     await listening;
     const clientCmd = command('Node', ['client', socketPath, String(roundTrips)], 0);
     const clientOut = await runToEnd(clientCmd.file, clientCmd.args);
@@ -184,6 +193,8 @@ async function echoOnce(language: Language, placement: Placement, roundTrips: nu
     if (!rtt) throw new Error(`unexpected client output: ${clientOut.trim()}`);
     return { kind: 'echo', language, placement, rep, cpuUsPerWake: result.cpuUs / result.count, wallUs: Number(rtt[1]) };
   } finally {
+    // A client that failed leaves the echo waiting in accept() or read(): it must not outlive us.
+    if (server && server.exitCode === null && server.signalCode === null) server.kill();
     fs.rmSync(dir, { recursive: true, force: true });
   }
 }
