@@ -18,6 +18,7 @@ import path from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { parseArgs } from 'node:util';
 import { parseUsage, positiveWhole, runBench, UsageError } from './cli.js';
+import { median } from './report.js';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 
@@ -147,11 +148,6 @@ function measure(root: string, point: Point, commands: number): Measured {
 }
 
 /** Runs on this shared machine spread by ±10-20 %; noise only ever adds time, so the median and the minimum are the figures to compare. */
-const median = (xs: number[]): number => {
-  const sorted = [...xs].sort((a, b) => a - b);
-  const mid = sorted.length >> 1;
-  return sorted.length % 2 ? sorted[mid]! : (sorted[mid - 1]! + sorted[mid]!) / 2;
-};
 const summary = (xs: number[]): string => `${median(xs).toFixed(2)} (min ${Math.min(...xs).toFixed(2)})`;
 
 async function main(): Promise<void> {

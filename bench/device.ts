@@ -41,7 +41,7 @@ import { HostQueue, NvmeHost, PAGE } from '../test/support/nvme-host.js';
 import { startServerProcess, type ServerProcess } from '../test/support/server-process.js';
 import { dropFromPageCache } from '../test/support/files.js';
 import { cpuModel, cpuSeconds } from './host-stats.js';
-import { fmt, markdownTable } from './report.js';
+import { fmt, markdownTable, median } from './report.js';
 import { buildServer, builtServerCommand } from './server-build.js';
 import { monotonicUs, summariseProfile, type MonotonicWindow, type ProfileSummary } from './cpu-profile.js';
 import { parseUsage, runBench } from './cli.js';
@@ -548,11 +548,6 @@ function range(xs: number[], digits = 0): string {
   const hi = Math.max(...finite);
   return fmt(lo, digits) === fmt(hi, digits) ? fmt(lo, digits) : `${fmt(lo, digits)}–${fmt(hi, digits)}`;
 }
-
-const median = (xs: number[]): number => {
-  const s = xs.filter(Number.isFinite).sort((a, b) => a - b);
-  return s.length === 0 ? NaN : s.length % 2 ? s[(s.length - 1) / 2]! : (s[s.length / 2 - 1]! + s[s.length / 2]!) / 2;
-};
 
 function resultTable(results: PointResult[], points: Point[], servers: ServerUnderTest[]): string {
   const cols: { name: string; get: (r: PointResult) => number; digits: number }[] = [

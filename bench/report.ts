@@ -37,6 +37,13 @@ export function mean(xs: Array<number | undefined>): number | undefined {
   return ok.length ? ok.reduce((a, b) => a + b, 0) / ok.length : undefined;
 }
 
+/** Median of the finite values (the mean of the middle two for an even count), NaN when there are none. */
+export function median(xs: number[]): number {
+  const s = xs.filter(Number.isFinite).sort((a, b) => a - b);
+  const mid = s.length >> 1;
+  return s.length === 0 ? NaN : s.length % 2 ? s[mid]! : (s[mid - 1]! + s[mid]!) / 2;
+}
+
 export function fmt(x: number | undefined, digits = 0): string {
   return x === undefined || !Number.isFinite(x) ? 'n/a' : x.toFixed(digits);
 }

@@ -26,7 +26,7 @@ import { loadedNative } from '../src/native.js';
 import { setTimeoutUs } from '../src/nvme/us-timer.js';
 import { parseUsage, positiveWhole, runBench, UsageError } from './cli.js';
 import { cpuModel, loadavg } from './host-stats.js';
-import { markdownTable } from './report.js';
+import { markdownTable, median } from './report.js';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const MESSAGE_BYTES = 36;
@@ -205,11 +205,6 @@ async function timerOnce(language: Language, us: number, count: number, rep: num
   if (result.wallUs === undefined) throw new Error('the timer child gave no wall time');
   return { kind: 'timer', language, placement: null, rep, cpuUsPerWake: result.cpuUs / result.count, wallUs: result.wallUs / result.count };
 }
-
-const median = (xs: number[]): number => {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
-};
 
 function summaryRows(samples: Sample[], timerUs: number): string[][] {
   const groups = new Map<string, Sample[]>();
